@@ -1,0 +1,373 @@
+"""One typed config for a run: YAML in, validated dataclasses out.
+
+A config file may name a base file with `extends:` (resolved relative to itself); command-line
+`--set a.b=value` overrides are parsed as YAML so numbers, lists and dicts work. Every problem
+raises `UserError` naming the key and what would be valid, so the CLI can print one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatronlite.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # llama | gpt2
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # None: same as num_heads (no GQA)
+    ffn_hidden_size: int | None = None  # None: 4h (gpt2) or 8h/3 rounded up to 256 (llama)
+    vocab_size: int = 257  # the tokenizer's size; padded internally, never visible outside
+    max_seq_len: int = 1024
+    tie_embeddings: bool | None = None  # None: the arch's default (gpt2 tied, llama untied)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.arch == "gpt2":
+            return 4 * self.hidden_size
+        return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
+
+    @property
+    def tied(self) -> bool:
+        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
+    timeout_minutes: float = 10.0  # collective timeout: a dead peer fails the job instead of hanging it
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_len: int = 256
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    recompute: str = "none"  # none | full
+    eval_interval: int = 0  # 0: no periodic eval
+    eval_iters: int = 4
+    threads: int = 0  # CPU intra-op threads, 0: torch's default
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0: no clipping
+    impl: str = "auto"  # auto | torch | fused
+    initial_loss_scale: float = 65536.0  # fp16 only
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=lambda: [{"path": "builtin:stdlib", "weight": 1.0}])
+    tokenizer: str = "byte"  # byte | path to a tokenizer.json (or its directory)
+    split: str = "98,2"  # train,valid weights
+    cache_dir: str = ".cache/megatronlite"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0: only at the end of training
+    keep: int = 3
+    keep_every: int = 0  # 0: none kept permanently
+    load: str | None = "auto"  # auto | null | a path
+    save: bool = True
+    # `async` is a Python keyword; YAML and --set use `checkpoint.async`
+    async_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: dict | None = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return _to_yaml_names(dataclasses.asdict(self))
+
+
+CHOICES = {
+    "model.arch": ("llama", "gpt2"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved", "gpipe"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.recompute": ("none", "full"),
+    "optim.schedule": ("cosine", "linear", "wsd", "constant"),
+    "optim.impl": ("auto", "torch", "fused"),
+}
+
+_YAML_NAME = {"async_save": "async"}
+_FIELD_NAME = {v: k for k, v in _YAML_NAME.items()}
+
+
+def _to_yaml_names(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {_YAML_NAME.get(k, k): _to_yaml_names(v) for k, v in obj.items()}
+    return obj
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
+    """The YAML of `path` merged over its `extends:` chain, as a plain dict."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UserError(f"{path}: `extends` makes a cycle")
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"{path}: `extends` must be a path string, got {base!r}")
+    return _merge(load_raw(path.parent / base, _seen + (path,)), data)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings; the value is YAML (`x=[1,2]`, `y=null`)."""
+    raw = _merge({}, raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, for example train.steps=100")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML") from None
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = parsed
+    return raw
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check `value` against a field's type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return True, float(value)
+    if hint is int and isinstance(value, bool):
+        return False, value
+    base = origin or hint
+    return isinstance(value, base), value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [_YAML_NAME.get(f.name, f.name) for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        fname = _FIELD_NAME.get(key, key)
+        ftype = hints[fname]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[fname] = _build(ftype, value, f"{prefix}{key}.")
+            continue
+        ok, value = _type_ok(value, ftype)
+        if not ok:
+            raise UserError(f"config key '{prefix}{key}': expected {_type_name(ftype)}, got {value!r}")
+        kwargs[fname] = value
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    raw = apply_overrides(load_raw(path), overrides or [])
+    raw.setdefault("name", Path(path).stem)
+    return from_dict(raw)
+
+
+def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check values alone and against each other; with `world_size`, the parallel layout too."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' = {value!r}; valid values: {', '.join(allowed)}")
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len"):
+        _positive(getattr(m, key), f"model.{key}")
+    for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
+        _positive(getattr(t, key), f"train.{key}")
+    for key in ("tensor", "pipeline", "virtual_pipeline"):
+        _positive(getattr(cfg.parallel, key), f"parallel.{key}")
+    _positive(o.lr, "optim.lr")
+    _positive(o.min_lr, "optim.min_lr", allow_zero=True)
+    _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
+    _positive(cfg.logging.interval, "logging.interval")
+    if o.min_lr > o.lr:
+        raise UserError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    if m.hidden_size % m.num_heads:
+        divisors = [d for d in range(1, m.hidden_size + 1) if m.hidden_size % d == 0 and d <= 4 * m.num_heads]
+        raise UserError(
+            f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size}); "
+            f"valid head counts near it: {', '.join(map(str, divisors[-4:]))}"
+        )
+    if m.num_heads % m.kv_heads:
+        raise UserError(f"model.num_kv_heads ({m.kv_heads}) must divide model.num_heads ({m.num_heads})")
+    if m.arch == "llama" and m.head_dim % 2:
+        raise UserError(f"llama needs an even head dim for RoPE; hidden_size/num_heads = {m.head_dim}")
+    if t.seq_len > m.max_seq_len:
+        raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if not cfg.data.sources:
+        raise UserError("data.sources is empty; give at least one {path: PREFIX, weight: W}")
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+    elif t.global_batch_size % t.micro_batch_size:
+        raise UserError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Check the TP x PP x DP layout for `world_size` workers; return the DP size."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if world_size % (p.tensor * p.pipeline):
+        raise UserError(
+            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+            f"({p.tensor} x {p.pipeline}); use a world size that is a multiple of {p.tensor * p.pipeline}"
+        )
+    if m.num_heads % p.tensor or m.kv_heads % p.tensor:
+        ok = [d for d in range(1, m.kv_heads + 1) if m.kv_heads % d == 0 and m.num_heads % d == 0]
+        raise UserError(
+            f"parallel.tensor ({p.tensor}) must divide model.num_heads ({m.num_heads}) and "
+            f"model.num_kv_heads ({m.kv_heads}); valid: {', '.join(map(str, ok))}"
+        )
+    if m.ffn_size % p.tensor:
+        raise UserError(f"parallel.tensor ({p.tensor}) must divide the FFN size ({m.ffn_size})")
+    stages = p.pipeline * p.virtual_pipeline
+    if m.num_layers % stages:
+        raise UserError(
+            f"model.num_layers ({m.num_layers}) must divide over parallel.pipeline x "
+            f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline} = {stages} stages)"
+        )
+    if p.virtual_pipeline > 1 and p.pipeline_schedule != "interleaved":
+        raise UserError(
+            f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline_schedule: interleaved"
+        )
+    if p.sequence_parallel and t.seq_len % p.tensor:
+        raise UserError(f"sequence parallel needs train.seq_len ({t.seq_len}) divisible by parallel.tensor")
+    dp = world_size // (p.tensor * p.pipeline)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        step = t.micro_batch_size * dp
+        raise UserError(
+            f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size x "
+            f"data-parallel size ({t.micro_batch_size} x {dp} = {step}); valid: "
+            f"{', '.join(str(step * k) for k in range(1, 5))}, ..."
+        )
+    return dp
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
