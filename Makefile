@@ -1,0 +1,35 @@
+# Set-up and everyday commands. `make demo` and `make test` each install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0: on a machine without CUDA pass TORCH_SPEC/TORCH_INDEX for the CPU wheel if your
+# default index serves a CUDA build (e.g. TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/megatronlite train configs/demo.yaml --run-dir runs/demo
+	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 200
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/bench_train_cpu.py
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,3 @@
+from megatronlite.cli import main
+
+main()

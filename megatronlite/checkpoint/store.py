@@ -1,0 +1,169 @@
+"""Checkpoint directories: DCP shards plus a JSON of metadata, committed atomically.
+
+    checkpoints/step_0000100/   .metadata, __*_*.distcp (DCP), meta.json, config.yaml
+    checkpoints/latest          the name of the newest complete checkpoint
+
+A save writes into `checkpoints/.tmp-step_N/`, fsyncs, renames it to `step_N/`, then replaces
+`latest` (write + fsync + rename). A process killed at any point leaves the previous checkpoint
+and `latest` intact; leftover `.tmp-*` directories are ignored by loading and removed by the
+next save. Nothing in our files is pickled: tensors go through DCP, the rest is JSON/YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megatronlite.errors import UserError
+
+FORMAT_VERSION = 1
+META = "meta.json"
+LATEST = "latest"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def temp_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-{step_name(step)}"
+
+
+def prepare(root: Path, step: int) -> Path:
+    """(Rank 0, before the collective write.) A fresh temporary directory for step `step`."""
+    tmp = temp_dir(root, step)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_shards(tmp: Path, tensors: dict[str, torch.Tensor], process_group=None) -> None:
+    """(Every rank.) Write this rank's tensors into the temporary directory through DCP."""
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=process_group)
+
+
+def commit(root: Path, step: int, meta: dict, config_yaml: str, keep: int, keep_every: int) -> Path:
+    """(Rank 0, after every rank wrote.) Make the checkpoint visible, move `latest`, apply retention."""
+    tmp = temp_dir(root, step)
+    (tmp / META).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
+    (tmp / "config.yaml").write_text(config_yaml)
+    _fsync_tree(tmp)
+    final = root / step_name(step)
+    if final.exists():  # re-saving a step (a resumed run that reached it again)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, final.name)
+    _apply_retention(root, keep, keep_every, final.name)
+    return final
+
+
+def _apply_retention(root: Path, keep: int, keep_every: int, newest: str) -> None:
+    complete = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+    recent = {p.name for p in complete[-keep:]} if keep > 0 else {p.name for p in complete}
+    for p in complete:
+        step = int(p.name.split("_")[1])
+        if p.name in recent or p.name == newest or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_step_dir(path: str | Path) -> Path:
+    """A run directory, its `checkpoints/` directory, or one step directory -> the step directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint path does not exist: {path}")
+    if (path / META).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = latest_complete(root)
+    if found is None:
+        raise UserError(f"no complete checkpoint in {path} (expected step_*/meta.json or checkpoints/latest)")
+    return found
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The step directory `latest` names, or else the newest complete one; None if there is none."""
+    latest = root / LATEST
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / META).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+    return complete[-1] if complete else None
+
+
+def read_meta(step_dir: Path) -> dict:
+    try:
+        meta = json.loads((step_dir / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {step_dir}: {META} is missing or corrupt ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {step_dir}: format version {meta.get('format_version')!r}, this megatronlite reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def stored_shapes(step_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor stored in a checkpoint."""
+    try:
+        md = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
+        raise UserError(f"checkpoint {step_dir}: DCP metadata is unreadable ({type(e).__name__}: {e})") from None
+    return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def check_shapes(step_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise one error listing every tensor the config expects that the checkpoint lacks or shapes differently."""
+    stored = stored_shapes(step_dir)
+    problems = []
+    for key, shape in expected.items():
+        if key not in stored:
+            problems.append(f"{key} missing")
+        elif stored[key] != tuple(shape):
+            problems.append(f"{key} is {list(stored[key])}, config needs {list(shape)}")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise UserError(f"checkpoint {step_dir} does not match the model config: {shown}")
+
+
+def read_shards(step_dir: Path, tensors: dict[str, torch.Tensor], process_group=None) -> None:
+    """Load stored tensors in place into `tensors` (views of this rank's memory)."""
+    dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(step_dir)), process_group=process_group)

@@ -1,0 +1,80 @@
+"""The layout-free view of a rank's state: local tensors described as pieces of global tensors.
+
+Each parameter (and each of its optimizer states) becomes one entry per fused part, keyed by
+its global name, holding a view of this rank's local memory and the offset of that view in the
+global (unpadded) tensor. Padding rows are never part of a view. Saving these views and loading
+into the views of another layout is what makes checkpoints independent of TP, PP and DP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatronlite.models.init import part_name
+from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.tensor_parallel import ShardSpec
+
+
+@dataclass
+class GlobalPiece:
+    local: torch.Tensor  # a view into this rank's memory
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]  # where `local` starts in the global tensor
+
+    @property
+    def is_whole(self) -> bool:
+        return tuple(self.local.shape) == tuple(self.global_shape)
+
+
+def pieces_of(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> dict[str, GlobalPiece]:
+    """Split a local tensor shaped like its parameter into global pieces, one per fused part."""
+    names = spec.part_names()
+    if spec.dim is None:
+        return {name: GlobalPiece(tensor, spec.global_shape, (0,) * tensor.ndim)}
+    out = {}
+    per_part = tensor.shape[spec.dim] // len(names)
+    start, end = spec.local_rows(mesh.tp_rank, mesh.tp)
+    for i, part in enumerate(names):
+        if end <= start:
+            continue  # this rank holds only padding of this tensor
+        view = tensor.narrow(spec.dim, i * per_part, end - start)
+        offset = [0] * tensor.ndim
+        offset[spec.dim] = start
+        out[part_name(name, part)] = GlobalPiece(view, spec.global_shape, tuple(offset))
+    return out
+
+
+def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_save: bool) -> dict[str, GlobalPiece]:
+    """Global pieces of the parameters. A tied copy is loaded from its source's key but never saved."""
+    out = {}
+    for name, p in named_params.items():
+        if p.shard.alias is not None:
+            if for_save:
+                continue
+            name = p.shard.alias
+        out.update({f"model.{k}": v for k, v in pieces_of(name, p.data, p.shard, mesh).items()})
+    return out
+
+
+def to_dcp(pieces: dict[str, GlobalPiece], mesh: Mesh) -> dict[str, torch.Tensor]:
+    """DCP's form of the pieces: a whole tensor as itself (DCP dedups replicas across ranks), a
+    partial one as a ShardedTensor whose only local shard sits at its global offset."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    out = {}
+    for key, piece in pieces.items():
+        if piece.is_whole:
+            out[key] = piece.local
+            continue
+        shard_md = ShardMetadata(list(piece.offset), list(piece.local.shape), f"rank:{mesh.rank}/{piece.local.device}")
+        global_md = ShardedTensorMetadata(
+            [shard_md], torch.Size(piece.global_shape), TensorProperties(dtype=piece.local.dtype)
+        )
+        out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
+            [Shard(piece.local, shard_md)], global_md, process_group=None
+        )
+    return out

@@ -1,0 +1,107 @@
+"""`megatronlite <command>`: one entry point. A UserError anywhere prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from megatronlite.errors import UserError
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", help="where config.yaml, metrics.jsonl and checkpoints/ go (default runs/<name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (YAML)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megatronlite import config
+    from megatronlite.parallel.mesh import build_mesh, init_distributed
+    from megatronlite.train.trainer import Trainer, write_resolved_config
+
+    cfg = config.load(args.config, args.set)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    kind = cfg.train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = cuda but no CUDA device is available; use train.device: cpu or auto")
+    world, rank, local_rank = init_distributed(kind, cfg.parallel.timeout_minutes)
+    try:
+        mesh = build_mesh(cfg, world, rank)
+        device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+        if kind == "cuda":
+            torch.cuda.set_device(device)
+        if rank == 0:
+            write_resolved_config(cfg, run_dir)
+        Trainer(cfg, run_dir, mesh, device).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from megatronlite.checkpoint.model_loader import load_model
+    from megatronlite.data.tokenizers import build_tokenizer
+    from megatronlite.train.generate import generate_ids
+
+    model = load_model(args.checkpoint)
+    tokenizer = build_tokenizer(model.run_config.data.tokenizer)
+    prompt = tokenizer.encode(args.prompt)
+    new = generate_ids(
+        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, stop_id=tokenizer.eod_id
+    )
+    print(args.prompt + tokenizer.decode(new))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatronlite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a YAML config (one worker, or each worker under torchrun/srun)")
+    p.add_argument("config")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    from megatronlite.data import preprocess, tokenizer_train
+
+    p = sub.add_parser("preprocess", help="tokenize .jsonl/.txt(.gz/.zst) into Megatron .bin/.idx")
+    preprocess.add_arguments(p)
+    p.set_defaults(func=preprocess.main)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tp = tsub.add_parser("train", help="train a tokenizer.json on local text")
+    tokenizer_train.add_arguments(tp)
+    tp.set_defaults(func=tokenizer_train.main)
+
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory or one step directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"megatronlite: error: {prefix}{e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

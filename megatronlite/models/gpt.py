@@ -1,0 +1,220 @@
+"""One GPT decoder in two flavours, built from tensor-parallel layers.
+
+`llama`: RMSNorm, rotary embeddings (half rotation, as HF and Megatron), SwiGLU, grouped-query
+attention, untied output layer. `gpt2`: LayerNorm, learned positions, GELU MLP, tied embeddings.
+
+A `GPTModel` holds one pipeline stage: the layers it was given (named by their global index,
+so parameter names never depend on the layout), plus the embedding on the first stage and the
+final norm and output layer on the last. Activations are [batch, seq, hidden]; under sequence
+parallelism the seq dim is split over TP between the attention and MLP blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatronlite.config import ModelConfig
+from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatronlite.parallel.mappings import gather_from_tp
+from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardSpec,
+    VocabParallelEmbedding,
+    _param,
+    column_parallel_linear,
+)
+
+
+class Norm(nn.Module):
+    """RMSNorm (llama) or LayerNorm (gpt2), computed in fp32 like HF and Megatron."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.rms, self.eps = cfg.arch == "llama", cfg.norm_eps
+        h = cfg.hidden_size
+        self.weight = _param((h,), ShardSpec((h,), init="ones", sequence_parallel=sequence_parallel))
+        self.bias = None if self.rms else _param((h,), ShardSpec((h,), init="zeros", sequence_parallel=sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if self.rms:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * x.to(dtype)
+        return F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(dtype)
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [seq, head_dim] of the half-rotation convention: frequencies repeated over both halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, seq, head_dim]: x*cos + rotate_half(x)*sin, rotate_half([a, b]) = [-b, a]."""
+    a, b = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with a fused, GQA-grouped QKV projection.
+
+    The global QKV weight is laid out per KV group, [q heads of group 0; k0; v0; q of group 1; ...]
+    (Megatron's layout), so a TP rank's contiguous slice holds whole groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.groups = cfg.kv_heads // mesh.tp
+        self.q_per_group = cfg.num_heads // cfg.kv_heads
+        d, bias = cfg.head_dim, cfg.arch == "gpt2"
+        qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * d
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, mesh, bias=bias, sequence_parallel=sequence_parallel)
+        self.proj = RowParallelLinear(
+            cfg.num_heads * d, cfg.hidden_size, mesh, bias=bias, sequence_parallel=sequence_parallel
+        )
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.cfg.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(b, s, -1, self.cfg.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, -2].transpose(1, 2)
+        v = qkv[:, :, :, -1].transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        return self.proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU with a fused [gate; up] projection (llama) or fc1-GELU-fc2 (gpt2)."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        f, h = cfg.ffn_size, cfg.hidden_size
+        parts = ("gate", "up") if self.gated else ()
+        self.fc1 = ColumnParallelLinear(
+            h, f * len(parts or "x"), mesh, bias=not self.gated, parts=parts, sequence_parallel=sequence_parallel
+        )
+        self.fc2 = RowParallelLinear(f, h, mesh, bias=not self.gated, sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x)
+        if self.gated:
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        else:
+            y = F.gelu(y, approximate="tanh")
+        return self.fc2(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.attn_norm = Norm(cfg, sequence_parallel)
+        self.attention = Attention(cfg, mesh, sequence_parallel)
+        self.mlp_norm = Norm(cfg, sequence_parallel)
+        self.mlp = MLP(cfg, mesh, sequence_parallel)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), rotary)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, padded_vocab: int, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.mesh, self.sequence_parallel = mesh, sequence_parallel
+        self.word = VocabParallelEmbedding(cfg.vocab_size, padded_vocab, cfg.hidden_size, mesh, sequence_parallel)
+        self.position = None
+        if cfg.arch == "gpt2":
+            shape = (cfg.max_seq_len, cfg.hidden_size)
+            self.position = _param(shape, ShardSpec(shape, sequence_parallel=sequence_parallel))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(ids)  # [b, s / TP under sequence parallelism, h]
+        if self.position is not None:
+            start = self.mesh.tp_rank * x.shape[1] if self.sequence_parallel else 0
+            x = x + self.position[start : start + x.shape[1]]
+        return x
+
+
+class GPTModel(nn.Module):
+    """One pipeline stage (all of the model when there is one stage)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mesh: Mesh | None = None,
+        layer_ids: list[int] | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        sequence_parallel: bool = False,
+        recompute: str = "none",
+    ) -> None:
+        super().__init__()
+        mesh = mesh or Mesh()
+        self.cfg, self.mesh, self.recompute = cfg, mesh, recompute
+        self.sequence_parallel = sequence_parallel and mesh.tp > 1
+        self.padded_vocab = cfg.padded_vocab_size(mesh.tp)
+        layer_ids = list(range(cfg.num_layers)) if layer_ids is None else layer_ids
+        self.pre_process, self.post_process = pre_process, post_process
+        sp = self.sequence_parallel
+        self.embedding = Embedding(cfg, mesh, self.padded_vocab, sp) if pre_process else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp) for i in layer_ids})
+        self.final_norm = Norm(cfg, sp) if post_process else None
+        self.output = None
+        if post_process and not (cfg.tied and pre_process):
+            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, mesh, padded=self.padded_vocab)
+            if cfg.tied:  # the last stage's copy of the first stage's embedding, kept in sync
+                self.output.weight.shard = ShardSpec(
+                    (cfg.vocab_size, cfg.hidden_size), 0, padded=self.padded_vocab, alias="embedding.word.weight"
+                )
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def output_weight(self) -> torch.Tensor:
+        return self.output.weight if self.output is not None else self.embedding.word.weight
+
+    def rotary(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.arch != "llama":
+            return None
+        cached = self._rotary
+        if cached is None or cached[0].shape[0] < seq_len or cached[0].device != device:
+            cached = self._rotary = rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
+        return cached[0][:seq_len], cached[1][:seq_len]
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
+
+        The last stage returns per-token losses [b, s] when given labels (the vocabulary stays
+        sharded), else logits over the real (unpadded) vocabulary, gathered over TP.
+        """
+        if self.pre_process:
+            x = self.embedding(x)
+        seq_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel else 1)
+        rotary = self.rotary(seq_len, x.device)
+        for layer in self.layers.values():
+            if self.recompute == "full" and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rotary, use_reentrant=False)
+            else:
+                x = layer(x, rotary)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        logits = column_parallel_linear(x, self.output_weight(), None, self.mesh, self.sequence_parallel)
+        if labels is not None:
+            return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh)
+        if self.mesh.tp > 1:
+            logits = gather_from_tp(logits, -1, self.mesh.tp_group)
+        return logits[..., : self.cfg.vocab_size]

@@ -1,0 +1,43 @@
+"""Gradient clipping by the global norm over every rank, counting each distinct element once.
+
+A TP-sharded parameter contributes its shard on every TP rank; a parameter replicated over TP
+(norms, row-parallel biases) counts on TP rank 0 only; a tied output layer copy on the last
+stage is skipped (its gradient was added to the embedding's). The squares are summed over the
+TP and PP groups (and the DP group when gradients are DP-sharded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatronlite.parallel.mesh import Mesh
+
+
+def owned_grads(params: list[torch.nn.Parameter], mesh: Mesh) -> list[torch.Tensor]:
+    """The gradients this rank counts in the global norm."""
+    grads = []
+    for p in params:
+        if p.grad is None or p.shard.alias is not None:
+            continue
+        if p.shard.dim is None and mesh.tp_rank != 0:
+            continue
+        grads.append(p.grad)
+    return grads
+
+
+def global_grad_norm(grads: list[torch.Tensor], mesh: Mesh, device: torch.device, dp_sharded: bool = False) -> float:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if grads:
+        total = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    groups = [mesh.tp_group, mesh.pp_group] + ([mesh.dp_group] if dp_sharded else [])
+    for group, size in zip(groups, (mesh.tp, mesh.pp, mesh.dp)):
+        if size > 1:
+            dist.all_reduce(total, group=group)
+    return total.sqrt().item()
+
+
+def clip_grads(grads: list[torch.Tensor], norm: float, max_norm: float) -> None:
+    """Scale `grads` in place so their global norm is at most `max_norm` (0: no clipping)."""
+    if max_norm > 0 and norm > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))

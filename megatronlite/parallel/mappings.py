@@ -1,0 +1,141 @@
+"""The collectives of tensor and sequence parallelism as small autograd functions.
+
+Each forward collective has its adjoint in backward (all-reduce <-> identity, all-gather <->
+reduce-scatter, split <-> all-gather). With no group (TP = 1) every function is the identity,
+so the same model code runs on one process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+
+def _size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x.chunk(_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    parts = [p.contiguous() for p in x.chunk(_size(group), dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient: the input of a column-parallel layer."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward, identity backward: the output of a row-parallel layer."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along `dim` forward, keep this rank's slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.dim, ctx.group), None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Keep this rank's slice along `dim` forward, all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Sequence parallel: all-gather the sequence forward, reduce-scatter the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Sequence parallel: reduce-scatter forward (replaces the row-parallel all-reduce), all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherFromTP.apply(x, dim, group)
+
+
+def scatter_to_tp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ScatterToTP.apply(x, dim, group)
+
+
+def gather_from_sp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherFromSP.apply(x, dim, group)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, dim, group)

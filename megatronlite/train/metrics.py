@@ -1,0 +1,92 @@
+"""Throughput, MFU against a table of peak bf16 FLOP/s, and the run's metrics.jsonl and console line.
+
+MFU = achieved model FLOP/s / peak FLOP/s, where achieved = tokens/s x flops_per_token (see
+megatronlite.models.counting) per GPU. Peaks are dense (no sparsity) bf16 tensor-core numbers
+from the vendors' datasheets. A device not in the table gets MFU null and one warning: a
+guessed peak would make the number meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+# dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); first match wins
+PEAK_BF16_FLOPS = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16: V100 has no bf16
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The peak bf16 FLOP/s of `device`, or None (with one warning) when it is not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak
+    warnings.warn(f"MFU is reported as null: no peak FLOP/s known for GPU {name!r}", stacklevel=2)
+    return None
+
+
+def mfu(tokens_per_sec_per_gpu: float, flops_per_token: int, peak: float | None) -> float | None:
+    return None if peak is None else tokens_per_sec_per_gpu * flops_per_token / peak
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl (only the logging rank makes one)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def console_line(rec: dict, total_steps: int, eta_s: float) -> str:
+    parts = [
+        f"step {rec['step']}/{total_steps}",
+        f"loss {rec['loss']:.4f}",
+        f"lr {rec['lr']:.2e}",
+        f"grad_norm {rec['grad_norm']:.3f}",
+        f"{rec['tokens_per_sec']:,.0f} tok/s",
+    ]
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    if "eval_loss" in rec:
+        parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+    parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def print_line(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)

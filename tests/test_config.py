@@ -1,0 +1,126 @@
+import subprocess
+import sys
+
+import pytest
+
+from megatronlite import config
+from megatronlite.errors import UserError
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_name_from_file(tmp_path):
+    cfg = config.load(write(tmp_path, "small.yaml", "model: {hidden_size: 64, num_heads: 4}\n"))
+    assert cfg.name == "small"
+    assert cfg.model.hidden_size == 64 and cfg.model.kv_heads == 4
+
+
+def test_unknown_key_names_closest(tmp_path):
+    p = write(tmp_path, "c.yaml", "model: {hiden_size: 64}\n")
+    with pytest.raises(UserError, match=r"unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'"):
+        config.load(p)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(UserError, match=r"'trian'.*'train'"):
+        config.load(write(tmp_path, "c.yaml", "trian: {steps: 3}\n"))
+
+
+def test_type_error_names_key(tmp_path):
+    with pytest.raises(UserError, match=r"'train.steps': expected int, got 'ten'"):
+        config.load(write(tmp_path, "c.yaml", "train: {steps: ten}\n"))
+
+
+def test_int_accepted_for_float(tmp_path):
+    assert config.load(write(tmp_path, "c.yaml", "optim: {lr: 1}\n")).optim.lr == 1.0
+
+
+def test_extends_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "model: {hidden_size: 128, num_heads: 4}\ntrain: {steps: 7}\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\ntrain: {seq_len: 32}\n")
+    cfg = config.load(child, ["train.steps=9", "data.sources=[{path: a, weight: 2}]", "checkpoint.load=null"])
+    assert cfg.model.hidden_size == 128 and cfg.train.steps == 9 and cfg.train.seq_len == 32
+    assert cfg.data.sources == [{"path": "a", "weight": 2}]
+    assert cfg.checkpoint.load is None
+
+
+def test_async_key_spelled_as_in_yaml(tmp_path):
+    cfg = config.load(write(tmp_path, "c.yaml", "checkpoint: {async: true}\n"))
+    assert cfg.checkpoint.async_save is True
+    assert cfg.to_dict()["checkpoint"]["async"] is True
+
+
+def test_extends_cycle(tmp_path):
+    write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        config.load(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {hidden_size: 100, num_heads: 8}", r"num_heads \(8\) must divide model.hidden_size \(100\)"),
+        ("model: {num_heads: 8, num_kv_heads: 3}", r"num_kv_heads \(3\) must divide"),
+        ("train: {micro_batch_size: 3, global_batch_size: 8}", r"global_batch_size \(8\) must be a multiple"),
+        ("train: {seq_len: 4096}", r"seq_len \(4096\) exceeds model.max_seq_len"),
+        ("train: {precision: fp8}", r"'train.precision' = 'fp8'; valid values: fp32, bf16, fp16"),
+        ("optim: {lr: 0.001, min_lr: 0.01}", r"min_lr"),
+        ("train: {steps: 0}", r"'train.steps' must be > 0"),
+    ],
+)
+def test_inconsistent_values(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        config.load(write(tmp_path, "c.yaml", text + "\n"))
+
+
+def test_layout_validation():
+    cfg = config.from_dict({"model": {"num_heads": 8, "num_kv_heads": 2}, "train": {"global_batch_size": 8}})
+    with pytest.raises(UserError, match=r"world size 6 is not divisible"):
+        config.validate_layout(_with(cfg, tensor=4), 6)
+    with pytest.raises(UserError, match=r"parallel.tensor \(4\) must divide.*num_kv_heads \(2\); valid: 1, 2"):
+        config.validate_layout(_with(cfg, tensor=4), 4)
+    with pytest.raises(UserError, match=r"micro_batch_size x data-parallel size \(4 x 4 = 16\)"):
+        config.validate_layout(cfg, 4)
+    with pytest.raises(UserError, match=r"num_layers \(4\) must divide over"):
+        config.validate_layout(_with(cfg, pipeline=3), 3)
+    assert config.validate_layout(cfg, 2) == 2
+
+
+def _with(cfg, **parallel):
+    import dataclasses
+
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(write(tmp_path, "c.yaml", "model: {a: [\n"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["configs/nope.yaml"], "config file not found"),
+        (["configs/demo.yaml", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'"),
+        (["configs/demo.yaml", "--set", "data.sources=[{path: /nonexistent/prefix}]"], "/nonexistent/prefix"),
+        (["configs/demo.yaml", "--set", "checkpoint.load=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
+    run = subprocess.run(
+        [sys.executable, "-m", "megatronlite", "train", *args, "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert message in lines[0]

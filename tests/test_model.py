@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from megatronlite import config
+from megatronlite.config import ModelConfig
+from megatronlite.models.counting import flops_per_token, parameter_count
+from megatronlite.models.gpt import GPTModel, apply_rotary, rotary_tables
+from megatronlite.models.init import init_parameters
+
+# published parameter counts of the shapes the presets copy
+PUBLISHED = {
+    "llama-1b": 1_235_814_400,  # Llama 3.2 1B
+    "llama-8b": 8_030_261_248,  # Llama 3 8B
+    "llama-70b": 70_553_706_496,  # Llama 3 70B
+    "gpt2-small": 124_439_808,  # GPT-2 small
+}
+
+
+def padding_params(cfg: ModelConfig) -> int:
+    extra_rows = cfg.padded_vocab_size() - cfg.vocab_size
+    return extra_rows * cfg.hidden_size * (1 if cfg.tied else 2)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_counts(name):
+    cfg = config.load(f"configs/models/{name}.yaml").model
+    assert parameter_count(cfg) == PUBLISHED[name]
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    assert sum(p.numel() for p in model.parameters()) - padding_params(cfg) == PUBLISHED[name]
+
+
+def test_hand_count_tiny_llama():
+    cfg = ModelConfig(arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16,
+                      vocab_size=10)
+    # per layer: qkv 8*(2+2)*4=128, proj 64, mlp 3*8*16=384, norms 16 -> 592; emb 80, out 80, final norm 8
+    assert parameter_count(cfg) == 2 * 592 + 80 + 80 + 8
+    cfg2 = ModelConfig(arch="gpt2", num_layers=1, hidden_size=8, num_heads=2, vocab_size=10, max_seq_len=4)
+    # qkv 8*24+24, proj 64+8, fc1 8*32+32, fc2 32*8+8, 2 layernorms 32; emb 80 + pos 32; final ln 16; tied
+    assert parameter_count(cfg2) == (216 + 72 + 288 + 264 + 32) + 80 + 32 + 16
+
+
+def test_flops_formula():
+    cfg = ModelConfig(arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16,
+                      vocab_size=10)
+    assert flops_per_token(cfg, seq_len=5) == 6 * (2 * (128 + 64 + 384) + 80) + 12 * 2 * 5 * 8
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("llama", 4), ("gpt2", None)])
+def test_forward_shapes_and_causality(arch, kv):
+    cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=kv, vocab_size=50,
+                      max_seq_len=16)
+    model = GPTModel(cfg)
+    init_parameters(model, cfg, seed=0)
+    ids = torch.randint(0, 50, (3, 12))
+    logits = model(ids)
+    assert logits.shape == (3, 12, 50)
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50
+    assert torch.allclose(model(changed)[:, :8], logits[:, :8], atol=1e-6)  # no peeking ahead
+    assert not torch.allclose(model(changed)[:, 8:], logits[:, 8:])
+    loss = model(ids, ids.roll(-1, 1))
+    assert loss.shape == (3, 12)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), ids.roll(-1, 1).reshape(-1), reduction="none")
+    torch.testing.assert_close(loss.reshape(-1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_init_is_seeded_and_deterministic():
+    cfg = ModelConfig(num_layers=1, hidden_size=16, num_heads=2, vocab_size=20)
+    a, b, c = GPTModel(cfg), GPTModel(cfg), GPTModel(cfg)
+    init_parameters(a, cfg, seed=1)
+    init_parameters(b, cfg, seed=1)
+    init_parameters(c, cfg, seed=2)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if pa.shard.init.endswith("normal"):
+            assert not torch.equal(pa, pc), name
+    assert not torch.equal(a.layers["0"].mlp.fc1.weight[:64], a.layers["0"].mlp.fc1.weight[64:])  # gate != up
+
+
+def test_rotary_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
+    cos, sin = rotary_tables(16, 10, 10000.0, torch.device("cpu"))
+    hq, hk = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    torch.testing.assert_close(apply_rotary(q, cos, sin), hq)
+    torch.testing.assert_close(apply_rotary(k, cos, sin), hk)
