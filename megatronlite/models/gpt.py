@@ -38,7 +38,9 @@ class Norm(nn.Module):
         self.rms, self.eps = cfg.arch == "llama", cfg.norm_eps
         h = cfg.hidden_size
         self.weight = _param((h,), ShardSpec((h,), init="ones", sequence_parallel=sequence_parallel))
-        self.bias = None if self.rms else _param((h,), ShardSpec((h,), init="zeros", sequence_parallel=sequence_parallel))
+        self.bias = (
+            None if self.rms else _param((h,), ShardSpec((h,), init="zeros", sequence_parallel=sequence_parallel))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -51,6 +51,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad * grad_loss.unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int, mesh: Mesh) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, vocab_size: int, mesh: Mesh
+) -> torch.Tensor:
     """Per-token loss [batch, seq] from this rank's logits [batch, seq, padded_vocab / TP]."""
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, mesh)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import to_dcp
+from megatronlite.checkpoint.views import model_pieces, to_dcp
 from megatronlite.errors import UserError
 from megatronlite.train.metrics import print_line
 from megatronlite.version import versions
@@ -95,18 +95,18 @@ def maybe_resume(trainer) -> None:
     if step_dir is None:
         return
     meta = store.read_meta(step_dir)
+    if meta.get("weights_only"):
+        _load_weights_only(trainer, step_dir)
+        return
     pieces = trainer.state_tensors(for_save=False)
     store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
     tensors = to_dcp(pieces, trainer.mesh)
-    same_layout = meta.get("layout", {}).get("world_size") == trainer.mesh.world_size and meta["layout"] == {
-        "tensor": trainer.mesh.tp,
-        "pipeline": trainer.mesh.pp,
-        "data": trainer.mesh.dp,
-        "world_size": trainer.mesh.world_size,
-    }
+    mesh = trainer.mesh
+    layout = {"tensor": mesh.tp, "pipeline": mesh.pp, "data": mesh.dp, "world_size": mesh.world_size}
+    same_layout = meta.get("layout") == layout
     rng = torch.get_rng_state()
     if same_layout:
-        tensors[_rng_key(trainer.mesh.rank)] = rng
+        tensors[_rng_key(mesh.rank)] = rng
     store.read_shards(step_dir, tensors)
     if same_layout:
         torch.set_rng_state(rng)
@@ -119,5 +119,14 @@ def maybe_resume(trainer) -> None:
     trainer.consumed_samples = meta["consumed_samples"]
     if trainer.scaler and meta.get("loss_scale"):
         trainer.scaler.update(meta["loss_scale"])
-    if trainer.mesh.rank == 0:
+    if mesh.rank == 0:
         print_line(f"resumed from {step_dir} at step {trainer.step}")
+
+
+def _load_weights_only(trainer, step_dir: Path) -> None:
+    """A converted or exported model: its weights, then training from step 0 with a fresh optimizer."""
+    pieces = model_pieces(trainer.params, trainer.mesh, for_save=False)
+    store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
+    store.read_shards(step_dir, to_dcp(pieces, trainer.mesh))
+    if trainer.mesh.rank == 0:
+        print_line(f"initialized weights from {step_dir} (weights only: optimizer and data start fresh)")
