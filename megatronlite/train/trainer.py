@@ -123,10 +123,10 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         losses = []
-        loader = self._loader(self.valid_ds, 0)
-        for _, micro_batches in zip(range(self.cfg.train.eval_iters), loader):
+        batches = iter(self._loader(self.valid_ds, 0))
+        for _, micro_batches in zip(range(self.cfg.train.eval_iters), batches):
             losses.extend(self._micro_loss(tokens) for tokens in micro_batches)
-        loader.close()
+        batches.close()
         self.model.train()
         loss = torch.stack(losses).mean()
         if self.mesh.dp > 1:
@@ -161,11 +161,11 @@ class Trainer:
                 f"(tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}), device {self.device}, "
                 f"precision {cfg.train.precision}, optimizer {self.optim_impl}, from step {self.step}"
             )
-        loader = self._loader(self.train_ds, self.consumed_samples)
+        batches = iter(self._loader(self.train_ds, self.consumed_samples))
         start = last_log = time.perf_counter()
         steps_since_log = 0
         try:
-            for micro_batches in loader:
+            for micro_batches in batches:
                 if self.step >= cfg.train.steps:
                     break
                 loss, norm = self.train_step(micro_batches)
@@ -200,7 +200,7 @@ class Trainer:
                 ):
                     checkpointing.save(self)
         finally:
-            loader.close()
+            batches.close()
             if writer:
                 writer.close()
 

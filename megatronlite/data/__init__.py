@@ -1,0 +1,1 @@
+"""Data: Megatron .bin/.idx files, tokenizers, preprocessing, GPT sample datasets, blending and the DP loader."""

@@ -1,0 +1,46 @@
+"""Derived files (token caches, sample indices) built once, atomically, however many ranks ask at once.
+
+Every cache file name carries a hash of everything that affects its content, so a stale file is never
+reused. The first process to take the file lock builds; the others wait on it and then read. Each file is
+written under a temporary name and renamed, so a killed build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+
+def fingerprint(path: str | os.PathLike) -> list:
+    """What identifies a file's content cheaply: absolute path, size and modification time."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def key(*parts) -> str:
+    """A short stable hash of JSON-able parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_once(outputs: list[Path], build: Callable[[], None]) -> None:
+    """Run `build` unless every output exists; concurrent callers wait for the one that builds."""
+    if all(p.exists() for p in outputs):
+        return
+    outputs[0].parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(outputs[0]) + ".lock"):
+        if not all(p.exists() for p in outputs):
+            build()
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save under a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)

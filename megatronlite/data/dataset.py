@@ -1,0 +1,223 @@
+"""GPT training samples from .bin/.idx files, with megatron-core's GPTDataset semantics.
+
+Per source, documents are split contiguously into train and valid by the `split` weights. For a split:
+- the document index lists its documents once per epoch, each epoch in its own seeded order, for as
+  many epochs as the requested samples need;
+- the sample index cuts that stream into samples of seq_len+1 tokens, each starting where the previous
+  one's last token is (so inputs and shifted labels cover every token), across document boundaries;
+  row i is (position in the document index, offset in that document) of sample i's first token;
+- the shuffle index permutes the samples within each epoch, so no document repeats before all were seen.
+Every permutation is seeded by (seed, epoch), so asking for more samples keeps the order of every whole
+epoch before the last one.
+The three arrays are cached as .npy under a hash of all that shapes them and memory-mapped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from megatronlite.data import cache
+from megatronlite.data.blending import BlendedDataset, source_sizes
+from megatronlite.data.builtin import resolve_prefix
+from megatronlite.data.indexed import IndexedDataset
+from megatronlite.data.tokenizers import Tokenizer
+from megatronlite.errors import UserError
+
+INDEX_VERSION = 1  # bump when the index layout or algorithms change
+SPLIT_NAMES = ("train", "valid", "test")
+_SCAN_TOKENS = 1 << 24
+
+
+class Dataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+def document_index(documents: np.ndarray, num_epochs: int, seed: int) -> np.ndarray:
+    """The split's document ids, once per epoch, each epoch shuffled by (seed, epoch)."""
+    epochs = [np.random.default_rng([seed, epoch, 0]).permutation(documents) for epoch in range(num_epochs)]
+    return np.concatenate(epochs).astype(np.int32)
+
+
+def sample_index(sizes: np.ndarray, doc_index: np.ndarray, seq_len: int, num_samples: int) -> np.ndarray:
+    """[num_samples + 1, 2]: where each sample's first token is, as (position in doc_index, offset).
+
+    Sample i starts at token i * seq_len of the concatenated stream; the same rows megatron-core's
+    `build_sample_idx` gives (checked by a test), computed with one vectorized search.
+    """
+    ends = np.cumsum(sizes[doc_index], dtype=np.int64)
+    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
+    position = np.searchsorted(ends, starts, side="right")
+    offset = starts - (ends[position] - sizes[doc_index[position]])
+    return np.stack([position, offset], axis=1)
+
+
+def shuffle_index(epoch_starts: Sequence[int], seed: int) -> np.ndarray:
+    """A permutation of the samples that keeps each epoch's samples (bounded by `epoch_starts`) together."""
+    parts = [
+        lo + np.random.default_rng([seed, epoch, 1]).permutation(hi - lo)
+        for epoch, (lo, hi) in enumerate(zip(epoch_starts[:-1], epoch_starts[1:]))
+    ]
+    return np.concatenate(parts).astype(np.int64)
+
+
+class GPTDataset:
+    """Samples of seq_len+1 tokens from documents [lo, hi) of one indexed dataset, at least `num_samples`."""
+
+    def __init__(
+        self, indexed: IndexedDataset, lo: int, hi: int, seq_len: int, num_samples: int, seed: int, cache_dir: str
+    ) -> None:
+        self.indexed, self.seq_len = indexed, seq_len
+        sizes = indexed.sizes
+        tokens_per_epoch = int(sizes[lo:hi].sum())
+        if tokens_per_epoch == 0:
+            raise UserError(f"{indexed.prefix}: documents {lo}..{hi - 1} are all empty; there is nothing to train on")
+        # the last sample needs one token past its seq_len, hence the -1
+        num_epochs = max(1, math.ceil((num_samples * seq_len + 1) / tokens_per_epoch))
+        total = (num_epochs * tokens_per_epoch - 1) // seq_len
+        files_id = [cache.fingerprint(indexed.idx_path), cache.fingerprint(indexed.bin_path)]
+        digest = cache.key(INDEX_VERSION, files_id, lo, hi, seq_len, seed, num_epochs)
+        files = {name: Path(cache_dir) / f"gpt-{digest}-{name}.npy" for name in ("doc", "sample", "shuffle")}
+
+        def build() -> None:
+            docs = document_index(np.arange(lo, hi), num_epochs, seed)
+            cache.save_npy(files["doc"], docs)
+            cache.save_npy(files["sample"], sample_index(sizes, docs, seq_len, total))
+            epoch_starts = [min(total, -(-e * tokens_per_epoch // seq_len)) for e in range(num_epochs + 1)]
+            cache.save_npy(files["shuffle"], shuffle_index(epoch_starts, seed))
+
+        cache.build_once(list(files.values()), build)
+        self.doc_index, self.sample_index, self.shuffle_index = (
+            np.load(files[name], mmap_mode="r") for name in ("doc", "sample", "shuffle")
+        )
+
+    def __len__(self) -> int:
+        return len(self.shuffle_index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        j = self.shuffle_index[i]
+        (first, start), (last, end) = self.sample_index[j], self.sample_index[j + 1]
+        docs, get = self.doc_index, self.indexed.get
+        if first == last:
+            parts = [get(docs[first], start, end - start + 1)]
+        else:
+            parts = [get(docs[first], start)]
+            parts += [get(docs[k]) for k in range(first + 1, last)]
+            parts.append(get(docs[last], 0, end + 1))
+        return np.concatenate(parts).astype(np.int64)
+
+
+class EmptyDataset:
+    """A split asked for no samples and given no documents."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        raise IndexError(f"sample {i}: the dataset is empty")
+
+
+def parse_split(split: str) -> list[float]:
+    """ "98,2" (train, valid) or Megatron's "949,50,1" (the third, test, share is set aside unused)."""
+    try:
+        weights = [float(x) for x in str(split).split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) not in (2, 3) or min(weights) < 0 or weights[0] <= 0:
+        raise UserError(f"data.split {split!r}: expected train,valid weights such as '98,2' (non-negative, train > 0)")
+    return weights
+
+
+def split_bounds(weights: Sequence[float], num_documents: int) -> list[int]:
+    """Document boundaries [0, .., num_documents] of contiguous splits in proportion to `weights`."""
+    shares = np.cumsum(weights) / sum(weights)
+    return [0] + [int(round(s * num_documents)) for s in shares[:-1]] + [num_documents]
+
+
+def parse_sources(sources: list) -> list[tuple[str, float]]:
+    """(path, weight) for each `data.sources` entry; a weight must be a positive number (default 1)."""
+    if not isinstance(sources, list) or not sources:
+        raise UserError("data.sources: expected a non-empty list of {path: PREFIX, weight: W}")
+    parsed = []
+    for i, entry in enumerate(sources):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise UserError(f"data.sources[{i}] = {entry!r}: expected {{path: PREFIX, weight: W}}")
+        unknown = set(entry) - {"path", "weight"}
+        if unknown:
+            raise UserError(f"data.sources[{i}]: unknown key(s) {', '.join(sorted(unknown))}; valid: path, weight")
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or math.isinf(weight):
+            raise UserError(f"data.sources[{i}].weight = {weight!r} ({entry['path']}): must be a positive number")
+        parsed.append((entry["path"], float(weight)))
+    return parsed
+
+
+def max_token_id(indexed: IndexedDataset, cache_dir: str) -> int:
+    """The largest token id in the .bin, scanned in chunks through the memory map and cached by file identity."""
+    path = Path(cache_dir) / f"maxid-{cache.key(cache.fingerprint(indexed.bin_path))}.txt"
+
+    def build() -> None:
+        tokens = indexed.tokens
+        top = max(int(tokens[i : i + _SCAN_TOKENS].max()) for i in range(0, len(tokens), _SCAN_TOKENS))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(str(top))
+        tmp.replace(path)
+
+    cache.build_once([path], build)
+    return int(path.read_text())
+
+
+def _open_source(path: str, tokenizer: Tokenizer, cache_dir: str, vocab_size: int) -> IndexedDataset:
+    data = IndexedDataset(resolve_prefix(path, tokenizer, cache_dir))
+    top = max_token_id(data, cache_dir)
+    if top >= vocab_size:
+        raise UserError(
+            f"{data.bin_path}: token id {top} >= model.vocab_size {vocab_size}; "
+            "was it made with another tokenizer? Re-run preprocess or raise model.vocab_size"
+        )
+    return data
+
+
+def build_datasets(
+    sources: list[dict],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    seed: int,
+    split: str,
+    num_samples: tuple[int, int],
+    cache_dir: str,
+    vocab_size: int,
+) -> tuple[Dataset, Dataset]:
+    """(train, valid) datasets of `num_samples` samples each (a single source may give more), blended by weight."""
+    weights = parse_split(split)
+    entries = parse_sources(sources)
+    opened = [(_open_source(path, tokenizer, cache_dir, vocab_size), w) for path, w in entries]
+    result = []
+    for k, wanted in enumerate(num_samples):
+        sizes = source_sizes([w for _, w in opened], wanted) if len(opened) > 1 else [wanted]
+        parts = []
+        for (data, _), size in zip(opened, sizes):
+            lo, hi = split_bounds(weights, data.num_documents)[k : k + 2]
+            if lo == hi:
+                if wanted == 0:
+                    continue
+                raise UserError(
+                    f"data.split {split!r} gives the {SPLIT_NAMES[k]} split none of the {data.num_documents} "
+                    f"documents of {data.prefix}; raise its share or use more documents"
+                )
+            parts.append(GPTDataset(data, lo, hi, seq_len, size, seed, cache_dir))
+        if len(parts) < len(opened):
+            result.append(EmptyDataset())
+        elif len(parts) == 1:
+            result.append(parts[0])
+        else:
+            result.append(BlendedDataset(parts, [w for _, w in opened], wanted))
+    return result[0], result[1]

@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny-run overrides and metrics reading."""
+
+import json
+from pathlib import Path
+
+
+def tiny_overrides(corpus: str, run_dir: Path, arch: str = "llama", **extra) -> list[str]:
+    """--set overrides for a tiny, fast run on `corpus`."""
+    sets = {
+        "model.arch": arch,
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.num_heads": 4,
+        "model.num_kv_heads": 2 if arch == "llama" else 4,
+        "model.ffn_hidden_size": 128,
+        "model.max_seq_len": 64,
+        "train.seq_len": 64,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.steps": 8,
+        "train.eval_interval": 0,
+        "optim.lr": 3.0e-3,
+        "optim.warmup_steps": 2,
+        "logging.interval": 1,
+        "checkpoint.interval": 4,
+        "data.sources": f"[{{path: {corpus}}}]",
+        "data.cache_dir": str(run_dir.parent / "cache"),
+    }
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

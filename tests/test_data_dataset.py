@@ -1,0 +1,135 @@
+"""GPT samples: seq_len+1 tokens overlapping by one, megatron-core's sample index, blending, caching, errors."""
+
+import numpy as np
+import pytest
+
+from megatronlite.data.dataset import build_datasets, sample_index, split_bounds
+from megatronlite.data.indexed import IndexedDataset, IndexedWriter
+from megatronlite.data.tokenizers import build_tokenizer
+from megatronlite.errors import UserError
+
+SEQ = 8
+
+
+def corpus(path, num_docs=40, base=0, seed=0):
+    """Documents of random lengths whose tokens are base + (running token number mod 100)."""
+    rng = np.random.default_rng(seed)
+    with IndexedWriter(path) as w:
+        start = 0
+        for n in rng.integers(1, 20, num_docs):
+            w.add_document(base + (np.arange(start, start + n) % 100))
+            start += n
+    return str(path)
+
+
+def build(tmp_path, sources, num_samples=(50, 5), split="90,10", seed=7, vocab=257):
+    return build_datasets(
+        sources, build_tokenizer("byte"), SEQ, seed, split, num_samples, str(tmp_path / "cache"), vocab
+    )
+
+
+def stream(ds):
+    """The dataset's documents concatenated in document-index order."""
+    return np.concatenate([ds.indexed.get(d) for d in ds.doc_index]).astype(np.int64)
+
+
+def test_samples_cover_the_stream_overlapping_by_one_token(tmp_path):
+    train, valid = build(tmp_path, [{"path": corpus(tmp_path / "c")}], num_samples=(200, 5))
+    assert len(train) >= 200 and len(valid) >= 5
+    for ds in (train, valid):
+        tokens = stream(ds)
+        for i in range(len(ds)):
+            s = int(ds.shuffle_index[i])
+            assert ds[i].dtype == np.int64
+            np.testing.assert_array_equal(ds[i], tokens[s * SEQ : s * SEQ + SEQ + 1])
+    assert train.doc_index.min() >= 0 and train.doc_index.max() < 36 <= valid.doc_index.min()
+
+
+def test_every_document_once_per_epoch_and_shuffle_within_epoch(tmp_path):
+    train, _ = build(tmp_path, [{"path": corpus(tmp_path / "c")}], num_samples=(200, 5))
+    docs = np.asarray(train.doc_index).reshape(-1, 36)  # 36 train documents per epoch
+    assert len(docs) > 1
+    for epoch in docs:
+        assert sorted(epoch) == list(range(36))
+    assert not (docs[0] == docs[1]).all()
+    tokens_per_epoch = int(IndexedDataset(tmp_path / "c").sizes[:36].sum())
+    first_epoch = -(-tokens_per_epoch // SEQ)
+    assert sorted(train.shuffle_index[:first_epoch]) == list(range(first_epoch))
+
+
+def test_sample_index_matches_megatron_core(tmp_path):
+    from megatron.core.datasets.helpers import build_sample_idx
+
+    sizes = IndexedDataset(corpus(tmp_path / "c")).sizes
+    docs = np.concatenate([np.random.default_rng(e).permutation(40) for e in range(3)]).astype(np.int32)
+    tokens_per_epoch = int(sizes.sum())
+    theirs = build_sample_idx(sizes, docs, SEQ, 3, tokens_per_epoch, True, True)
+    ours = sample_index(sizes, docs, SEQ, len(theirs) - 1)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_deterministic_cached_and_seeded(tmp_path):
+    sources = [{"path": corpus(tmp_path / "c")}]
+    a, _ = build(tmp_path, sources)
+    files = sorted((tmp_path / "cache").glob("gpt-*.npy"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    b, _ = build(tmp_path, sources)
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").glob("gpt-*.npy"))] == mtimes
+    np.testing.assert_array_equal(np.stack([a[i] for i in range(len(a))]), np.stack([b[i] for i in range(len(b))]))
+    c, _ = build(tmp_path, sources, seed=8)
+    assert not np.array_equal(a.shuffle_index, c.shuffle_index)
+    longer, _ = build(tmp_path, sources, num_samples=(500, 5))  # more samples extend the same first epoch
+    np.testing.assert_array_equal(longer.doc_index[:36], a.doc_index[:36])
+
+
+def test_blending_follows_the_weights_deterministically(tmp_path):
+    low, high = corpus(tmp_path / "low", base=0), corpus(tmp_path / "high", base=100, seed=1)
+    sources = [{"path": low, "weight": 3}, {"path": high, "weight": 1.0}]
+    train, valid = build(tmp_path, sources, num_samples=(400, 8))
+    assert (len(train), len(valid)) == (400, 8)
+    from_high = np.array([train[i].min() >= 100 for i in range(len(train))])
+    from_low = np.array([train[i].max() < 100 for i in range(len(train))])
+    assert (from_high ^ from_low).all()  # every sample comes whole from one source
+    counts = np.cumsum(from_high)
+    n = np.arange(1, len(train) + 1)
+    assert np.abs(counts - n / 4).max() <= 1.0  # every prefix follows the 3:1 weights
+    np.testing.assert_array_equal(from_high, train.source == 1)
+    again, _ = build(tmp_path, sources, num_samples=(400, 8))
+    for i in (0, 1, 2, 3, 199, 399):
+        np.testing.assert_array_equal(train[i], again[i])
+        np.testing.assert_array_equal(train[i], train.datasets[train.source[i]][train.sample[i]])
+
+
+def test_split_bounds():
+    assert split_bounds([98, 2], 100) == [0, 98, 100]
+    assert split_bounds([949, 50, 1], 1000) == [0, 949, 999, 1000]
+    assert split_bounds([1, 0], 10) == [0, 10, 10]
+
+
+def test_valid_split_may_be_empty_when_no_samples_are_asked(tmp_path):
+    train, valid = build(tmp_path, [{"path": corpus(tmp_path / "c")}], split="100,0", num_samples=(10, 0))
+    assert len(train) >= 10 and len(valid) == 0
+
+
+@pytest.mark.parametrize(
+    "sources, kwargs, message",
+    [
+        ([{"path": "C"}], {"vocab": 50}, r"c\.bin: token id 99 >= model.vocab_size 50"),
+        ([{"path": "C"}], {"split": "100,0"}, r"gives the valid split none of the 40 documents of .*c"),
+        ([{"path": "C"}], {"split": "abc"}, r"data.split 'abc'"),
+        ([{"path": "C", "weight": 0}], {}, r"data.sources\[0\].weight = 0 .*c\): must be a positive number"),
+        ([{"path": "C"}, {"path": "C", "weight": -2}], {}, r"data.sources\[1\].weight = -2"),
+        ([{"path": "C", "weight": "x"}], {}, r"weight = 'x'"),
+        ([{"path": "C", "wieght": 1}], {}, r"unknown key\(s\) wieght"),
+        ([{"path": "MISSING"}], {}, r"missing\.bin not found"),
+        ([{"path": "builtin:nope"}], {}, r"unknown built-in corpus; valid: builtin:stdlib"),
+    ],
+    ids=["vocab", "empty-split", "bad-split", "zero-weight", "negative-weight", "text-weight", "unknown-key",
+         "missing", "unknown-builtin"],
+)
+def test_bad_data_raises_user_error(tmp_path, sources, kwargs, message):
+    prefix = corpus(tmp_path / "c")
+    names = {"C": prefix, "MISSING": str(tmp_path / "missing")}
+    sources = [{**s, "path": names.get(s["path"], s["path"])} for s in sources]
+    with pytest.raises(UserError, match=message):
+        build(tmp_path, sources, **kwargs)
