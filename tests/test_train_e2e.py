@@ -23,7 +23,9 @@ def train(run_dir, overrides):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus, arch):
     run = tmp_path / "run"
-    metrics = train(run, tiny_overrides(corpus, run, arch, **{"train.steps": 30, "checkpoint.interval": 10, "checkpoint.keep": 3}))
+    metrics = train(
+        run, tiny_overrides(corpus, run, arch, **{"train.steps": 30, "checkpoint.interval": 10, "checkpoint.keep": 3})
+    )
     assert [m["step"] for m in metrics] == list(range(1, 31))
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples", "elapsed_s", "mfu"):
         assert key in metrics[-1]
