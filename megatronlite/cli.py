@@ -16,6 +16,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(_train)(args)
+
+
+def _train(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
@@ -66,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    from megatronlite.launcher import torchrun
+
+    p = sub.add_parser("launch", help="start the workers of a run on this node with torchrun")
+    torchrun.add_arguments(p)
+    _add_train_options(p)
+    p.set_defaults(func=torchrun.main)
 
     from megatronlite.data import preprocess, tokenizer_train
 

@@ -70,6 +70,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     pipeline_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
+    pipeline_layers: list | None = None  # layers per stage (P x virtual entries); None: an even split
+    bucket_mb: float = 25.0  # DP gradient bucket size
     timeout_minutes: float = 10.0  # collective timeout: a dead peer fails the job instead of hanging it
 
 
@@ -347,10 +349,18 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if m.ffn_size % p.tensor:
         raise UserError(f"parallel.tensor ({p.tensor}) must divide the FFN size ({m.ffn_size})")
     stages = p.pipeline * p.virtual_pipeline
-    if m.num_layers % stages:
+    if p.pipeline_layers is not None:
+        counts = p.pipeline_layers
+        if len(counts) != stages or sum(counts) != m.num_layers or any(not isinstance(c, int) or c < 1 for c in counts):
+            raise UserError(
+                f"parallel.pipeline_layers = {counts} must list {stages} positive layer counts "
+                f"(parallel.pipeline x parallel.virtual_pipeline) summing to model.num_layers ({m.num_layers})"
+            )
+    elif m.num_layers % stages:
         raise UserError(
             f"model.num_layers ({m.num_layers}) must divide over parallel.pipeline x "
-            f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline} = {stages} stages)"
+            f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline} = {stages} stages), "
+            f"or set parallel.pipeline_layers"
         )
     if p.virtual_pipeline > 1 and p.pipeline_schedule != "interleaved":
         raise UserError(
@@ -359,6 +369,14 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if p.sequence_parallel and t.seq_len % p.tensor:
         raise UserError(f"sequence parallel needs train.seq_len ({t.seq_len}) divisible by parallel.tensor")
     dp = world_size // (p.tensor * p.pipeline)
+    n_micro = (
+        t.global_batch_size // (t.micro_batch_size * dp) if t.global_batch_size % (t.micro_batch_size * dp) == 0 else 0
+    )
+    if p.pipeline_schedule == "interleaved" and p.pipeline > 1 and n_micro % p.pipeline:
+        raise UserError(
+            f"the interleaved schedule needs micro-batches per step ({n_micro}) divisible by parallel.pipeline "
+            f"({p.pipeline}); change train.global_batch_size"
+        )
     if t.global_batch_size % (t.micro_batch_size * dp):
         step = t.micro_batch_size * dp
         raise UserError(

@@ -22,6 +22,8 @@ class GlobalPiece:
     local: torch.Tensor  # a view into this rank's memory
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]  # where `local` starts in the global tensor
+    # every TP rank's (global rank, offset, shape) of this tensor, this rank's included
+    chunks: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
 
     @property
     def is_whole(self) -> bool:
@@ -35,14 +37,21 @@ def pieces_of(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> d
         return {name: GlobalPiece(tensor, spec.global_shape, (0,) * tensor.ndim)}
     out = {}
     per_part = tensor.shape[spec.dim] // len(names)
+    chunks = []
+    for r in range(mesh.tp):
+        lo, hi = spec.local_rows(r, mesh.tp)
+        if hi > lo:  # a rank holding only padding has no chunk
+            offset, shape = [0] * tensor.ndim, list(spec.global_shape)
+            offset[spec.dim], shape[spec.dim] = lo, hi - lo
+            chunks.append((mesh.tp_ranks[r], tuple(offset), tuple(shape)))
     start, end = spec.local_rows(mesh.tp_rank, mesh.tp)
+    if end <= start:
+        return out
+    offset = [0] * tensor.ndim
+    offset[spec.dim] = start
     for i, part in enumerate(names):
-        if end <= start:
-            continue  # this rank holds only padding of this tensor
         view = tensor.narrow(spec.dim, i * per_part, end - start)
-        offset = [0] * tensor.ndim
-        offset[spec.dim] = start
-        out[part_name(name, part)] = GlobalPiece(view, spec.global_shape, tuple(offset))
+        out[part_name(name, part)] = GlobalPiece(view, spec.global_shape, tuple(offset), tuple(chunks))
     return out
 
 
@@ -60,7 +69,7 @@ def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_sa
 
 def to_dcp(pieces: dict[str, GlobalPiece], mesh: Mesh) -> dict[str, torch.Tensor]:
     """DCP's form of the pieces: a whole tensor as itself (DCP dedups replicas across ranks), a
-    partial one as a ShardedTensor whose only local shard sits at its global offset."""
+    partial one as a ShardedTensor over the TP group whose local shard sits at its global offset."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -70,9 +79,11 @@ def to_dcp(pieces: dict[str, GlobalPiece], mesh: Mesh) -> dict[str, torch.Tensor
         if piece.is_whole:
             out[key] = piece.local
             continue
-        shard_md = ShardMetadata(list(piece.offset), list(piece.local.shape), f"rank:{mesh.rank}/{piece.local.device}")
+        device = piece.local.device
+        shards = [ShardMetadata(list(off), list(shape), f"rank:{rank}/{device}") for rank, off, shape in piece.chunks]
+        shard_md = next(md for md, (rank, _, _) in zip(shards, piece.chunks) if rank == mesh.rank)
         global_md = ShardedTensorMetadata(
-            [shard_md], torch.Size(piece.global_shape), TensorProperties(dtype=piece.local.dtype)
+            shards, torch.Size(piece.global_shape), TensorProperties(dtype=piece.local.dtype)
         )
         out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
             [Shard(piece.local, shard_md)], global_md, process_group=None

@@ -196,11 +196,12 @@ class GPTModel(nn.Module):
             cached = self._rotary = rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
         return cached[0][:seq_len], cached[1][:seq_len]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, gather_logits: bool = True) -> torch.Tensor:
         """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
 
         The last stage returns per-token losses [b, s] when given labels (the vocabulary stays
-        sharded), else logits over the real (unpadded) vocabulary, gathered over TP.
+        sharded), else logits over the real (unpadded) vocabulary, gathered over TP, or with
+        `gather_logits=False` this rank's padded vocabulary shard (what the pipeline's loss takes).
         """
         if self.pre_process:
             x = self.embedding(x)
@@ -217,6 +218,8 @@ class GPTModel(nn.Module):
         logits = column_parallel_linear(x, self.output_weight(), None, self.mesh, self.sequence_parallel)
         if labels is not None:
             return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh)
+        if not gather_logits:
+            return logits
         if self.mesh.tp > 1:
             logits = gather_from_tp(logits, -1, self.mesh.tp_group)
         return logits[..., : self.cfg.vocab_size]

@@ -8,9 +8,12 @@ from megatronlite.config import OptimConfig
 
 
 def param_groups(params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norms and biases."""
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
+    """Weight decay on matrices (linear and embedding weights), none on norms and biases.
+
+    A ZeRO-1 slice is flat; `full_ndim` is the rank of the parameter it was cut from.
+    """
+    decay = [p for p in params.values() if getattr(p, "full_ndim", p.ndim) >= 2]
+    no_decay = [p for p in params.values() if getattr(p, "full_ndim", p.ndim) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,23 +1,180 @@
-"""Data-parallel gradient reduction: the mean of every gradient over the DP group."""
+"""Data parallelism: gradients in contiguous buckets, reduced over DP while backward still runs.
+
+Every parameter and its gradient live in flat per-bucket buffers (`p.data` and `p.grad` are
+views), filled in reverse registration order, which is roughly the order backward produces
+gradients. A post-accumulate-grad hook counts the gradients each bucket has received; when a
+bucket has all of them for the last micro-batch, its reduction is launched asynchronously, so
+reduction overlaps the rest of backward and nothing is communicated during accumulation.
+
+Two ways to reduce a bucket:
+- plain DP: all-reduce, then every rank steps every parameter;
+- distributed optimizer (ZeRO-1): reduce-scatter, each DP rank steps only its 1/D of every
+  bucket (its fp32 weights and Adam states), then the updated weights are all-gathered.
+
+Gradients that need a sum over another group first (sequence-parallel norms over TP; a tied
+embedding over the first and last pipeline stage) go into a last bucket, reduced after those sums.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from megatronlite.parallel.mesh import Mesh
 
 
-def reduce_gradients(params: Iterable[torch.nn.Parameter], mesh: Mesh) -> None:
-    """Average gradients over DP, and sum sequence-parallel partial gradients over TP."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if mesh.tp > 1:
-        sp = [p.grad for p in params if p.grad is not None and p.shard.sequence_parallel]
-        for g in sp:
-            dist.all_reduce(g, group=mesh.tp_group)
-    if mesh.dp > 1:
-        for g in grads:
-            dist.all_reduce(g, group=mesh.dp_group)
-            g /= mesh.dp
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]  # each param's start in the flat buffers
+    param_buf: torch.Tensor
+    grad_buf: torch.Tensor
+    grad_shard: torch.Tensor | None = None  # distributed optimizer: this rank's reduced slice
+    expected: int = 0  # gradient accumulations that complete the bucket in one step
+    received: int = 0
+    handle: object | None = None
+    late: bool = False
+    shard_range: tuple[int, int] = (0, 0)
+    # distributed optimizer: (param, its slice, slice start and end in the param, slice start in the shard)
+    shard_params: list[tuple[nn.Parameter, nn.Parameter, int, int, int]] = field(default_factory=list)
+
+
+class DataParallel:
+    def __init__(
+        self,
+        named_params: dict[str, nn.Parameter],
+        mesh: Mesh,
+        n_micro: int,
+        distributed_optimizer: bool,
+        bucket_mb: float,
+        late_names: set[str],
+    ) -> None:
+        self.mesh, self.n_micro, self.sharded = mesh, n_micro, distributed_optimizer and mesh.dp > 1
+        self.buckets: list[Bucket] = []
+        names = list(named_params)[::-1]
+        groups, current, size = [], [], 0
+        limit = int(bucket_mb * 2**20 / 4)
+        for name in names:
+            if name in late_names:
+                continue
+            current.append(named_params[name])
+            size += named_params[name].numel()
+            if size >= limit:
+                groups.append(current)
+                current, size = [], 0
+        if current:
+            groups.append(current)
+        late = [named_params[n] for n in names if n in late_names]
+        for params in groups:
+            self.buckets.append(self._make_bucket(params, late=False))
+        if late:
+            self.buckets.append(self._make_bucket(late, late=True))
+        self.owner_of = {id(p): b for b in self.buckets for p in b.params}
+        for p in named_params.values():
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _make_bucket(self, params: list[nn.Parameter], late: bool) -> Bucket:
+        numel = sum(p.numel() for p in params)
+        dp = self.mesh.dp
+        padded = -(-numel // dp) * dp if self.sharded else numel
+        ref = params[0]
+        param_buf = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
+        grad_buf = torch.zeros(padded, dtype=torch.float32, device=ref.device)
+        offsets, offset = [], 0
+        for p in params:
+            n = p.numel()
+            param_buf[offset : offset + n].copy_(p.data.reshape(-1))
+            p.data = param_buf[offset : offset + n].view_as(p)
+            p.grad = grad_buf[offset : offset + n].view_as(p)
+            offsets.append(offset)
+            offset += n
+        bucket = Bucket(params, offsets, param_buf, grad_buf, expected=len(params) * self.n_micro, late=late)
+        if self.sharded:
+            per = padded // dp
+            lo, hi = self.mesh.dp_rank * per, (self.mesh.dp_rank + 1) * per
+            bucket.shard_range = (lo, hi)
+            bucket.grad_shard = torch.zeros(per, dtype=torch.float32, device=ref.device)
+            for p, start in zip(params, offsets):
+                a, b = max(start, lo), min(start + p.numel(), hi)
+                if a < b:
+                    sp = nn.Parameter(param_buf[a:b])
+                    sp.shard, sp.full_ndim = p.shard, p.ndim
+                    sp.grad = bucket.grad_shard[a - lo : b - lo]
+                    bucket.shard_params.append((p, sp, a - start, b - start, a - lo))
+        return bucket
+
+    # --- what the optimizer steps ------------------------------------------------------------
+    def optimizer_params(self, named_params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """The tensors the optimizer owns: every parameter, or with ZeRO-1 this rank's slices of them."""
+        if not self.sharded:
+            return named_params
+        name_of = {id(p): n for n, p in named_params.items()}
+        return {f"{name_of[id(p)]}[{a}:{b}]": sp for bk in self.buckets for p, sp, a, b, _ in bk.shard_params}
+
+    # --- reduction --------------------------------------------------------------------------
+    def _on_grad(self, p: nn.Parameter) -> None:
+        bucket = self.owner_of[id(p)]
+        bucket.received += 1
+        if bucket.received == bucket.expected and not bucket.late:
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.mesh.dp == 1:
+            return
+        if self.sharded:
+            bucket.handle = dist.reduce_scatter_tensor(
+                bucket.grad_shard, bucket.grad_buf, group=self.mesh.dp_group, async_op=True
+            )
+        else:
+            bucket.handle = dist.all_reduce(bucket.grad_buf, group=self.mesh.dp_group, async_op=True)
+
+    def finish(self, pre_reduce_late) -> None:
+        """Wait for every bucket; sum the late gradients over their other groups, then reduce them."""
+        for bucket in self.buckets:
+            if bucket.late:
+                pre_reduce_late()
+                self._launch(bucket)
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+            if self.mesh.dp > 1:
+                (bucket.grad_shard if self.sharded else bucket.grad_buf).div_(self.mesh.dp)
+            bucket.received = 0
+
+    def gather_params(self) -> None:
+        """ZeRO-1: every rank's updated slices -> the full weights on every rank."""
+        if not self.sharded:
+            return
+        for bucket in self.buckets:
+            lo, hi = bucket.shard_range
+            dist.all_gather_into_tensor(bucket.param_buf, bucket.param_buf[lo:hi].clone(), group=self.mesh.dp_group)
+
+    def zero_grads(self) -> None:
+        for bucket in self.buckets:
+            bucket.grad_buf.zero_()
+            if bucket.grad_shard is not None:
+                bucket.grad_shard.zero_()
+
+    # --- optimizer state in the parameters' shapes (checkpoints) --------------------------------
+    def gather_state(self, optimizer: torch.optim.Optimizer, key: str) -> dict[int, torch.Tensor]:
+        """ZeRO-1: every parameter's full Adam state `key`, all-gathered over DP (keyed by id(param))."""
+        out = {}
+        for bucket in self.buckets:
+            lo, hi = bucket.shard_range
+            mine = torch.zeros(hi - lo, dtype=torch.float32, device=bucket.grad_buf.device)
+            for _, sp, _, _, at in bucket.shard_params:
+                mine[at : at + sp.numel()] = optimizer.state[sp][key]
+            full = torch.empty_like(bucket.grad_buf)
+            dist.all_gather_into_tensor(full, mine, group=self.mesh.dp_group)
+            for p, start in zip(bucket.params, bucket.offsets):
+                out[id(p)] = full[start : start + p.numel()].view_as(p)
+        return out
+
+    def scatter_state(self, optimizer: torch.optim.Optimizer, key: str, full: dict[int, torch.Tensor]) -> None:
+        """ZeRO-1: copy this rank's slices of full-shaped Adam states into the optimizer."""
+        for bucket in self.buckets:
+            for p, sp, a, b, _ in bucket.shard_params:
+                optimizer.state[sp][key].copy_(full[id(p)].reshape(-1)[a:b])

@@ -47,7 +47,7 @@ def save(trainer) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         store.prepare(root, trainer.step)
     _barrier()
-    tensors = to_dcp(trainer.state_tensors(for_save=True), mesh)
+    tensors = to_dcp(trainer.state_tensors(True, trainer.optimizer_states()), mesh)
     tensors[_rng_key(mesh.rank)] = torch.get_rng_state()
     store.write_shards(store.temp_dir(root, trainer.step), tensors)
     _fault_hook("save", trainer.step)
@@ -57,7 +57,7 @@ def save(trainer) -> Path:
         meta = {
             "step": trainer.step,
             "consumed_samples": trainer.consumed_samples,
-            "loss_scale": trainer.scaler.get_scale() if trainer.scaler else None,
+            "loss_scale": trainer.scaler.scale if trainer.scaler else None,
             "layout": {"tensor": mesh.tp, "pipeline": mesh.pp, "data": mesh.dp, "world_size": mesh.world_size},
             "model": cfg.to_dict()["model"],
             "versions": versions(),
@@ -98,7 +98,8 @@ def maybe_resume(trainer) -> None:
     if meta.get("weights_only"):
         _load_weights_only(trainer, step_dir)
         return
-    pieces = trainer.state_tensors(for_save=False)
+    optimizer_states = trainer.optimizer_states()
+    pieces = trainer.state_tensors(False, optimizer_states)
     store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
     tensors = to_dcp(pieces, trainer.mesh)
     mesh = trainer.mesh
@@ -108,6 +109,7 @@ def maybe_resume(trainer) -> None:
     if same_layout:
         tensors[_rng_key(mesh.rank)] = rng
     store.read_shards(step_dir, tensors)
+    trainer.restore_optimizer_states(optimizer_states)
     if same_layout:
         torch.set_rng_state(rng)
     else:  # re-derived deterministically from the seed and step
@@ -118,7 +120,7 @@ def maybe_resume(trainer) -> None:
     trainer.step = meta["step"]
     trainer.consumed_samples = meta["consumed_samples"]
     if trainer.scaler and meta.get("loss_scale"):
-        trainer.scaler.update(meta["loss_scale"])
+        trainer.scaler.scale = meta["loss_scale"]
     if mesh.rank == 0:
         print_line(f"resumed from {step_dir} at step {trainer.step}")
 

@@ -21,13 +21,15 @@ from megatronlite.data.loader import BatchLoader
 from megatronlite.data.tokenizers import build_tokenizer
 from megatronlite.errors import UserError
 from megatronlite.models.counting import flops_per_token
-from megatronlite.models.gpt import GPTModel
 from megatronlite.models.init import init_parameters
 from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
+from megatronlite.optim.loss_scale import LossScaler
 from megatronlite.optim.schedules import lr_at
-from megatronlite.parallel.data_parallel import reduce_gradients
+from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
 from megatronlite.train import checkpointing
 from megatronlite.train.metrics import MetricsWriter, console_line, mfu, peak_flops, print_line
 
@@ -37,22 +39,48 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device) -> None:
         self.cfg, self.run_dir, self.mesh, self.device = cfg, run_dir, mesh, device
-        t = cfg.train
+        t, p = cfg.train, cfg.parallel
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * mesh.dp)
-        self.model = GPTModel(
-            cfg.model, mesh, sequence_parallel=cfg.parallel.sequence_parallel, recompute=t.recompute
-        ).to(device)
-        init_parameters(self.model, cfg.model, t.seed, mesh.tp_rank, mesh.tp)
-        self.params = dict(self.model.named_parameters())
-        self.optimizer, self.optim_impl = build_adamw(self.params, cfg.optim)
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.optim.initial_loss_scale) if (
-            t.precision == "fp16"
-        ) else None
+        self.stages = build_stages(cfg, mesh)
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for _, model in self.stages:
+            model.to(device)
+            init_parameters(model, cfg.model, t.seed, mesh.tp_rank, mesh.tp)
+            self.params.update(model.named_parameters())
+        self.late_sync = self._late_sync_params()
+        self.dp = DataParallel(
+            self.params, mesh, self.num_micro, p.distributed_optimizer, p.bucket_mb, set(self.late_sync)
+        )
+        self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim)
+        self.scaler = LossScaler(cfg.optim.initial_loss_scale) if t.precision == "fp16" else None
+        self.pipeline = None
+        if mesh.pp > 1:
+            n_stages = len(stage_layers(cfg))
+            self.pipeline = PipelineRunner(
+                self.stages, n_stages, mesh, p.pipeline_schedule, self.num_micro, self._pipeline_loss, device
+            )
         self.step = 0
         self.consumed_samples = 0
         self._build_data()
+
+    def _late_sync_params(self) -> dict[str, torch.distributed.ProcessGroup]:
+        """Gradients summed over another group before the DP reduction: SP norms over TP, a tied embedding
+        over its first and last pipeline stage."""
+        out = {}
+        for name, param in self.params.items():
+            if param.shard.sequence_parallel and self.mesh.tp > 1:
+                out[name] = self.mesh.tp_group
+        if self.cfg.model.tied and self.mesh.pp > 1:
+            for name in ("embedding.word.weight", "output.weight"):
+                if name in self.params:
+                    out[name] = self.mesh.embedding_group
+        return out
+
+    def _sum_late_grads(self) -> None:
+        for name, group in self.late_sync.items():
+            dist.all_reduce(self.params[name].grad, group=group)
 
     # --- data -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -90,61 +118,98 @@ class Trainer:
 
     def _micro_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.model(tokens[:, :-1], tokens[:, 1:]).mean()
+            return self.stages[0][1](tokens[:, :-1], tokens[:, 1:]).mean()
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
-        """Forward and backward every micro-batch, sync and clip gradients, step. Returns (loss, grad norm)."""
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one micro-batch, pre-divided for accumulation (and scaled for fp16)."""
+        model = self.stages[-1][1]
+        loss = vocab_parallel_cross_entropy(logits, labels, model.cfg.vocab_size, self.mesh).mean() / self.num_micro
+        return loss * self.scaler.scale if self.scaler else loss
+
+    def _forward_backward(self, micro_batches: list[torch.Tensor], train: bool) -> torch.Tensor:
+        """The sum over micro-batches of loss / num_micro (meaningful on the last stage)."""
+        if self.pipeline is not None:
+            tokens = torch.cat(micro_batches)
+            with self._autocast():
+                total = self.pipeline.run(tokens[:, :-1], tokens[:, 1:], train)
+            if total is None:
+                return torch.zeros((), device=self.device)
+            return total / self.scaler.scale if self.scaler and train else total
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
             loss = self._micro_loss(tokens) / self.num_micro
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            if train:
+                (loss * self.scaler.scale if self.scaler else loss).backward()
             total += loss.detach()
-        reduce_gradients(self.params.values(), self.mesh)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grads = owned_grads(list(self.params.values()), self.mesh)
-        norm = global_grad_norm(grads, self.mesh, self.device)
-        clip_grads([p.grad for p in self.params.values() if p.grad is not None], norm, self.cfg.optim.clip_grad)
-        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
         if self.mesh.dp > 1:
-            dist.all_reduce(total, group=self.mesh.dp_group)
-            total /= self.mesh.dp
-        return total.item(), norm
+            dist.all_reduce(value, group=self.mesh.dp_group)
+            value /= self.mesh.dp
+        return value.item()
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
+        """Forward and backward every micro-batch, sync and clip gradients, step. Returns (loss, grad norm)."""
+        total = self._forward_backward(micro_batches, train=True)
+        self.dp.finish(self._sum_late_grads)
+        opt_params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in opt_params]
+        if self.scaler:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        norm = global_grad_norm(owned_grads(opt_params, self.mesh), self.mesh, self.device, self.dp.sharded)
+        if self.scaler is None or self.scaler.update(norm):
+            clip_grads(grads, norm, self.cfg.optim.clip_grad)
+            lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.dp.gather_params()
+        self.dp.zero_grads()
+        return self._dp_mean(total), norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        losses = []
+        for _, model in self.stages:
+            model.eval()
+        total = torch.zeros((), device=self.device)
         batches = iter(self._loader(self.valid_ds, 0))
         for _, micro_batches in zip(range(self.cfg.train.eval_iters), batches):
-            losses.extend(self._micro_loss(tokens) for tokens in micro_batches)
+            total += self._forward_backward(micro_batches, train=False)
         batches.close()
-        self.model.train()
-        loss = torch.stack(losses).mean()
-        if self.mesh.dp > 1:
-            dist.all_reduce(loss, group=self.mesh.dp_group)
-            loss /= self.mesh.dp
-        return loss.item()
+        for _, model in self.stages:
+            model.train()
+        return self._dp_mean(total / self.cfg.train.eval_iters)
 
     # --- checkpoints ------------------------------------------------------------------------
-    def state_tensors(self, for_save: bool) -> dict[str, GlobalPiece]:
+    def optimizer_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Adam's exp_avg and exp_avg_sq of every parameter, in the parameter's shape.
+
+        With ZeRO-1 these are gathered over DP (temporaries); `restore_optimizer_states` puts
+        values loaded into them back into this rank's slices.
+        """
+        checkpointing.ensure_optimizer_state(self.optimizer)
+        keys = ("exp_avg", "exp_avg_sq")
+        if self.dp.sharded:
+            full = {key: self.dp.gather_state(self.optimizer, key) for key in keys}
+            return {n: {k: full[k][id(p)] for k in keys} for n, p in self.params.items()}
+        return {n: {k: self.optimizer.state[p][k] for k in keys} for n, p in self.params.items()}
+
+    def restore_optimizer_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.dp.sharded:
+            for key in ("exp_avg", "exp_avg_sq"):
+                by_id = {id(self.params[n]): s[key] for n, s in states.items()}
+                self.dp.scatter_state(self.optimizer, key, by_id)
+
+    def state_tensors(self, for_save: bool, optimizer_states: dict | None = None) -> dict[str, GlobalPiece]:
         """Model weights and Adam states as global pieces, keyed by global name."""
         out = model_pieces(self.params, self.mesh, for_save)
-        checkpointing.ensure_optimizer_state(self.optimizer)
-        for name, p in self.params.items():
+        for name, states in (optimizer_states or {}).items():
+            p = self.params[name]
             if p.shard.alias is not None:
                 continue
-            state = self.optimizer.state[p]
-            for key in ("exp_avg", "exp_avg_sq"):
-                out.update({f"optim.{key}.{k}": v for k, v in pieces_of(name, state[key], p.shard, self.mesh).items()})
+            for key, tensor in states.items():
+                out.update({f"optim.{key}.{k}": v for k, v in pieces_of(name, tensor, p.shard, self.mesh).items()})
         return out
 
     # --- the loop ---------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""Dynamic loss scaling for fp16, decided from the global gradient norm.
+
+The norm is already reduced over every rank (TP, PP and, with ZeRO-1, DP), so an overflow
+seen anywhere makes every rank skip the same step: no extra collective, no disagreement.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class LossScaler:
+    def __init__(self, initial: float, growth_interval: int = 1000, min_scale: float = 1.0) -> None:
+        self.scale, self.growth_interval, self.min_scale = initial, growth_interval, min_scale
+        self.good_steps = 0
+
+    def update(self, grad_norm: float) -> bool:
+        """Record this step's (unscaled) gradient norm; return False when the step must be skipped."""
+        if not math.isfinite(grad_norm):
+            self.scale = max(self.min_scale, self.scale / 2)
+            self.good_steps = 0
+            return False
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2
+        return True

@@ -1,0 +1,99 @@
+"""Pipeline parallelism: which layers each stage holds, and the schedules that run them.
+
+Stages are `GPTModel`s holding a contiguous run of global layers. With virtual stages
+(interleaved schedule) a rank holds several: rank p holds stages p, p + P, p + 2P, ...
+The schedules are torch.distributed.pipelining's (1F1B, interleaved 1F1B, GPipe), which
+compose with our TP layers because each TP rank of a stage runs the same schedule and talks
+to the same TP rank of the neighbouring stage over the PP group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from megatronlite.config import Config
+from megatronlite.models.gpt import GPTModel
+from megatronlite.parallel.mesh import Mesh
+
+
+def stage_layers(cfg: Config) -> list[list[int]]:
+    """The global layer ids of every pipeline stage (P x virtual stages), in stage order."""
+    p = cfg.parallel
+    n_stages = p.pipeline * p.virtual_pipeline
+    counts = p.pipeline_layers or [cfg.model.num_layers // n_stages] * n_stages
+    out, start = [], 0
+    for count in counts:
+        out.append(list(range(start, start + count)))
+        start += count
+    return out
+
+
+def build_stages(cfg: Config, mesh: Mesh) -> list[tuple[int, GPTModel]]:
+    """This rank's (stage index, stage model) pairs."""
+    layers = stage_layers(cfg)
+    n_stages = len(layers)
+    out = []
+    for stage_index in range(mesh.pp_rank, n_stages, mesh.pp):
+        model = GPTModel(
+            cfg.model,
+            mesh,
+            layer_ids=layers[stage_index],
+            pre_process=stage_index == 0,
+            post_process=stage_index == n_stages - 1,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            recompute=cfg.train.recompute,
+        )
+        out.append((stage_index, model))
+    return out
+
+
+class _ShardedLogits(nn.Module):
+    """The stage as torch's pipelining sees it: the last stage returns its vocabulary shard of the logits."""
+
+    def __init__(self, model: GPTModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, gather_logits=False)
+
+
+class PipelineRunner:
+    """Runs one step's micro-batches through this rank's stages with the configured schedule."""
+
+    def __init__(
+        self,
+        stages: list[tuple[int, GPTModel]],
+        n_stages: int,
+        mesh: Mesh,
+        schedule: str,
+        n_micro: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        self.mesh = mesh
+        pipe_stages = [
+            PipelineStage(_ShardedLogits(model), index, n_stages, device, group=mesh.pp_group)
+            for index, model in stages
+        ]
+        self.has_first = any(index == 0 for index, _ in stages)
+        self.has_last = any(index == n_stages - 1 for index, _ in stages)
+        # grads are not rescaled by the schedule: loss_fn already divides by the micro-batch count,
+        # and the DP hooks may be reducing gradients while the schedule finishes
+        if schedule == "interleaved":
+            self.schedule = ScheduleInterleaved1F1B(pipe_stages, n_micro, loss_fn=loss_fn, scale_grads=False)
+        else:
+            cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+            self.schedule = cls(pipe_stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
+
+    def run(self, inputs: torch.Tensor, labels: torch.Tensor, train: bool) -> torch.Tensor | None:
+        """Forward (and backward if `train`) the whole batch; the sum of micro-batch losses on the last stage."""
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        kwargs = {"target": labels, "losses": losses} if self.has_last else {}
+        (self.schedule.step if train else self.schedule.eval)(*args, **kwargs)
+        return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last else None
