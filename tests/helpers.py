@@ -32,3 +32,33 @@ def tiny_overrides(corpus: str, run_dir: Path, arch: str = "llama", **extra) -> 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeout: int = 240):
+    """Run `megatronlite launch` (torchrun, gloo) and return the finished process."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "megatronlite", "launch", str(config), "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "--run-dir", str(run_dir)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def final_weights(run_dir: Path) -> dict:
+    """Every global weight of the run's latest checkpoint, read through the layout-free view."""
+    from megatronlite.checkpoint import store
+    from megatronlite.checkpoint.weights import read_tensors
+
+    step_dir = store.find_step_dir(run_dir)
+    names = [k.removeprefix("model.") for k in store.stored_shapes(step_dir) if k.startswith("model.")]
+    return dict(read_tensors(step_dir, names))
