@@ -42,6 +42,7 @@ def _train(args: argparse.Namespace) -> None:
         device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
         if kind == "cuda":
             torch.cuda.set_device(device)
+        run_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             write_resolved_config(cfg, run_dir)
         Trainer(cfg, run_dir, mesh, device).run()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatronlite.kernels.triton_runtime import grid_size, tl, triton
+from megatronlite.kernels.triton_runtime import grid_size, num_warps, tl, triton
 
 
 @triton.jit
@@ -89,7 +89,7 @@ class _Norm(torch.autograd.Function):
         block = triton.next_power_of_2(cols)
         _norm_fwd[(rows,)](
             x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0), y.stride(0), cols, eps,
-            RMS=rms, HAS_BIAS=bias is not None, BLOCK=block,
+            RMS=rms, HAS_BIAS=bias is not None, BLOCK=block, num_warps=num_warps(block),
         )
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.block, ctx.x_shape = rms, bias is not None, block, x.shape
@@ -107,6 +107,7 @@ class _Norm(torch.autograd.Function):
         _norm_bwd[(programs,)](
             dy2, x2, weight, mean, rstd, dx, dw, db, dy2.stride(0), x2.stride(0), dx.stride(0), rows, cols,
             triton.cdiv(rows, programs), RMS=ctx.rms, HAS_BIAS=ctx.has_bias, BLOCK=ctx.block,
+            num_warps=num_warps(ctx.block),
         )
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.view(ctx.x_shape), dw.sum(0).to(weight.dtype), dbias, None, None

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-__all__ = ["grid_size", "tl", "triton"]
+__all__ = ["grid_size", "num_warps", "tl", "triton"]
 
 
 def grid_size(device: torch.device, work_items: int) -> int:
@@ -28,3 +28,8 @@ def grid_size(device: torch.device, work_items: int) -> int:
     if device.type == "cuda":
         return max(1, min(work_items, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(work_items, 4))
+
+
+def num_warps(block: int) -> int:
+    """Warps for a program holding `block` elements of a row: more for wide rows, to spread the registers."""
+    return min(16, max(4, block // 512))
