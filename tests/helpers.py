@@ -47,8 +47,19 @@ def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeou
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "megatronlite", "launch", str(config), "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatronlite",
+        "launch",
+        str(config),
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "--run-dir",
+        str(run_dir),
+    ]
     for o in overrides:
         cmd += ["--set", o]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

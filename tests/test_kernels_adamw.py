@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from megatronlite.kernels import FusedAdamW, fused_adamw
-from megatronlite.kernels.testing import TOLERANCES, triton_skip_reason
+from megatronlite.kernels.dispatch import triton_problem
+from megatronlite.kernels.testing import TOLERANCES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SKIP = triton_skip_reason(DEVICE)
+SKIP = triton_problem(DEVICE)
 IMPLS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(SKIP is not None, reason=f"triton cases skipped: {SKIP}")),

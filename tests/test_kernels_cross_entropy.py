@@ -12,12 +12,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatronlite.kernels import linear_cross_entropy
-from megatronlite.kernels.testing import TOLERANCES, poisoned_allocations, triton_skip_reason
+from megatronlite.kernels.dispatch import triton_problem
+from megatronlite.kernels.testing import TOLERANCES, poisoned_allocations
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mesh import Mesh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SKIP = triton_skip_reason(DEVICE)
+SKIP = triton_problem(DEVICE)
 IMPLS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(SKIP is not None, reason=f"triton cases skipped: {SKIP}")),
@@ -91,5 +92,5 @@ def _tp_worker(rank, world, store, impls):
 
 def test_tensor_parallel_two_ranks(tmp_path):
     """On CPU with gloo; the TP logic lives in the backend-independent driver, so CPU covers it."""
-    impls = ["torch"] + (["triton"] if triton_skip_reason("cpu") is None else [])
+    impls = ["torch"] + (["triton"] if triton_problem("cpu") is None else [])
     mp.spawn(_tp_worker, args=(2, tmp_path / "store", impls), nprocs=2)

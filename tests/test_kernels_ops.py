@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from megatronlite.kernels import apply_rotary, layer_norm, rms_norm, swiglu
-from megatronlite.kernels.testing import TOLERANCES, poisoned_allocations, triton_skip_reason
+from megatronlite.kernels.dispatch import triton_problem
+from megatronlite.kernels.testing import TOLERANCES, poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SKIP = triton_skip_reason(DEVICE)
+SKIP = triton_problem(DEVICE)
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"triton cases skipped: {SKIP}")
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -20,15 +20,24 @@ LAYOUTS = {
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2xdp2": (4, ["parallel.tensor=2"]),
     "pp2xdp2": (4, ["parallel.pipeline=2"]),
-    "tp2xpp2xdp2": (8, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
-                        "parallel.distributed_optimizer=true"]),
+    "tp2xpp2xdp2": (
+        8,
+        [
+            "parallel.tensor=2",
+            "parallel.pipeline=2",
+            "parallel.sequence_parallel=true",
+            "parallel.distributed_optimizer=true",
+        ],
+    ),
 }
 SLOW = {"tp2xpp2xdp2"}
 
 
 def overrides(corpus, run_dir, arch):
     return tiny_overrides(
-        corpus, run_dir, arch,
+        corpus,
+        run_dir,
+        arch,
         **{"model.num_layers": 4, "train.steps": 5, "train.global_batch_size": 8, "checkpoint.interval": 0},
     )
 
@@ -45,9 +54,7 @@ def reference(tmp_path_factory, corpus):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize(
-    "layout", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in LAYOUTS]
-)
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in LAYOUTS])
 def test_layout_equals_single_process(tmp_path, corpus, reference, arch, layout):
     nproc, sets = LAYOUTS[layout]
     run = tmp_path / "run"

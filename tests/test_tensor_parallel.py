@@ -1,0 +1,125 @@
+"""Each TP layer on 2 gloo processes against the plain layer on the full tensors, forward and backward."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import free_port
+
+from megatronlite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatronlite.parallel.mesh import build_mesh, rank_grid
+from megatronlite.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+TP = 2
+
+
+def _fill(layer, seed):
+    """Give each param the TP slice of random full tensors (one per fused part); return the full tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    full = {}
+    for name, p in layer.named_parameters():
+        spec = p.shard
+        parts = [torch.randn(spec.global_shape, generator=gen) for _ in spec.part_names()]
+        dim = spec.dim or 0
+        full[name] = torch.cat(parts, dim=dim)
+        with torch.no_grad():
+            p.copy_(torch.cat([spec.local_slice(t, dist.get_rank(), TP) for t in parts], dim=dim))
+    return full
+
+
+def _worker(rank, port, sequence_parallel, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=TP)
+    try:
+        cfg = Config(
+            model=ModelConfig(num_heads=4),
+            parallel=ParallelConfig(tensor=TP),
+            train=TrainConfig(global_batch_size=4, micro_batch_size=4),
+        )
+        mesh = build_mesh(cfg, TP, rank)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 8, 16, generator=g)  # [batch, seq, hidden]
+        x_local = x.chunk(TP, dim=1)[rank] if sequence_parallel else x
+        x_local = x_local.clone().requires_grad_()
+        ref_x = x.clone().requires_grad_()
+
+        # column (two fused parts) then row: the Megatron MLP pattern
+        col = ColumnParallelLinear(16, 24, mesh, bias=True, parts=("a", "b"), sequence_parallel=sequence_parallel)
+        row = RowParallelLinear(12, 16, mesh, bias=True, sequence_parallel=sequence_parallel)
+        fc = _fill(col, 1)
+        fr = _fill(row, 2)
+        a, b = col(x_local).chunk(2, dim=-1)
+        y = row(a * b)
+        wa, wb = fc["weight"].chunk(2)
+        ba, bb = fc["bias"].chunk(2)
+        ref = F.linear(F.linear(ref_x, wa, ba) * F.linear(ref_x, wb, bb), fr["weight"], fr["bias"])
+        ref_local = ref.chunk(TP, dim=1)[rank] if sequence_parallel else ref
+        torch.testing.assert_close(y, ref_local, rtol=1e-5, atol=1e-5)
+        y.pow(2).sum().backward()
+        ref.pow(2).sum().backward()
+        grad_ref = ref_x.grad.chunk(TP, dim=1)[rank] if sequence_parallel else ref_x.grad
+        torch.testing.assert_close(x_local.grad, grad_ref, rtol=1e-4, atol=1e-4)
+        w_grad_ref = torch.cat([g.chunk(TP)[rank] for g in _ref_grads_column(ref_x.detach(), fc, fr)])
+        torch.testing.assert_close(col.weight.grad, w_grad_ref, rtol=1e-4, atol=1e-4)
+
+        # vocabulary-parallel embedding and cross-entropy, with padding (vocab 250 -> 256)
+        emb = VocabParallelEmbedding(250, 256, 16, mesh, sequence_parallel=sequence_parallel)
+        fe = _fill(emb, 3)
+        ids = torch.randint(0, 250, (3, 8), generator=g)
+        out = emb(ids)
+        ref_out = F.embedding(ids, fe["weight"])
+        torch.testing.assert_close(out, ref_out.chunk(TP, dim=1)[rank] if sequence_parallel else ref_out)
+        logits_full = torch.randn(3, 8, 256, generator=g)
+        logits_full[..., 250:] = 100.0  # padding columns must not count
+        logits = logits_full.chunk(TP, dim=-1)[rank].clone().requires_grad_()
+        target = torch.randint(0, 250, (3, 8), generator=g)
+        loss = vocab_parallel_cross_entropy(logits, target, 250, mesh)
+        ref_logits = logits_full[..., :250].clone().requires_grad_()
+        ref_loss = F.cross_entropy(ref_logits.reshape(-1, 250), target.reshape(-1), reduction="none").view(3, 8)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        loss.sum().backward()
+        ref_loss.sum().backward()
+        grad_full = torch.cat([ref_logits.grad, torch.zeros(3, 8, 6)], dim=-1)
+        torch.testing.assert_close(logits.grad, grad_full.chunk(TP, dim=-1)[rank], rtol=1e-5, atol=1e-6)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _ref_grads_column(x, fc, fr):
+    """d/dW of the reference MLP for the two fused parts of the column weight."""
+    wa, wb = (w.clone().requires_grad_() for w in fc["weight"].chunk(2))
+    ba, bb = fc["bias"].chunk(2)
+    out = F.linear(F.linear(x, wa, ba) * F.linear(x, wb, bb), fr["weight"], fr["bias"])
+    out.pow(2).sum().backward()
+    return wa.grad, wb.grad
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tp_layers_match_full_layers(sequence_parallel):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, sequence_parallel, errors)) for r in range(TP)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    messages = [] if errors.empty() else [errors.get()]
+    assert all(p.exitcode == 0 for p in procs) and not messages, messages
+
+
+def test_rank_grid_tp_fastest():
+    grid = rank_grid(8, tp=2, pp=2)
+    assert grid.shape == (2, 2, 2)
+    assert grid[0, 0].tolist() == [0, 1]  # a TP group: consecutive ranks, one node
+    assert grid[0, :, 0].tolist() == [0, 2]  # a pipeline
+    assert grid[:, 0, 0].tolist() == [0, 4]  # a DP group
