@@ -56,7 +56,9 @@ BACKENDS = {op: tuple(impls) for op, impls in _IMPLEMENTATIONS.items()}
 _NAMES = {"apex": "NVIDIA apex", "te": "Transformer Engine"}
 
 
-def _triton_problem(device_type: str) -> str | None:
+def triton_problem(device: str | torch.device = "cpu") -> str | None:
+    """Why triton kernels cannot run on `device` here, or None when they can."""
+    device_type = torch.device(device).type
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     interpreter = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -70,7 +72,7 @@ def _problem(backend: str, device_type: str) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
-        return _triton_problem(device_type)
+        return triton_problem(device_type)
     if not external.available(backend):
         return (
             f"{_NAMES[backend]} is not installed (it comes with NVIDIA's PyTorch container; "
@@ -90,7 +92,7 @@ def resolve(op: str, impl: str = "auto", device: str | torch.device = "cpu") -> 
     if impl not in IMPLS:
         raise UserError(f"kernel {op}={impl!r}: unknown implementation; valid: {', '.join(IMPLS)}")
     if impl == "auto":
-        return "triton" if device_type == "cuda" and _triton_problem("cuda") is None else "torch"
+        return "triton" if device_type == "cuda" and triton_problem("cuda") is None else "torch"
     valid = ", ".join(("auto",) + BACKENDS[op])
     if impl not in _IMPLEMENTATIONS[op]:
         raise UserError(f"kernel {op}={impl!r}: {impl} has no {op} here; valid: {valid}")

@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel tests and bench/bench_kernels.py (no pytest dependency)."""
+"""Helpers for the kernel tests, kept in the package so every test module shares them (no pytest dependency)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,12 @@ from collections.abc import Iterator
 
 import torch
 
-from megatronlite.errors import UserError
-from megatronlite.kernels.dispatch import resolve
-
 # per dtype: what one rounding in a different order (or by truncation, as Triton's interpreter
 # converts fp32 to bf16) can change, for values of order one
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
     torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
 }
-
-
-def triton_skip_reason(device: str | torch.device = "cpu") -> str | None:
-    """None when triton kernels can run on `device` here, else why not (for pytest.mark.skipif)."""
-    try:
-        resolve("swiglu", "triton", device)
-    except UserError as e:
-        return str(e)
-    return None
 
 
 @contextlib.contextmanager

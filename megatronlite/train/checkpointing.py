@@ -50,7 +50,7 @@ def save(trainer) -> Path:
     tensors = to_dcp(trainer.state_tensors(True, trainer.optimizer_states()), mesh)
     tensors[_rng_key(mesh.rank)] = torch.get_rng_state()
     store.write_shards(store.temp_dir(root, trainer.step), tensors)
-    _fault_hook("save", trainer.step)
+    fault_hook("save", trainer.step, mesh.rank)
     _barrier()
     final = root / store.step_name(trainer.step)
     if mesh.rank == 0:
@@ -70,12 +70,20 @@ def save(trainer) -> Path:
     return final
 
 
-def _fault_hook(where: str, step: int) -> None:
-    """Fault injection for tests: MEGATRONLITE_FAULT=kill_during_save:STEP kills this process mid-save."""
+def fault_hook(where: str, step: int, rank: int) -> None:
+    """Fault injection for tests: MEGATRONLITE_FAULT=WHERE:STEP[@RANK].
+
+    `save:N` SIGKILLs the process in the middle of saving step N (shards written, nothing
+    committed); `step:N` raises in training step N. Without @RANK every rank is hit.
+    """
     fault = os.environ.get("MEGATRONLITE_FAULT", "")
-    if fault == f"kill_during_{where}:{step}":
+    target, _, only_rank = fault.partition("@")
+    if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank):
+        return
+    if where == "save":
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at {where} {step} on rank {rank}")
 
 
 def resolve_load(trainer) -> Path | None:

@@ -233,6 +233,7 @@ class Trainer:
             for micro_batches in batches:
                 if self.step >= cfg.train.steps:
                     break
+                checkpointing.fault_hook("step", self.step + 1, mesh.rank)
                 loss, norm = self.train_step(micro_batches)
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size

@@ -1,0 +1,60 @@
+"""A dying worker stops the whole job promptly, and the failing rank and its error are named."""
+
+import os
+import subprocess
+import sys
+import time
+
+from helpers import free_port, tiny_overrides
+
+
+def test_worker_failure_names_rank_and_stops_job(tmp_path, corpus):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatronlite",
+        "launch",
+        "configs/demo.yaml",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "--run-dir",
+        str(run),
+    ]
+    for o in tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.timeout_minutes": 5}):
+        cmd += ["--set", o]
+    start = time.monotonic()
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "MEGATRONLITE_FAULT": "step:3@1"}
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "rank 1 failed" in last and "injected fault at step 3 on rank 1" in last, last
+    assert elapsed < 90  # far below the 5-minute collective timeout: nobody waited for it
+
+
+def test_launch_rejects_bad_layout_before_spawning(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatronlite",
+            "launch",
+            "configs/demo.yaml",
+            "--nproc-per-node",
+            "3",
+            "--set",
+            "parallel.tensor=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "megatronlite: error: world size 3 is not divisible by parallel.tensor x parallel.pipeline (2 x 1); "
+        "use a world size that is a multiple of 2"
+    ]
