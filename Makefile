@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/megatronlite train configs/demo.yaml --run-dir runs/demo
-	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 200
+	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 300 --temperature 0.7 --top-k 20
 
 test: install
 	$(PY) -m pytest -q

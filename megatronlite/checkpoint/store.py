@@ -14,12 +14,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from megatronlite.errors import UserError
+
+# DCP warns that it "assumes the intent is to save in a single process" when torch.distributed
+# is not initialized: that is exactly our single-process case
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 FORMAT_VERSION = 1
 META = "meta.json"
