@@ -27,6 +27,8 @@ def _train(args: argparse.Namespace) -> None:
 
     from megatronlite import config
     from megatronlite.parallel.mesh import build_mesh, init_distributed
+    from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+    from megatronlite.train.preemption import Preempted
     from megatronlite.train.trainer import Trainer, write_resolved_config
 
     cfg = config.load(args.config, args.set)
@@ -46,6 +48,10 @@ def _train(args: argparse.Namespace) -> None:
         if rank == 0:
             write_resolved_config(cfg, run_dir)
         Trainer(cfg, run_dir, mesh, device).run()
+    except Preempted as e:
+        if rank == 0:
+            print(f"megatronlite: {e}; resume with checkpoint.load: auto", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

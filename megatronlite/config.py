@@ -321,6 +321,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise UserError(f"llama needs an even head dim for RoPE; hidden_size/num_heads = {m.head_dim}")
     if t.seq_len > m.max_seq_len:
         raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    validate_wandb(cfg.logging.wandb)
     if not cfg.data.sources:
         raise UserError("data.sources is empty; give at least one {path: PREFIX, weight: W}")
     if world_size is not None:
@@ -330,6 +331,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
+
+
+WANDB_KEYS = ("mode", "project", "entity", "group", "name")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def validate_wandb(settings: dict | None) -> None:
+    if settings is None:
+        return
+    for key in settings:
+        if key not in WANDB_KEYS:
+            close = difflib.get_close_matches(str(key), WANDB_KEYS, n=1)
+            hint = f"did you mean 'logging.wandb.{close[0]}'?" if close else f"valid keys: {', '.join(WANDB_KEYS)}"
+            raise UserError(f"unknown config key 'logging.wandb.{key}'; {hint}")
+    if settings.get("mode", "offline") not in WANDB_MODES:
+        raise UserError(f"logging.wandb.mode = {settings['mode']!r}; valid values: {', '.join(WANDB_MODES)}")
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:

@@ -7,7 +7,6 @@ samples, checkpointed tensors), so a resumed run continues bit for bit.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from megatronlite.data.dataset import build_datasets
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.tokenizers import build_tokenizer
 from megatronlite.errors import UserError
-from megatronlite.models.counting import flops_per_token
 from megatronlite.models.init import init_parameters
 from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
@@ -31,7 +29,9 @@ from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
 from megatronlite.train import checkpointing
-from megatronlite.train.metrics import MetricsWriter, console_line, mfu, peak_flops, print_line
+from megatronlite.train.metrics import print_line
+from megatronlite.train.preemption import Preempted, PreemptionWatch
+from megatronlite.train.run_log import RunLog
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -214,12 +214,14 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
+        """Train to `train.steps`, evaluating, logging and checkpointing on the way.
+
+        Raises `Preempted` after saving when a save-and-stop was requested (see preemption.py).
+        """
         cfg, mesh = self.cfg, self.mesh
         checkpointing.maybe_resume(self)
-        writer = MetricsWriter(self.run_dir / "metrics.jsonl") if mesh.is_logging_rank else None
-        peak = peak_flops(self.device)
-        fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        log = RunLog(cfg, self.run_dir, mesh, self.device)
+        watch = PreemptionWatch(self.run_dir, self.device)
         if mesh.rank == 0:
             print_line(
                 f"megatronlite: {cfg.name} on {mesh.world_size} worker(s) "
@@ -227,48 +229,25 @@ class Trainer:
                 f"precision {cfg.train.precision}, optimizer {self.optim_impl}, from step {self.step}"
             )
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
-        start = last_log = time.perf_counter()
-        steps_since_log = 0
+        ckpt = cfg.checkpoint
         try:
-            for micro_batches in batches:
-                if self.step >= cfg.train.steps:
-                    break
+            while self.step < cfg.train.steps:
                 checkpointing.fault_hook("step", self.step + 1, mesh.rank)
-                loss, norm = self.train_step(micro_batches)
+                loss, norm = self.train_step(next(batches))
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size
-                steps_since_log += 1
                 eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
-                eval_loss = self.evaluate() if eval_due else None
-                if self.step % cfg.logging.interval == 0 or eval_due or self.step == cfg.train.steps:
-                    now = time.perf_counter()
-                    tps = steps_since_log * tokens_per_step / (now - last_log)
-                    rec = {
-                        "step": self.step,
-                        "loss": loss,
-                        "lr": lr_at(self.step - 1, cfg.optim, cfg.train.steps),
-                        "grad_norm": norm,
-                        "tokens_per_sec": tps,
-                        "consumed_samples": self.consumed_samples,
-                        "elapsed_s": now - start,
-                        "mfu": mfu(tps / mesh.world_size, fpt, peak),
-                    }
-                    if eval_loss is not None:
-                        rec["eval_loss"] = eval_loss
-                    if writer:
-                        writer.write(rec)
-                        eta = (cfg.train.steps - self.step) * (now - last_log) / steps_since_log
-                        print_line(console_line(rec, cfg.train.steps, eta))
-                    last_log, steps_since_log = now, 0
-                ckpt = cfg.checkpoint
-                if ckpt.save and (
-                    (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
-                ):
+                log.step_done(self.step, loss, norm, self.consumed_samples, self.evaluate() if eval_due else None)
+                stop = watch.requested()
+                due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
+                if ckpt.save and (due or stop):
                     checkpointing.save(self)
+                if stop and self.step < cfg.train.steps:
+                    watch.clear()
+                    raise Preempted(f"saved step {self.step} and stopped on request")
         finally:
             batches.close()
-            if writer:
-                writer.close()
+            log.close()
 
     def resolved_config_yaml(self) -> str:
         import yaml

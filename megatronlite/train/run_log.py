@@ -1,0 +1,61 @@
+"""What a run reports each logged step: metrics.jsonl, the console line, and wandb (logging rank only)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from megatronlite.config import Config
+from megatronlite.models.counting import flops_per_token
+from megatronlite.optim.schedules import lr_at
+from megatronlite.parallel.mesh import Mesh
+from megatronlite.train.metrics import MetricsWriter, console_line, mfu, peak_flops, print_line
+from megatronlite.train.wandb_logger import open_wandb
+
+
+class RunLog:
+    def __init__(self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device) -> None:
+        self.cfg, self.mesh = cfg, mesh
+        self.writer = MetricsWriter(run_dir / "metrics.jsonl") if mesh.is_logging_rank else None
+        self.wandb = open_wandb(cfg.logging.wandb, cfg.to_dict(), run_dir, cfg.name) if self.writer else None
+        self.peak = peak_flops(device)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.start = self.last = time.perf_counter()
+        self.steps_since = 0
+
+    def step_done(self, step: int, loss: float, grad_norm: float, consumed: int, eval_loss: float | None) -> None:
+        """Count a finished step; write a record when one is due (interval, eval, or the last step)."""
+        self.steps_since += 1
+        total = self.cfg.train.steps
+        if step % self.cfg.logging.interval and eval_loss is None and step != total:
+            return
+        now = time.perf_counter()
+        tps = self.steps_since * self.tokens_per_step / (now - self.last)
+        rec = {
+            "step": step,
+            "loss": loss,
+            "lr": lr_at(step - 1, self.cfg.optim, total),
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tps,
+            "consumed_samples": consumed,
+            "elapsed_s": now - self.start,
+            "mfu": mfu(tps / self.mesh.world_size, self.flops_per_token, self.peak),
+        }
+        if eval_loss is not None:
+            rec["eval_loss"] = eval_loss
+        if self.writer:
+            self.writer.write(rec)
+            eta = (total - step) * (now - self.last) / self.steps_since
+            print_line(console_line(rec, total, eta))
+        if self.wandb:
+            self.wandb.log(rec)
+        self.last, self.steps_since = now, 0
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
