@@ -42,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeout: int = 240):
+def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeout: int = 240, env=None):
     """Run `megatronlite launch` (torchrun, gloo) and return the finished process."""
     import subprocess
     import sys
@@ -62,7 +62,7 @@ def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeou
     ]
     for o in overrides:
         cmd += ["--set", o]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def final_weights(run_dir: Path) -> dict:

@@ -11,14 +11,17 @@ next save. Nothing in our files is pickled: tensors go through DCP, the rest is 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from megatronlite.errors import UserError
 
@@ -108,6 +111,59 @@ def _apply_retention(root: Path, keep: int, keep_every: int, newest: str) -> Non
         shutil.rmtree(p, ignore_errors=True)
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP pickles its `.metadata`; load it allowing only the classes that file legitimately holds."""
+
+    TORCH_NAMES = {
+        "Size",
+        "bool",
+        "bfloat16",
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "strided",
+        "contiguous_format",
+        "preserve_format",
+        "channels_last",
+    }
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module == "torch" and name in self.TORCH_NAMES)
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in {"PosixPath", "WindowsPath", "PurePosixPath"})
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "builtins" and name in {"set", "frozenset", "slice", "tuple", "list", "dict"})
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """A DCP reader whose metadata loading cannot run arbitrary code."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            raise UserError(f"checkpoint {self.path}: DCP metadata is missing or unreadable ({e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def find_step_dir(path: str | Path) -> Path:
     """A run directory, its `checkpoints/` directory, or one step directory -> the step directory."""
     path = Path(path)
@@ -148,10 +204,7 @@ def read_meta(step_dir: Path) -> dict:
 
 def stored_shapes(step_dir: Path) -> dict[str, tuple[int, ...]]:
     """The global shape of every tensor stored in a checkpoint."""
-    try:
-        md = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        raise UserError(f"checkpoint {step_dir}: DCP metadata is unreadable ({type(e).__name__}: {e})") from None
+    md = SafeReader(str(step_dir)).read_metadata()
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
 
 
@@ -171,4 +224,4 @@ def check_shapes(step_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:
 
 def read_shards(step_dir: Path, tensors: dict[str, torch.Tensor], process_group=None) -> None:
     """Load stored tensors in place into `tensors` (views of this rank's memory)."""
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(step_dir)), process_group=process_group)
+    dcp.load(tensors, storage_reader=SafeReader(str(step_dir)), process_group=process_group)

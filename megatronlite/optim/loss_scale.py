@@ -24,3 +24,9 @@ class LossScaler:
         if self.good_steps % self.growth_interval == 0:
             self.scale *= 2
         return True
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state(self, state: dict) -> None:
+        self.scale, self.good_steps = state["scale"], state["good_steps"]

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.views import model_pieces, to_dcp
@@ -40,34 +43,91 @@ def _rng_key(rank: int) -> str:
     return f"rng.cpu.rank{rank}"
 
 
-def save(trainer) -> Path:
-    mesh, cfg = trainer.mesh, trainer.cfg
-    root = trainer.run_dir / "checkpoints"
-    if mesh.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        store.prepare(root, trainer.step)
-    _barrier()
-    tensors = to_dcp(trainer.state_tensors(True, trainer.optimizer_states()), mesh)
-    tensors[_rng_key(mesh.rank)] = torch.get_rng_state()
-    store.write_shards(store.temp_dir(root, trainer.step), tensors)
-    fault_hook("save", trainer.step, mesh.rank)
-    _barrier()
-    final = root / store.step_name(trainer.step)
-    if mesh.rank == 0:
-        meta = {
-            "step": trainer.step,
-            "consumed_samples": trainer.consumed_samples,
-            "loss_scale": trainer.scaler.scale if trainer.scaler else None,
-            "layout": {"tensor": mesh.tp, "pipeline": mesh.pp, "data": mesh.dp, "world_size": mesh.world_size},
-            "model": cfg.to_dict()["model"],
-            "versions": versions(),
-        }
-        final = store.commit(
-            root, trainer.step, meta, trainer.resolved_config_yaml(), cfg.checkpoint.keep, cfg.checkpoint.keep_every
+def _meta(trainer) -> dict:
+    mesh = trainer.mesh
+    return {
+        "step": trainer.step,
+        "consumed_samples": trainer.consumed_samples,
+        "loss_scale": trainer.scaler.state() if trainer.scaler else None,
+        "layout": {"tensor": mesh.tp, "pipeline": mesh.pp, "data": mesh.dp, "world_size": mesh.world_size},
+        "model": trainer.cfg.to_dict()["model"],
+        "versions": versions(),
+    }
+
+
+class Checkpointer:
+    """Saves the trainer's state, synchronously or (checkpoint.async) in the background.
+
+    Async: the step blocks while DCP stages the tensors to CPU memory; a writer thread then
+    writes the shards, coordinated over a dedicated gloo group so it never interleaves with
+    training collectives. When every rank's write is done (rank 0's future resolves after
+    DCP's global finish), rank 0 commits. A failed write is reported and commits nothing.
+    """
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.root = trainer.run_dir / "checkpoints"
+        self.is_async = trainer.cfg.checkpoint.async_save
+        self.group = dist.new_group(backend="gloo") if self.is_async and dist.is_initialized() else None
+        self.pending: Future | None = None
+
+    def save(self) -> None:
+        trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
+        self.wait()
+        step = trainer.step
+        if mesh.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            store.prepare(self.root, step)
+        _barrier()
+        start = time.perf_counter()
+        tensors = to_dcp(trainer.state_tensors(True, trainer.optimizer_states()), mesh)
+        tensors[_rng_key(mesh.rank)] = torch.get_rng_state()
+        tmp = store.temp_dir(self.root, step)
+        meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
+
+        def commit() -> None:
+            fault_hook("save", step, mesh.rank)
+            if mesh.rank == 0:
+                final = store.commit(self.root, step, meta, config_yaml, ckpt.keep, ckpt.keep_every)
+                written = time.perf_counter() - start
+                print_line(f"saved checkpoint {final} ({'async, ' if self.is_async else ''}written in {written:.2f} s)")
+
+        if not self.is_async:
+            store.write_shards(tmp, tensors)
+            _barrier()
+            commit()
+            _barrier()
+            return
+        self.pending = dcp.async_save(
+            tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=self.group
         )
-        print_line(f"saved checkpoint {final}")
-    _barrier()
-    return final
+        blocked = time.perf_counter() - start
+        if mesh.rank == 0:
+            print_line(f"checkpoint step {step}: training blocked {blocked:.3f} s while staging; writing in background")
+
+        def finished(future: Future) -> None:
+            error = future.exception()
+            if error is not None:
+                print_line(
+                    f"megatronlite: async checkpoint of step {step} failed on rank {mesh.rank} "
+                    f"({type(error).__name__}: {error}); the previous checkpoint is kept"
+                )
+                return
+            commit()
+
+        self.pending.add_done_callback(finished)
+
+    def wait(self) -> None:
+        """Block until the background save (if any) has finished and been committed."""
+        if self.pending is None:
+            return
+        done = self.pending
+        self.pending = None
+        try:
+            done.result()
+        except Exception:  # noqa: BLE001 - already reported by the callback; training goes on
+            pass
+        _barrier()
 
 
 def fault_hook(where: str, step: int, rank: int) -> None:
@@ -128,7 +188,7 @@ def maybe_resume(trainer) -> None:
     trainer.step = meta["step"]
     trainer.consumed_samples = meta["consumed_samples"]
     if trainer.scaler and meta.get("loss_scale"):
-        trainer.scaler.scale = meta["loss_scale"]
+        trainer.scaler.load_state(meta["loss_scale"])
     if mesh.rank == 0:
         print_line(f"resumed from {step_dir} at step {trainer.step}")
 

@@ -221,6 +221,7 @@ class Trainer:
         cfg, mesh = self.cfg, self.mesh
         checkpointing.maybe_resume(self)
         log = RunLog(cfg, self.run_dir, mesh, self.device)
+        saver = checkpointing.Checkpointer(self)
         watch = PreemptionWatch(self.run_dir, self.device)
         if mesh.rank == 0:
             print_line(
@@ -241,11 +242,12 @@ class Trainer:
                 stop = watch.requested()
                 due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
                 if ckpt.save and (due or stop):
-                    checkpointing.save(self)
+                    saver.save()
                 if stop and self.step < cfg.train.steps:
                     watch.clear()
                     raise Preempted(f"saved step {self.step} and stopped on request")
         finally:
+            saver.wait()
             batches.close()
             log.close()
 

@@ -1,0 +1,168 @@
+"""Checkpoints resume in any layout, exactly; async equals sync; a kill mid-save loses nothing committed."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import launch, read_metrics, tiny_overrides
+
+from megatronlite.checkpoint import store
+
+STEPS = 6
+LAYOUTS = {
+    "1": (1, []),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "tp2": (2, ["parallel.tensor=2"]),
+    "dp2-distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+}
+
+
+def overrides(corpus, run, **extra):
+    sets = {
+        "model.num_layers": 4,
+        "train.steps": STEPS,
+        "train.global_batch_size": 8,
+        "checkpoint.interval": 3,
+        "checkpoint.keep": 5,
+    }
+    return tiny_overrides(corpus, run, **{**sets, **extra})
+
+
+def run_layout(run, corpus, layout, env=None, **extra):
+    nproc, sets = LAYOUTS[layout]
+    done = launch("configs/demo.yaml", run, nproc, overrides(corpus, run, **extra) + sets, env=env)
+    return done
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    done = run_layout(run, corpus, "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_metrics(run)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, corpus):
+    """Step-3 checkpoints written by tp2 x pp2 and by dp2 with the distributed optimizer."""
+    out = {}
+    for layout in ("tp2xpp2", "dp2-distopt"):
+        run = tmp_path_factory.mktemp(f"src-{layout}") / "run"
+        done = run_layout(run, corpus, layout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[layout] = run / "checkpoints" / "step_0000003"
+    return out
+
+
+def resume_from(step_dir, run):
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step_dir, run / "checkpoints" / step_dir.name)
+    (run / "checkpoints" / "latest").write_text(step_dir.name)
+
+
+def assert_continues(metrics, reference, first_step):
+    assert [m["step"] for m in metrics] == list(range(first_step, STEPS + 1))
+    for got, want in zip(metrics, reference[first_step - 1 :]):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5), (got["step"], got["loss"], want["loss"])
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [("tp2xpp2", "1"), ("tp2xpp2", "pp2"), ("tp2xpp2", "tp2"), ("tp2xpp2", "dp2-distopt"), ("dp2-distopt", "tp2")],
+)
+def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):
+    run = tmp_path / "run"
+    resume_from(saved[source], run)
+    done = run_layout(run, corpus, target)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_continues(read_metrics(run), uninterrupted, 4)
+
+
+def all_tensors(step_dir):
+    shapes = store.stored_shapes(step_dir)
+    out = {k: torch.empty(s) for k, s in shapes.items() if not k.startswith("rng.")}
+    store.read_shards(step_dir, out)
+    return out
+
+
+def test_async_save_equals_sync(tmp_path, corpus):
+    states = {}
+    for mode in ("false", "true"):
+        run = tmp_path / mode
+        done = run_layout(run, corpus, "dp2-distopt", **{"checkpoint.async": mode, "train.steps": 3})
+        assert done.returncode == 0, done.stderr[-3000:]
+        if mode == "true":
+            assert "training blocked" in done.stdout and "async, written in" in done.stdout
+        states[mode] = all_tensors(run / "checkpoints" / "step_0000003")
+    assert states["true"].keys() == states["false"].keys()
+    assert any(k.startswith("optim.exp_avg_sq.") for k in states["true"])
+    for key, value in states["false"].items():
+        assert torch.equal(states["true"][key], value), key
+
+
+@pytest.mark.parametrize("is_async", ["false", "true"])
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus, uninterrupted, is_async):
+    run = tmp_path / "run"
+    env = {**os.environ, "MEGATRONLITE_FAULT": "save:6@0"}
+    done = run_layout(run, corpus, "tp2", env=env, **{"checkpoint.async": is_async})
+    assert done.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000003"
+    assert not (ckpts / "step_0000006").exists()
+    assert (ckpts / ".tmp-step_0000006").exists()  # the half-written save, never committed
+    (run / "metrics.jsonl").unlink()
+    done = run_layout(run, corpus, "tp2")  # load: auto
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_continues(read_metrics(run), uninterrupted, 4)
+    assert not (ckpts / ".tmp-step_0000006").exists()
+    assert (ckpts / "latest").read_text() == "step_0000006"
+
+
+def test_keep_every_retains_milestones(tmp_path, corpus):
+    run = tmp_path / "run"
+    done = run_layout(run, corpus, "1", **{"checkpoint.interval": 1, "checkpoint.keep": 2, "checkpoint.keep_every": 2})
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert names == ["step_0000002", "step_0000004", "step_0000005", "step_0000006"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatronlite", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_shape_mismatch_lists_tensors(tmp_path, corpus, saved):
+    run = tmp_path / "run"
+    resume_from(saved["tp2xpp2"], run)
+    sets = overrides(corpus, run, **{"model.hidden_size": 128})
+    done = cli("train", "configs/demo.yaml", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "does not match the model config" in err[0]
+    assert "model.embedding.word.weight is [257, 64], config needs [257, 128]" in err[0]
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, corpus, saved):
+    broken = tmp_path / "broken"
+    shutil.copytree(saved["tp2xpp2"], broken)
+    (broken / ".metadata").write_bytes(b"garbage")
+    for path, message in ((tmp_path / "nope", "does not exist"), (broken, "DCP metadata is missing or unreadable")):
+        run = tmp_path / f"run-{path.name}"
+        sets = overrides(corpus, run, **{"checkpoint.load": str(path)})
+        done = cli("train", "configs/demo.yaml", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)])
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_metadata_never_unpickles_arbitrary_objects(tmp_path, saved):
+    import pickle
+
+    evil = tmp_path / "evil"
+    shutil.copytree(saved["tp2xpp2"], evil)
+    (evil / ".metadata").write_bytes(pickle.dumps(os.system))
+    with pytest.raises(Exception, match="refusing to load"):
+        store.stored_shapes(evil)
