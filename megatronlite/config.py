@@ -84,7 +84,10 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
-    recompute: str = "none"  # none | full
+    recompute: str = "none"  # none | selective (attention core) | full (whole layers)
+    recompute_layers: int = 0  # full: recompute the first N layers of each stage (0: all)
+    kernels: str | dict = "auto"  # one choice for every op, or {op: auto|torch|triton|apex|te}
+    compile: bool = False  # torch.compile each transformer block
     eval_interval: int = 0  # 0: no periodic eval
     eval_iters: int = 4
     threads: int = 0  # CPU intra-op threads, 0: torch's default
@@ -102,7 +105,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0: no clipping
-    impl: str = "auto"  # auto | torch | fused
+    impl: str = "auto"  # auto | torch (foreach) | fused (torch's fused) | triton | apex
+    offload: bool = False  # Adam moments in CPU memory, the step on the CPU (optim/offload.py)
     initial_loss_scale: float = 65536.0  # fp16 only
 
 
@@ -151,9 +155,9 @@ CHOICES = {
     "parallel.pipeline_schedule": ("1f1b", "interleaved", "gpipe"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.recompute": ("none", "full"),
+    "train.recompute": ("none", "selective", "full"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
-    "optim.impl": ("auto", "torch", "fused"),
+    "optim.impl": ("auto", "torch", "fused", "triton", "apex"),
 }
 
 _YAML_NAME = {"async_save": "async"}
@@ -322,6 +326,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if t.seq_len > m.max_seq_len:
         raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     validate_wandb(cfg.logging.wandb)
+    validate_kernels(t.kernels)
     if not cfg.data.sources:
         raise UserError("data.sources is empty; give at least one {path: PREFIX, weight: W}")
     if world_size is not None:
@@ -331,6 +336,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
+
+
+def validate_kernels(choices: str | dict) -> None:
+    from megatronlite.kernels import IMPLS, OPS
+
+    items = choices.items() if isinstance(choices, dict) else [("*", choices)]
+    for op, impl in items:
+        if op != "*" and op not in OPS:
+            raise UserError(f"unknown kernel op 'train.kernels.{op}'; valid ops: {', '.join(OPS)}")
+        if impl not in IMPLS:
+            raise UserError(f"train.kernels{'' if op == '*' else '.' + op} = {impl!r}; valid: {', '.join(IMPLS)}")
 
 
 WANDB_KEYS = ("mode", "project", "entity", "group", "name")

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from helpers import final_weights, launch, read_metrics, tiny_overrides
 
 LAYOUTS = {

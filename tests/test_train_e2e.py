@@ -1,5 +1,6 @@
 """End-to-end: train from the CLI, resume exactly, generate, load_model."""
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,24 @@ def test_mixed_precision_trains(tmp_path, corpus, precision):
     metrics = train(run, tiny_overrides(corpus, run, **{"train.precision": precision, "train.steps": 6}))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "optim.offload=true",
+        "optim.impl=triton",
+        "optim.impl=torch",
+        "train.recompute=selective",
+        "train.kernels={rms_norm: triton, swiglu: triton, rotary: triton}",
+        pytest.param("train.compile=true", marks=pytest.mark.slow),
+    ],
+)
+def test_speed_and_memory_options_keep_the_losses(tmp_path, corpus, option):
+    if "triton" in option and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    base = train(tmp_path / "base", tiny_overrides(corpus, tmp_path / "base", **{"train.steps": 4}))
+    run = tmp_path / "opt"
+    metrics = train(run, tiny_overrides(corpus, run, **{"train.steps": 4}) + [option])
+    for got, want in zip(metrics, base):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), option

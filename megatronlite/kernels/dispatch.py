@@ -129,9 +129,14 @@ def implementation(op: str, impl: str = "auto", device: str | torch.device = "cp
     """The function (or chunk-op table) that runs `op`, imported on first use."""
     key = (op, impl, torch.device(device).type)
     if key not in _LOADED:
-        module, attr = _IMPLEMENTATIONS[op][resolve(*key)].split(":")
-        _LOADED[key] = getattr(importlib.import_module(f"megatronlite.kernels.{module}"), attr)
+        _LOADED[key] = backend_function(op, resolve(*key))
     return _LOADED[key]
+
+
+def backend_function(op: str, backend: str) -> Any:
+    """The function of an already-resolved backend (what a model binds once, so compiled code sees no lookups)."""
+    module, attr = _IMPLEMENTATIONS[op][backend].split(":")
+    return getattr(importlib.import_module(f"megatronlite.kernels.{module}"), attr)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:

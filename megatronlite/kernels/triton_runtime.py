@@ -1,24 +1,15 @@
-"""The one place triton is imported, so its interpreter is switched on first where there is no GPU.
+"""The one place triton is imported (its interpreter switch is set by `megatronlite.kernels`).
 
 Importing `megatronlite.kernels` never imports this module: triton is optional and takes about a
 second to import. The dispatcher imports the `triton_*` kernel modules only when a triton backend
-is chosen, and they import triton from here. On a machine without CUDA, TRITON_INTERPRET=1 is set
-before that (unless the user set it either way), so the same `@triton.jit` kernels run on CPU
-tensors, slowly but faithfully: that is how CI tests them. Triton reads the variable when a kernel
-is decorated, so it only needs to be set before the kernel modules load.
+is chosen, and they import triton from here.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 __all__ = ["grid_size", "num_warps", "tl", "triton"]
 

@@ -11,14 +11,20 @@ parallelism the seq dim is split over TP between the attention and MLP blocks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatronlite import kernels
 from megatronlite.config import ModelConfig
+from megatronlite.kernels import OPS
+from megatronlite.kernels.dispatch import backend_function
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatronlite.parallel.mappings import gather_from_tp
+from megatronlite.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -29,13 +35,18 @@ from megatronlite.parallel.tensor_parallel import (
     column_parallel_linear,
 )
 
+Kernels = Mapping[str, str]  # op -> resolved backend (megatronlite.kernels: torch | triton | apex | te)
+
 
 class Norm(nn.Module):
     """RMSNorm (llama) or LayerNorm (gpt2), computed in fp32 like HF and Megatron."""
 
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, kernels: Kernels) -> None:
         super().__init__()
         self.rms, self.eps = cfg.arch == "llama", cfg.norm_eps
+        self.norm = backend_function(
+            "rms_norm" if self.rms else "layer_norm", kernels["rms_norm" if self.rms else "layer_norm"]
+        )
         h = cfg.hidden_size
         self.weight = _param((h,), ShardSpec((h,), init="ones", sequence_parallel=sequence_parallel))
         self.bias = (
@@ -43,12 +54,9 @@ class Norm(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
         if self.rms:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * x.to(dtype)
-        return F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(dtype)
+            return self.norm(x, self.weight, self.eps)
+        return self.norm(x, self.weight, self.bias, self.eps)
 
 
 def rotary_tables(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +67,6 @@ def rotary_tables(head_dim: int, seq_len: int, theta: float, device: torch.devic
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [batch, heads, seq, head_dim]: x*cos + rotate_half(x)*sin, rotate_half([a, b]) = [-b, a]."""
-    a, b = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Causal self-attention with a fused, GQA-grouped QKV projection.
 
@@ -72,9 +74,10 @@ class Attention(nn.Module):
     (Megatron's layout), so a TP rank's contiguous slice holds whole groups.
     """
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels, selective: bool):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.selective = cfg, selective
+        self.apply_rotary = backend_function("rotary", kernels["rotary"])
         self.groups = cfg.kv_heads // mesh.tp
         self.q_per_group = cfg.num_heads // cfg.kv_heads
         d, bias = cfg.head_dim, cfg.arch == "gpt2"
@@ -93,17 +96,24 @@ class Attention(nn.Module):
         v = qkv[:, :, :, -1].transpose(1, 2)
         if rotary is not None:
             cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+            q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
+        if self.selective and torch.is_grad_enabled():  # keep no s x s activations: recompute them in backward
+            out = checkpoint(self._core, q, k, v, use_reentrant=False)
+        else:
+            out = self._core(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
 
 
 class MLP(nn.Module):
     """SwiGLU with a fused [gate; up] projection (llama) or fc1-GELU-fc2 (gpt2)."""
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels) -> None:
         super().__init__()
         self.gated = cfg.arch == "llama"
+        self.swiglu = backend_function("swiglu", kernels["swiglu"])
         f, h = cfg.ffn_size, cfg.hidden_size
         parts = ("gate", "up") if self.gated else ()
         self.fc1 = ColumnParallelLinear(
@@ -114,20 +124,19 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc1(x)
         if self.gated:
-            gate, up = y.chunk(2, dim=-1)
-            y = F.silu(gate) * up
+            y = self.swiglu(y)
         else:
             y = F.gelu(y, approximate="tanh")
         return self.fc2(y)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels, selective: bool):
         super().__init__()
-        self.attn_norm = Norm(cfg, sequence_parallel)
-        self.attention = Attention(cfg, mesh, sequence_parallel)
-        self.mlp_norm = Norm(cfg, sequence_parallel)
-        self.mlp = MLP(cfg, mesh, sequence_parallel)
+        self.attn_norm = Norm(cfg, sequence_parallel, kernels)
+        self.attention = Attention(cfg, mesh, sequence_parallel, kernels, selective)
+        self.mlp_norm = Norm(cfg, sequence_parallel, kernels)
+        self.mlp = MLP(cfg, mesh, sequence_parallel, kernels)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), rotary)
@@ -152,6 +161,17 @@ class Embedding(nn.Module):
         return x
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage runs, not what it computes: the numbers are the same for every choice here."""
+
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective (the attention core) | full (whole layers)
+    recompute_layers: int = 0  # full: recompute this stage's first N layers (0: all of them)
+    kernels: Kernels = field(default_factory=lambda: dict.fromkeys(OPS, "torch"))  # see trainer.run_options
+    fused_cross_entropy: bool = False  # output layer + loss in token chunks, never the full logits
+
+
 class GPTModel(nn.Module):
     """One pipeline stage (all of the model when there is one stage)."""
 
@@ -162,20 +182,22 @@ class GPTModel(nn.Module):
         layer_ids: list[int] | None = None,
         pre_process: bool = True,
         post_process: bool = True,
-        sequence_parallel: bool = False,
-        recompute: str = "none",
+        options: RunOptions | None = None,
     ) -> None:
         super().__init__()
         mesh = mesh or Mesh()
-        self.cfg, self.mesh, self.recompute = cfg, mesh, recompute
-        self.sequence_parallel = sequence_parallel and mesh.tp > 1
+        options = options or RunOptions()
+        self.cfg, self.mesh, self.options = cfg, mesh, options
+        self.sequence_parallel = sp = options.sequence_parallel and mesh.tp > 1
         self.padded_vocab = cfg.padded_vocab_size(mesh.tp)
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else layer_ids
         self.pre_process, self.post_process = pre_process, post_process
-        sp = self.sequence_parallel
+        selective, k = options.recompute == "selective", options.kernels
         self.embedding = Embedding(cfg, mesh, self.padded_vocab, sp) if pre_process else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp) for i in layer_ids})
-        self.final_norm = Norm(cfg, sp) if post_process else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp, k, selective) for i in layer_ids})
+        n_full = (options.recompute_layers or len(layer_ids)) if options.recompute == "full" else 0
+        self.recomputed = set(list(self.layers)[:n_full])
+        self.final_norm = Norm(cfg, sp, k) if post_process else None
         self.output = None
         if post_process and not (cfg.tied and pre_process):
             self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, mesh, padded=self.padded_vocab)
@@ -199,25 +221,39 @@ class GPTModel(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, gather_logits: bool = True) -> torch.Tensor:
         """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
 
-        The last stage returns per-token losses [b, s] when given labels (the vocabulary stays
-        sharded), else logits over the real (unpadded) vocabulary, gathered over TP, or with
+        The last stage returns the mean loss when given labels (the vocabulary stays sharded),
+        else logits over the real (unpadded) vocabulary, gathered over TP, or with
         `gather_logits=False` this rank's padded vocabulary shard (what the pipeline's loss takes).
         """
         if self.pre_process:
             x = self.embedding(x)
         seq_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel else 1)
         rotary = self.rotary(seq_len, x.device)
-        for layer in self.layers.values():
-            if self.recompute == "full" and torch.is_grad_enabled():
+        for name, layer in self.layers.items():
+            if name in self.recomputed and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rotary, use_reentrant=False)
             else:
                 x = layer(x, rotary)
         if not self.post_process:
             return x
         x = self.final_norm(x)
+        if labels is not None and self.options.fused_cross_entropy:
+            x = (
+                gather_from_sp(x, 1, self.mesh.tp_group)
+                if self.sequence_parallel
+                else copy_to_tp(x, self.mesh.tp_group)
+            )
+            return kernels.linear_cross_entropy(
+                x,
+                self.output_weight(),
+                labels,
+                self.cfg.vocab_size,
+                self.mesh.tp_group,
+                self.options.kernels["linear_cross_entropy"],
+            )
         logits = column_parallel_linear(x, self.output_weight(), None, self.mesh, self.sequence_parallel)
         if labels is not None:
-            return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh)
+            return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh).mean()
         if not gather_logits:
             return logits
         if self.mesh.tp > 1:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from megatronlite.config import Config
-from megatronlite.models.gpt import GPTModel
+from megatronlite.models.gpt import GPTModel, RunOptions
 from megatronlite.parallel.mesh import Mesh
 
 
@@ -32,7 +32,7 @@ def stage_layers(cfg: Config) -> list[list[int]]:
     return out
 
 
-def build_stages(cfg: Config, mesh: Mesh) -> list[tuple[int, GPTModel]]:
+def build_stages(cfg: Config, mesh: Mesh, options: RunOptions) -> list[tuple[int, GPTModel]]:
     """This rank's (stage index, stage model) pairs."""
     layers = stage_layers(cfg)
     n_stages = len(layers)
@@ -44,8 +44,7 @@ def build_stages(cfg: Config, mesh: Mesh) -> list[tuple[int, GPTModel]]:
             layer_ids=layers[stage_index],
             pre_process=stage_index == 0,
             post_process=stage_index == n_stages - 1,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            recompute=cfg.train.recompute,
+            options=options,
         )
         out.append((stage_index, model))
     return out

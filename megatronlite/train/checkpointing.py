@@ -26,6 +26,9 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     fused = optimizer.defaults.get("fused")
     for group in optimizer.param_groups:
         for p in group["params"]:
+            if hasattr(optimizer, "init_state"):  # optimizers that keep their state elsewhere (CPU offload)
+                optimizer.init_state(p)
+                continue
             state = optimizer.state[p]
             if not state:
                 step_device = p.device if fused else torch.device("cpu")

@@ -13,12 +13,14 @@ import torch
 import torch.distributed as dist
 
 from megatronlite import config as config_mod
+from megatronlite import kernels
 from megatronlite.checkpoint.views import GlobalPiece, model_pieces, pieces_of
 from megatronlite.config import Config
 from megatronlite.data.dataset import build_datasets
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.tokenizers import build_tokenizer
 from megatronlite.errors import UserError
+from megatronlite.models.gpt import RunOptions
 from megatronlite.models.init import init_parameters
 from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
@@ -36,6 +38,22 @@ from megatronlite.train.run_log import RunLog
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def run_options(cfg: Config, device: torch.device) -> RunOptions:
+    """Kernels (resolved now, so a missing backend fails before training), recompute, SP."""
+    choices = cfg.train.kernels
+    resolved = kernels.resolve_all(choices, device)
+    resolved["adamw"] = cfg.optim.impl if cfg.optim.impl in ("triton", "apex") else "torch"  # optim.impl decides
+    named = choices.get("linear_cross_entropy", "auto") if isinstance(choices, dict) else choices
+    return RunOptions(
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        recompute=cfg.train.recompute,
+        recompute_layers=cfg.train.recompute_layers,
+        kernels=resolved,
+        # auto takes the chunked loss only where it is the fast path (triton); naming a backend takes it anyway
+        fused_cross_entropy=resolved["linear_cross_entropy"] == "triton" or named != "auto",
+    )
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device) -> None:
         self.cfg, self.run_dir, self.mesh, self.device = cfg, run_dir, mesh, device
@@ -43,17 +61,21 @@ class Trainer:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * mesh.dp)
-        self.stages = build_stages(cfg, mesh)
+        self.options = run_options(cfg, device)
+        self.stages = build_stages(cfg, mesh, self.options)
         self.params: dict[str, torch.nn.Parameter] = {}
         for _, model in self.stages:
             model.to(device)
             init_parameters(model, cfg.model, t.seed, mesh.tp_rank, mesh.tp)
             self.params.update(model.named_parameters())
+            if t.compile:
+                for block in model.layers.values():
+                    block.compile()
         self.late_sync = self._late_sync_params()
         self.dp = DataParallel(
             self.params, mesh, self.num_micro, p.distributed_optimizer, p.bucket_mb, set(self.late_sync)
         )
-        self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim)
+        self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
         self.scaler = LossScaler(cfg.optim.initial_loss_scale) if t.precision == "fp16" else None
         self.pipeline = None
         if mesh.pp > 1:
@@ -118,7 +140,7 @@ class Trainer:
 
     def _micro_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.stages[0][1](tokens[:, :-1], tokens[:, 1:]).mean()
+            return self.stages[0][1](tokens[:, :-1], tokens[:, 1:])
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch, pre-divided for accumulation (and scaled for fp16)."""
@@ -229,6 +251,7 @@ class Trainer:
                 f"(tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}), device {self.device}, "
                 f"precision {cfg.train.precision}, optimizer {self.optim_impl}, from step {self.step}"
             )
+            print_line(kernels.summary(self.options.kernels, self.device))
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
         ckpt = cfg.checkpoint
         try:
