@@ -1,0 +1,166 @@
+"""Bytes each collective kind moves in one training step, counted by wrapping torch.distributed.
+
+    python bench/collective_bytes.py [--config configs/demo.yaml] [--markdown bench/results/collective_bytes.md]
+
+Runs the demo model for tp2, pp2 and dp2 (2 gloo processes each, through torchrun), counts the
+payload of every call (the tensor passed in; for all_gather / reduce_scatter the per-rank
+input, not the algorithm's wire traffic) in the second step on rank 0, and prints it next to
+the analytic expectation derived from the model shape:
+
+- tp2: per micro-batch, forward all-reduces the embedding output and each layer's attention and
+  MLP output ([b, s, h] each: 2L + 1), backward all-reduces the gradient of every column-parallel
+  input (QKV, fc1 per layer, the output layer: 2L + 1); the vocab-parallel loss all-reduces 3
+  scalars per token (max, target logit, sum of exponentials).
+- pp2: per micro-batch, the activation [b, s, h] goes forward and its gradient back.
+- dp2: every gradient once per step (all-reduce of the gradient buckets).
+Every layout adds a few scalars per step (loss, grad norm, the save-and-stop flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+LAYOUTS = {"tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"], "dp2": []}
+KINDS = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def install_counters(counts: dict, active: list) -> None:
+    """Wrap every collective and point-to-point call so its payload is added to counts[kind].
+
+    batch_isend_irecv calls isend / irecv for each op, so pipeline traffic is counted there."""
+    for kind in KINDS:
+        original = getattr(dist, kind)
+
+        @functools.wraps(original)
+        def wrapper(*args, _original=original, _kind=kind, **kwargs):
+            if active[0]:
+                counts[_kind] += _nbytes(args[1] if _kind.startswith(("all_gather", "reduce_scatter")) else args[0])
+            return _original(*args, **kwargs)
+
+        setattr(dist, kind, wrapper)
+        setattr(c10d, kind, wrapper)  # P2POp checks its op against c10d's own isend / irecv
+
+
+def worker(config: str, sets: list[str]) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    active = [False]
+    install_counters(counts, active)
+    from megatronlite import config as config_mod
+    from megatronlite.parallel.mesh import build_mesh, init_distributed
+    from megatronlite.train.trainer import Trainer
+
+    cfg = config_mod.load(config, sets + ["checkpoint.save=false", "train.device=cpu"])
+    world, rank, _ = init_distributed("cpu", 5)
+    trainer = Trainer(
+        cfg, __import__("pathlib").Path("/tmp/collective-bytes"), build_mesh(cfg, world, rank), torch.device("cpu")
+    )
+    loader = iter(trainer._loader(trainer.train_ds, 0))
+    trainer.train_step(next(loader))  # warm-up: pipeline shape inference happens here
+    active[0] = True
+    trainer.train_step(next(loader))
+    active[0] = False
+    loader.close()
+    if rank == 0:
+        print("COUNTS " + json.dumps(dict(counts)))
+    dist.destroy_process_group()
+
+
+def expected(cfg, layout: str) -> dict[str, int]:
+    m, t = cfg.model, cfg.train
+    n_micro = t.global_batch_size // t.micro_batch_size // (2 if layout == "dp2" else 1)
+    act = t.micro_batch_size * t.seq_len * m.hidden_size * 4
+    if layout == "tp2":
+        per_micro = 2 * (2 * m.num_layers + 1) * act + 3 * t.micro_batch_size * t.seq_len * 4
+        return {"all_reduce": n_micro * per_micro}
+    if layout == "pp2":
+        return {"isend": n_micro * act, "irecv": n_micro * act}
+    from megatronlite.models.counting import parameter_count
+
+    padded = (m.padded_vocab_size() - m.vocab_size) * m.hidden_size * (1 if m.tied else 2)
+    return {"all_reduce": (parameter_count(m) + padded) * 4}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--layout", help=argparse.SUPPRESS)
+    ap.add_argument("--markdown")
+    args = ap.parse_args()
+    if args.layout:
+        worker(args.config, LAYOUTS[args.layout])
+        return
+    from megatronlite import config as config_mod
+
+    lines = [
+        f"## Bytes per collective kind, one step of {args.config}, {datetime.date.today()}",
+        "",
+        "- command: `python bench/collective_bytes.py`",
+        "",
+        "| layout | kind | counted (rank 0) | expected |",
+        "|---|---|---|---|",
+    ]
+    for layout, sets in LAYOUTS.items():
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node=2",
+                f"--master-port={29500 + os.getpid() % 500}",
+                __file__,
+                "--config",
+                args.config,
+                "--layout",
+                layout,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        if out.returncode:
+            sys.exit(f"{layout} failed:\n{out.stderr[-3000:]}")
+        out = out.stdout
+        counts = json.loads(next(line for line in out.splitlines() if line.startswith("COUNTS "))[7:])
+        cfg = config_mod.load(args.config, sets)
+        exp = expected(cfg, layout)
+        for kind, value in sorted(counts.items()):
+            lines.append(f"| {layout} | {kind} | {value:,} | {exp.get(kind, 0):,} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
