@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from megatronlite.checkpoint import store
+from megatronlite.checkpoint.staging import AlreadyStaged, PieceStager
 from megatronlite.checkpoint.views import model_pieces, to_dcp
 from megatronlite.errors import UserError
 from megatronlite.train.metrics import print_line
@@ -73,6 +74,8 @@ class Checkpointer:
         self.is_async = trainer.cfg.checkpoint.async_save
         self.group = dist.new_group(backend="gloo") if self.is_async and dist.is_initialized() else None
         self.pending: Future | None = None
+        # one stager for the whole run: it keeps its CPU buffers, so later saves only copy into them
+        self.stager = PieceStager(pin_memory=trainer.device.type == "cuda") if self.is_async else None
 
     def save(self) -> None:
         trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
@@ -83,7 +86,8 @@ class Checkpointer:
             store.prepare(self.root, step)
         _barrier()
         start = time.perf_counter()
-        tensors = to_dcp(trainer.state_tensors(True, trainer.optimizer_states()), mesh)
+        pieces = trainer.state_tensors(True, trainer.optimizer_states())
+        tensors = to_dcp(self.stager.stage(pieces) if self.is_async else pieces, mesh)
         tensors[_rng_key(mesh.rank)] = torch.get_rng_state()
         tmp = store.temp_dir(self.root, step)
         meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
@@ -102,7 +106,10 @@ class Checkpointer:
             _barrier()
             return
         self.pending = dcp.async_save(
-            tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=self.group
+            tensors,
+            storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+            process_group=self.group,
+            async_stager=AlreadyStaged(),
         )
         blocked = time.perf_counter() - start
         if mesh.rank == 0:
