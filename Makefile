@@ -23,13 +23,13 @@ demo: install
 	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 300 --temperature 0.7 --top-k 20
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) bench/bench_train_cpu.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs .cache
