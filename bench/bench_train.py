@@ -227,7 +227,8 @@ def main() -> None:
         util_text = "n/a" if util is None else f"{100 * util:.1f}%"
         mem_text = f"{memory[name]:.1f}" if name in memory else "n/a"
         rounds = ", ".join(f"{x:,.0f}" for x in values)
-        lines.append(f"| {name} | {med:,.0f} ({med / base:.2f}x of megatronlite) | {rounds} | {util_text} | {mem_text} |")
+        ratio = f"{med / base:.2f}x of megatronlite"
+        lines.append(f"| {name} | {med:,.0f} ({ratio}) | {rounds} | {util_text} | {mem_text} |")
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} | | | |")
     text = "\n".join(lines) + "\n"
