@@ -152,7 +152,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("llama", "gpt2"),
-    "parallel.pipeline_schedule": ("1f1b", "interleaved", "gpipe"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved", "gpipe", "zero_bubble"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.recompute": ("none", "selective", "full"),
@@ -395,7 +395,7 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline} = {stages} stages), "
             f"or set parallel.pipeline_layers"
         )
-    if p.virtual_pipeline > 1 and p.pipeline_schedule != "interleaved":
+    if p.virtual_pipeline > 1 and p.pipeline_schedule not in ("interleaved", "zero_bubble"):
         raise UserError(
             f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline_schedule: interleaved"
         )
@@ -405,7 +405,7 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     n_micro = (
         t.global_batch_size // (t.micro_batch_size * dp) if t.global_batch_size % (t.micro_batch_size * dp) == 0 else 0
     )
-    if p.pipeline_schedule == "interleaved" and p.pipeline > 1 and n_micro % p.pipeline:
+    if p.pipeline_schedule in ("interleaved", "zero_bubble") and p.pipeline > 1 and n_micro % p.pipeline:
         raise UserError(
             f"the interleaved schedule needs micro-batches per step ({n_micro}) divisible by parallel.pipeline "
             f"({p.pipeline}); change train.global_batch_size"

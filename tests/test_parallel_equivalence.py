@@ -16,6 +16,10 @@ LAYOUTS = {
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=interleaved"],
     ),
     "dp2-distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "pp2xdp2-zero-bubble": (
+        4,
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zero_bubble"],
+    ),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2xdp2": (4, ["parallel.tensor=2"]),
     "pp2xdp2": (4, ["parallel.pipeline=2"]),

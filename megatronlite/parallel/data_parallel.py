@@ -132,10 +132,15 @@ class DataParallel:
             bucket.handle = dist.all_reduce(bucket.grad_buf, group=self.mesh.dp_group, async_op=True)
 
     def finish(self, pre_reduce_late) -> None:
-        """Wait for every bucket; sum the late gradients over their other groups, then reduce them."""
+        """Wait for every bucket; sum the late gradients over their other groups, then reduce them.
+
+        A bucket whose hooks did not all fire (a schedule that computes weight gradients outside
+        autograd's accumulation, like zero-bubble's split backward) is reduced here instead.
+        """
         for bucket in self.buckets:
             if bucket.late:
                 pre_reduce_late()
+            if bucket.handle is None:
                 self._launch(bucket)
             if bucket.handle is not None:
                 bucket.handle.wait()

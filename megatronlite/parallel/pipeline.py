@@ -13,7 +13,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
 
 from megatronlite.config import Config
 from megatronlite.models.gpt import GPTModel, RunOptions
@@ -85,6 +91,8 @@ class PipelineRunner:
         # and the DP hooks may be reducing gradients while the schedule finishes
         if schedule == "interleaved":
             self.schedule = ScheduleInterleaved1F1B(pipe_stages, n_micro, loss_fn=loss_fn, scale_grads=False)
+        elif schedule == "zero_bubble":
+            self.schedule = ScheduleInterleavedZeroBubble(pipe_stages, n_micro, loss_fn=loss_fn, scale_grads=False)
         else:
             cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(pipe_stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
