@@ -43,17 +43,32 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rng_key(rank: int) -> str:
-    return f"rng.cpu.rank{rank}"
+def rng_states(device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's generator states (CPU, and the GPU's when training on one), keyed per rank."""
+    out = {f"rng.cpu.rank{rank}": torch.get_rng_state()}
+    if device.type == "cuda":
+        out[f"rng.cuda.rank{rank}"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def layout_of(trainer) -> dict:
+    """What must match for RNG states to be restored rather than re-derived."""
+    mesh = trainer.mesh
+    return {
+        "tensor": mesh.tp,
+        "pipeline": mesh.pp,
+        "data": mesh.dp,
+        "world_size": mesh.world_size,
+        "device": trainer.device.type,
+    }
 
 
 def _meta(trainer) -> dict:
-    mesh = trainer.mesh
     return {
         "step": trainer.step,
         "consumed_samples": trainer.consumed_samples,
         "loss_scale": trainer.scaler.state() if trainer.scaler else None,
-        "layout": {"tensor": mesh.tp, "pipeline": mesh.pp, "data": mesh.dp, "world_size": mesh.world_size},
+        "layout": layout_of(trainer),
         "model": trainer.cfg.to_dict()["model"],
         "versions": versions(),
     }
@@ -88,7 +103,7 @@ class Checkpointer:
         start = time.perf_counter()
         pieces = trainer.state_tensors(True, trainer.optimizer_states())
         tensors = to_dcp(self.stager.stage(pieces) if self.is_async else pieces, mesh)
-        tensors[_rng_key(mesh.rank)] = torch.get_rng_state()
+        tensors.update(rng_states(trainer.device, mesh.rank))
         tmp = store.temp_dir(self.root, step)
         meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
 
@@ -181,15 +196,16 @@ def maybe_resume(trainer) -> None:
     store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
     tensors = to_dcp(pieces, trainer.mesh)
     mesh = trainer.mesh
-    layout = {"tensor": mesh.tp, "pipeline": mesh.pp, "data": mesh.dp, "world_size": mesh.world_size}
-    same_layout = meta.get("layout") == layout
-    rng = torch.get_rng_state()
+    same_layout = meta.get("layout") == layout_of(trainer)
+    rng = rng_states(trainer.device, mesh.rank)
     if same_layout:
-        tensors[_rng_key(mesh.rank)] = rng
+        tensors.update(rng)
     store.read_shards(step_dir, tensors)
     trainer.restore_optimizer_states(optimizer_states)
     if same_layout:
-        torch.set_rng_state(rng)
+        torch.set_rng_state(rng[f"rng.cpu.rank{mesh.rank}"])
+        if trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(rng[f"rng.cuda.rank{mesh.rank}"], trainer.device)
     else:  # re-derived deterministically from the seed and step
         torch.manual_seed(trainer.cfg.train.seed + meta["step"])
     for group in trainer.optimizer.param_groups:
