@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.set_defaults(func=torchrun.main)
 
+    from megatronlite.launcher import slurm, sweep
+
+    p = sub.add_parser("submit", help="submit a run to Slurm (an sbatch script from a template in launch/)")
+    slurm.add_arguments(p)
+    _add_train_options(p)
+    p.set_defaults(func=slurm.main)
+
+    p = sub.add_parser("sweep", help="run a hyperparameter sweep locally or as a Slurm job array")
+    sweep.add_arguments(p)
+    p.set_defaults(func=sweep.main)
+
     from megatronlite.data import preprocess, tokenizer_train
 
     p = sub.add_parser("preprocess", help="tokenize .jsonl/.txt(.gz/.zst) into Megatron .bin/.idx")
@@ -99,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_train.add_arguments(tp)
     tp.set_defaults(func=tokenizer_train.main)
 
+    from megatronlite.data import run as run_data
+
+    p = sub.add_parser("data", help="prepare a run's data ahead of training")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dp = dsub.add_parser("prebuild", help="build the token and sample-index caches that `train CONFIG` reads")
+    run_data.add_arguments(dp)
+    dp.set_defaults(func=run_data.main)
+
     p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory or one step directory")
     p.add_argument("--prompt", required=True)
@@ -107,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    from megatronlite.convert import cli as convert_cli
+
+    p = sub.add_parser("convert", help="convert a checkpoint: mlite, hf, megatron, torch (both ways)")
+    convert_cli.add_arguments(p)
+    p.set_defaults(func=convert_cli.main)
     return parser
 
 

@@ -1,8 +1,13 @@
 """GPT samples: seq_len+1 tokens overlapping by one, megatron-core's sample index, blending, caching, errors."""
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
+from megatronlite.data import cache
+from megatronlite.data.blending import normalize, source_sizes
 from megatronlite.data.dataset import build_datasets, sample_index, split_bounds
 from megatronlite.data.indexed import IndexedDataset, IndexedWriter
 from megatronlite.data.tokenizers import build_tokenizer
@@ -98,6 +103,44 @@ def test_blending_follows_the_weights_deterministically(tmp_path):
     for i in (0, 1, 2, 3, 199, 399):
         np.testing.assert_array_equal(train[i], again[i])
         np.testing.assert_array_equal(train[i], train.datasets[train.source[i]][train.sample[i]])
+
+
+def test_blend_source_sizes_match_megatron_core():
+    from megatron.core.datasets.blended_megatron_dataset_builder import _get_size_per_split_per_dataset
+
+    weights = [3, 1, 0.5]
+    sizes = [1, 400, 12345]
+    theirs = _get_size_per_split_per_dataset(list(normalize(weights)), sizes, surplus=0.005)
+    assert [[source_sizes(weights, size)[k] for size in sizes] for k in range(3)] == theirs
+
+
+def test_concurrent_builders_build_once_and_the_others_wait(tmp_path):
+    """Ranks starting together: one takes the lock and builds, the rest wait and then read its files."""
+    sources = [{"path": corpus(tmp_path / "c")}]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: build(tmp_path, sources), range(4)))
+    assert sum(train.built for train, _ in results) == 1 and sum(valid.built for _, valid in results) == 1
+    for train, _ in results[1:]:
+        np.testing.assert_array_equal(train.shuffle_index, results[0][0].shuffle_index)
+
+    calls, out = [], tmp_path / "slow.npy"
+
+    def slow() -> None:
+        calls.append(1)
+        time.sleep(0.2)  # long enough for every other caller to reach the lock
+        cache.save_npy(out, np.arange(3))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert sorted(pool.map(lambda _: cache.build_once([out], slow), range(3))) == [False, False, True]
+    assert len(calls) == 1
+
+
+def test_a_corpus_of_empty_documents_is_a_user_error(tmp_path):
+    with IndexedWriter(tmp_path / "e") as w:
+        for _ in range(5):
+            w.add_document(np.array([], dtype=np.int64))
+    with pytest.raises(UserError, match=r"e: documents 0\.\.3 are all empty"):
+        build(tmp_path, [{"path": str(tmp_path / "e")}], split="80,20")
 
 
 def test_split_bounds():

@@ -85,8 +85,10 @@ def _corrupt_idx(prefix, offset, data):
         (lambda p: _corrupt_idx(p, 0, b"NOTMEGA"), r"c\.idx: .*bad magic"),
         (lambda p: _corrupt_idx(p, 9, struct.pack("<Q", 2)), r"c\.idx: index version 2"),
         (lambda p: paths(p)[0].write_bytes(paths(p)[0].read_bytes()[:-2]), r"c\.bin: .*truncated"),
+        (lambda p: paths(p)[1].write_bytes(paths(p)[1].read_bytes()[:-8]), r"c\.idx: truncated"),
+        (lambda p: _corrupt_idx(p, 17, b"\x09"), r"c\.idx: unknown dtype code 9"),
     ],
-    ids=["missing-bin", "missing-idx", "magic", "version", "truncated-bin"],
+    ids=["missing-bin", "missing-idx", "magic", "version", "truncated-bin", "truncated-idx", "dtype-code"],
 )
 def test_corrupt_files_name_the_file(tmp_path, corrupt, message):
     prefix = write(tmp_path / "c")

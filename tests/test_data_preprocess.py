@@ -9,6 +9,7 @@ import pytest
 import zstandard
 
 from megatronlite.data import preprocess as pre
+from megatronlite.data import readers
 from megatronlite.data.indexed import IndexedDataset, paths
 from megatronlite.errors import UserError
 
@@ -17,6 +18,17 @@ DOCS = [f"document {i}: " + "é∑ text " * (i % 7) for i in range(300)]
 
 def jsonl(docs, key="text"):
     return "".join(json.dumps({key: d, "id": i}) + "\n" for i, d in enumerate(docs))
+
+
+def write_compressed(path, text):
+    """`text` into PATH, compressed as its suffix (.gz, .zst) says, or plain."""
+    data = text.encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return str(path)
 
 
 def read_all(prefix):
@@ -45,15 +57,55 @@ def test_globs_are_sorted_and_append_eod(tmp_path):
     assert [ds.get(i).tolist() for i in range(2)] == [list(b"doc1") + [256], list(b"doc2") + [256]]
 
 
-def test_output_bytes_do_not_depend_on_workers(tmp_path):
-    (tmp_path / "in.jsonl").write_text(jsonl(DOCS))
+def test_output_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 500)  # many chunks per file, planned in this process
+    inputs = [
+        write_compressed(tmp_path / "a.jsonl", jsonl(DOCS[:150])),
+        str(tmp_path / "b.txt"),
+        write_compressed(tmp_path / "c.jsonl.zst", jsonl(DOCS[150:])),
+    ]
+    (tmp_path / "b.txt").write_text("a text file\r\nis one document")
     outputs = []
     for workers in (1, 2):
-        [prefix] = pre.preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / f"w{workers}"), workers=workers,
+        prefixes = pre.preprocess(inputs, str(tmp_path / f"w{workers}"), workers=workers, split_into=3,
                                   append_eod=True, progress=False)
-        outputs.append([p.read_bytes() for p in paths(prefix)])
+        outputs.append([p.read_bytes() for prefix in prefixes for p in paths(prefix)])
     assert outputs[0] == outputs[1]
+    [prefix] = pre.preprocess(inputs, str(tmp_path / "one"), append_eod=True, progress=False)
+    whole, second = IndexedDataset(prefix), IndexedDataset(f"{tmp_path}/w2_00001")
+    assert whole.num_documents == 301 and second.num_documents == 100
+    assert all(np.array_equal(second.get(k), whole.get(3 * k + 1)) for k in range(100))
+    assert bytes(whole.get(150)[:-1].astype(np.uint8)) == b"a text file\r\nis one document"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.jsonl.gz", "in.jsonl.zst"])
+def test_chunks_keep_every_document_and_the_line_numbers(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 100)
+    path = write_compressed(tmp_path / name, jsonl(DOCS) + "\n" + '{"text": 1}\n')
+    assert len(list(readers.plan_chunks([tmp_path / name]))) > 10
+    with pytest.raises(UserError, match=rf"{name}:302: 'text' is int"):
+        list(readers.iter_documents([path]))
+    special = "a JSON line ends only at \\n, not at \u2028 or \x85"
+    write_compressed(tmp_path / name, jsonl(DOCS[:200]) + json.dumps({"text": special}, ensure_ascii=False) + "\r\n")
+    assert list(readers.iter_documents([path])) == DOCS[:200] + [special]
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.jsonl.gz"])
+def test_invalid_utf8_names_file_and_line(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 100)
+    data = (jsonl(DOCS[:50]) + '{"text": "x"}\n').encode().replace(b'"x"', b'"\xff"')
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(UserError, match=rf"{name}:51: not UTF-8 text"):
+        pre.preprocess([str(tmp_path / name)], str(tmp_path / "out"), progress=False)
+
+
+def test_corrupt_compressed_input(tmp_path):
+    (tmp_path / "in.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "t.txt.zst").write_bytes(b"not zstd either")
+    for name in ("in.jsonl.gz", "t.txt.zst"):
+        with pytest.raises(UserError, match=rf"{name}: unreadable"):
+            pre.preprocess([str(tmp_path / name)], str(tmp_path / "out"), progress=False)
 
 
 def test_split_into_round_robin(tmp_path):
@@ -75,19 +127,20 @@ def test_cli_main_and_progress(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "content, message, workers",
     [
-        ('{"text": "ok"}\n{"text": oops}\n', r"in\.jsonl:2: not valid JSON"),
-        ('{"text": "ok"}\n\n{"body": "x"}\n', r"in\.jsonl:3: no key 'text' \(found: body\)"),
-        ('{"text": 5}\n', r"in\.jsonl:1: 'text' is int"),
-        ("", r"0 documents"),
+        ('{"text": "ok"}\n{"text": oops}\n', r"in\.jsonl:2: not valid JSON", 1),
+        ('{"text": "ok"}\n\n{"body": "x"}\n', r"in\.jsonl:3: no key 'text' \(found: body\)", 1),
+        ('{"text": "ok"}\n\n{"body": "x"}\n', r"in\.jsonl:3: no key 'text' \(found: body\)", 2),
+        ('{"text": 5}\n', r"in\.jsonl:1: 'text' is int", 1),
+        ("", r"0 documents", 1),
     ],
-    ids=["bad-json", "missing-key", "not-a-string", "empty"],
+    ids=["bad-json", "missing-key", "missing-key-in-a-worker", "not-a-string", "empty"],
 )
-def test_bad_input_names_file_and_line(tmp_path, content, message):
+def test_bad_input_names_file_and_line(tmp_path, content, message, workers):
     (tmp_path / "in.jsonl").write_text(content)
     with pytest.raises(UserError, match=message):
-        pre.preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), progress=False)
+        pre.preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), workers=workers, progress=False)
     assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
 
 

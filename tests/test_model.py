@@ -5,8 +5,8 @@ import torch
 
 from megatronlite import config
 from megatronlite.config import ModelConfig
-from megatronlite.models.counting import flops_per_token, parameter_count
 from megatronlite.kernels import apply_rotary
+from megatronlite.models.counting import flops_per_token, parameter_count
 from megatronlite.models.gpt import GPTModel, RunOptions, rotary_tables
 from megatronlite.models.init import init_parameters
 

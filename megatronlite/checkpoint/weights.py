@@ -8,15 +8,25 @@ optimizer. Names are the global names of `megatronlite.checkpoint.views` (fused 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+import io
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.views import model_pieces
 from megatronlite.config import Config
+from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.version import versions
@@ -45,7 +55,7 @@ def read_tensors(step_dir: Path, names: Iterable[str]) -> Iterator[tuple[str, to
 def write_checkpoint(run_dir: Path, cfg: Config, tensors: Iterable[tuple[str, torch.Tensor]], step: int = 0) -> Path:
     """Write a weights-only checkpoint `run_dir/checkpoints/step_N` plus `run_dir/config.yaml`.
 
-    Every expected tensor must be given with its exact shape; DCP writes them in one call.
+    Every expected tensor must be given with its exact shape.
     """
     expected = expected_shapes(cfg)
     got = {}
@@ -54,14 +64,28 @@ def write_checkpoint(run_dir: Path, cfg: Config, tensors: Iterable[tuple[str, to
             raise ValueError(f"unexpected tensor {name}")
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
-        got[f"model.{name}"] = t.detach().float().contiguous()
-    missing = sorted(set(expected) - {k.removeprefix("model.") for k in got})
+        got[name] = t
+    missing = sorted(set(expected) - set(got))
     if missing:
         raise ValueError(f"missing tensors: {', '.join(missing[:5])}")
+    return write_checkpoint_lazily(run_dir, cfg, got.__getitem__, step)
+
+
+def write_checkpoint_lazily(run_dir: Path, cfg: Config, load: Callable[[str], torch.Tensor], step: int = 0) -> Path:
+    """`write_checkpoint`, asking `load(name)` for each tensor only when DCP writes it.
+
+    DCP's FileSystemWriter (read in torch 2.13) keeps a reference to every tensor it has written until
+    the file is closed, and there is one file: to hold one tensor in memory at a time, `load` should
+    return file-backed tensors (see megatronlite.convert.staging).
+    """
+    chunks = [
+        LazyChunk(f"model.{name}", shape, (0,) * len(shape), shape, torch.float32, functools.partial(load, name))
+        for name, shape in expected_shapes(cfg).items()
+    ]
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = store.prepare(root, step)
-    store.write_shards(tmp, got)
+    save_chunks(tmp, chunks)
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     (run_dir / "config.yaml").write_text(config_yaml)
     meta = {
@@ -73,3 +97,98 @@ def write_checkpoint(run_dir: Path, cfg: Config, tensors: Iterable[tuple[str, to
         "versions": versions(),
     }
     return store.commit(root, step, meta, config_yaml, keep=0, keep_every=0)
+
+
+@dataclass(frozen=True)
+class LazyChunk:
+    """One stored piece of a global tensor; `load()` makes its value only when DCP writes it."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans from shapes alone, so DCP's writer pulls one chunk at a time instead of a whole state dict."""
+
+    def __init__(self, chunks: list[LazyChunk], objects: dict[str, object]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.chunks = {(c.key, c.offsets): c for c in chunks}
+        self.objects = objects
+
+    def create_local_plan(self) -> SavePlan:
+        items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
+        for c in self.chunks.values():
+            whole = c.shape == c.global_shape
+            items.append(
+                WriteItem(
+                    index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                    type=WriteItemType.TENSOR if whole else WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.shape)),
+                        properties=TensorProperties(dtype=c.dtype),
+                        size=torch.Size(c.global_shape),
+                    ),
+                )
+            )
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            torch.save(self.objects[write_item.index.fqn], buffer)
+            return buffer
+        c = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        value = c.load()
+        if tuple(value.shape) != c.shape:
+            raise ValueError(f"{c.key} at {list(c.offsets)}: got shape {list(value.shape)}, planned {list(c.shape)}")
+        return value.detach().to(c.dtype).contiguous()
+
+
+def save_chunks(directory: Path, chunks: list[LazyChunk], objects: dict[str, object] | None = None) -> None:
+    """Write a DCP checkpoint of lazily made chunks, plus small pickled `objects` (single process).
+    A UserError raised while making a chunk (a bad source file) reaches the caller as itself."""
+    try:
+        writer = dcp.FileSystemWriter(str(directory))
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects or {}), no_dist=True)
+    except CheckpointException as e:
+        for cause, _ in e.failures.values():
+            if isinstance(cause, UserError):
+                raise cause from None
+        raise
+
+
+class _ChunkLoadPlanner(DefaultLoadPlanner):
+    """Reads one box (offsets, shape) of one stored tensor, whatever chunks it was saved in."""
+
+    def __init__(self, key: str, offsets: tuple[int, ...], out: torch.Tensor) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.key, self.offsets, self.out = key, offsets, out
+
+    def create_local_plan(self) -> LoadPlan:
+        box = ChunkStorageMetadata(torch.Size(self.offsets), self.out.shape)
+        return LoadPlan(create_read_items_for_chunk_list(self.key, self.metadata.state_dict_metadata[self.key], [box]))
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        view = self.out
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
+
+
+def read_chunk(
+    directory: Path, key: str, offsets: tuple[int, ...], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """The box `shape` at `offsets` of stored tensor `key` (single process; memory: the box)."""
+    out = torch.empty(shape, dtype=dtype)
+    reader = dcp.FileSystemReader(str(directory))
+    try:
+        dcp.load({}, storage_reader=reader, planner=_ChunkLoadPlanner(key, tuple(offsets), out), no_dist=True)
+    except CheckpointException as e:
+        cause = next(iter(e.failures.values()))[0]
+        raise UserError(f"{directory}: cannot read tensor {key} ({type(cause).__name__}: {cause})") from None
+    return out

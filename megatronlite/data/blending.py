@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MARGIN = 1.005  # each source holds a little more than its share, as in Megatron
+SURPLUS = 0.005  # each source holds a little more than its share: megatron-core's mid_level_dataset_surplus
 
 
 def normalize(weights: Sequence[float]) -> np.ndarray:
@@ -21,8 +21,8 @@ def normalize(weights: Sequence[float]) -> np.ndarray:
 
 
 def source_sizes(weights: Sequence[float], size: int) -> list[int]:
-    """How many samples each source must provide for a blend of `size` samples."""
-    return [math.ceil(w * size * MARGIN) for w in normalize(weights)]
+    """How many samples each source must provide for a blend of `size` samples (megatron-core's rounding)."""
+    return [math.ceil(math.ceil(w * size) * (1 + SURPLUS)) for w in normalize(weights)]
 
 
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import sysconfig
 from pathlib import Path
 
 from megatronlite.data import cache, indexed
-from megatronlite.data.preprocess import Progress, encode_document
+from megatronlite.data.preprocess import Progress, encode_documents
 from megatronlite.data.tokenizers import Tokenizer
 from megatronlite.errors import UserError
 
@@ -42,8 +42,8 @@ def build_stdlib(prefix: str, tokenizer: Tokenizer, max_bytes: int, progress: bo
     with indexed.IndexedWriter(prefix, dtype) as writer:
         for path in stdlib_files(max_bytes):
             text = path.read_bytes().decode("utf-8", errors="replace")
-            tokens = encode_document(tokenizer, text, True, dtype)
-            writer.add_document(tokens)
+            tokens, sizes = encode_documents(tokenizer, [text], True, dtype)
+            writer.add_documents(tokens, sizes)
             meter.update(1, len(tokens))
     meter.done()
 

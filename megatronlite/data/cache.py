@@ -28,14 +28,19 @@ def key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_once(outputs: list[Path], build: Callable[[], None]) -> None:
-    """Run `build` unless every output exists; concurrent callers wait for the one that builds."""
+def build_once(outputs: list[Path], build: Callable[[], None]) -> bool:
+    """Run `build` unless every output exists; concurrent callers wait for the one that builds.
+
+    Returns whether this call built them (False: they were found, or another process built them).
+    """
     if all(p.exists() for p in outputs):
-        return
+        return False
     outputs[0].parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(outputs[0]) + ".lock"):
-        if not all(p.exists() for p in outputs):
-            build()
+        if all(p.exists() for p in outputs):
+            return False
+        build()
+        return True
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -92,7 +92,8 @@ class GPTDataset:
             epoch_starts = [min(total, -(-e * tokens_per_epoch // seq_len)) for e in range(num_epochs + 1)]
             cache.save_npy(files["shuffle"], shuffle_index(epoch_starts, seed))
 
-        cache.build_once(list(files.values()), build)
+        self.cache_files = list(files.values())
+        self.built = cache.build_once(self.cache_files, build)  # False: found in the cache
         self.doc_index, self.sample_index, self.shuffle_index = (
             np.load(files[name], mmap_mode="r") for name in ("doc", "sample", "shuffle")
         )
@@ -166,7 +167,7 @@ def max_token_id(indexed: IndexedDataset, cache_dir: str) -> int:
 
     def build() -> None:
         tokens = indexed.tokens
-        top = max(int(tokens[i : i + _SCAN_TOKENS].max()) for i in range(0, len(tokens), _SCAN_TOKENS))
+        top = max((int(tokens[i : i + _SCAN_TOKENS].max()) for i in range(0, len(tokens), _SCAN_TOKENS)), default=-1)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(str(top))
         tmp.replace(path)

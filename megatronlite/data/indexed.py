@@ -8,6 +8,7 @@ we treat each sequence as one document.
 
 from __future__ import annotations
 
+import array
 import os
 import struct
 from pathlib import Path
@@ -47,6 +48,20 @@ def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def write_index(idx_path: str | os.PathLike, dtype: np.dtype, sizes: np.ndarray) -> None:
+    """The .idx for documents of `sizes` tokens stored back to back in the .bin (one sequence per document)."""
+    dtype = np.dtype(dtype)
+    sizes = np.asarray(sizes, dtype=np.int32)
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    documents = np.arange(len(sizes) + 1, dtype=np.int64)
+    with open(idx_path, "wb") as f:
+        f.write(_HEADER.pack(MAGIC, VERSION, DTYPE_CODES[dtype], len(sizes), len(documents)))
+        f.write(sizes.tobytes())
+        f.write(pointers.tobytes())
+        f.write(documents.tobytes())
+
+
 class IndexedWriter:
     """Appends documents to PREFIX.bin/.idx; the files appear under their real names only at `finalize()`.
 
@@ -63,26 +78,25 @@ class IndexedWriter:
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_bin, self._tmp_idx = _temp(self.bin_path), _temp(self.idx_path)
         self._bin = open(self._tmp_bin, "wb")
-        self._sizes: list[int] = []
+        self._sizes = array.array("i")  # C int: int32 on every platform megatron runs on
 
     def add_document(self, tokens: np.ndarray) -> None:
-        array = np.asarray(tokens)
-        if array.ndim != 1:
-            raise ValueError(f"a document is a 1-D token array, got shape {array.shape}")
-        self._bin.write(array.astype(self.dtype, copy=False).tobytes())
-        self._sizes.append(len(array))
+        doc = np.asarray(tokens)
+        if doc.ndim != 1:
+            raise ValueError(f"a document is a 1-D token array, got shape {doc.shape}")
+        self.add_documents(doc, np.array([len(doc)]))
+
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Several documents at once: their tokens back to back and each one's length, written in one go."""
+        sizes = np.asarray(sizes, dtype=np.int32)
+        if len(tokens) != sizes.sum():
+            raise ValueError(f"{len(tokens)} tokens but the sizes add up to {sizes.sum()}")
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype))
+        self._sizes.frombytes(sizes.tobytes())
 
     def finalize(self) -> None:
         self._bin.close()
-        sizes = np.asarray(self._sizes, dtype=np.int32)
-        pointers = np.zeros(len(sizes), dtype=np.int64)
-        np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        documents = np.arange(len(sizes) + 1, dtype=np.int64)
-        with open(self._tmp_idx, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], len(sizes), len(documents)))
-            f.write(sizes.tobytes())
-            f.write(pointers.tobytes())
-            f.write(documents.tobytes())
+        write_index(self._tmp_idx, self.dtype, np.frombuffer(self._sizes, dtype=np.int32))
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(self._tmp_idx, self.idx_path)
 
@@ -116,7 +130,7 @@ class IndexedDataset:
                 raise UserError(f"{path}: not found; expected a .bin/.idx pair written by `megatronlite preprocess`")
         self.dtype, self._count, self._doc_count = self._read_header()
         self._index: np.memmap | None = None
-        self._bin: np.memmap | None = None
+        self._bin: np.ndarray | None = None
         if self._count == 0:
             raise UserError(f"{self.idx_path}: the dataset has no documents")
         expected = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
@@ -165,8 +179,9 @@ class IndexedDataset:
     @property
     def tokens(self) -> np.ndarray:
         """Every token of the .bin, memory-mapped."""
-        if self._bin is None:
-            self._bin = np.memmap(self.bin_path, mode="r", dtype=self.dtype)
+        if self._bin is None:  # an empty file cannot be mapped: every document is empty
+            empty = self.bin_path.stat().st_size == 0
+            self._bin = np.empty(0, self.dtype) if empty else np.memmap(self.bin_path, mode="r", dtype=self.dtype)
         return self._bin
 
     def get(self, doc_id: int, offset: int = 0, length: int | None = None) -> np.ndarray:

@@ -1,9 +1,12 @@
 """`megatronlite preprocess`: tokenize text files into Megatron .bin/.idx files.
 
-Documents stream from the inputs (constant memory); with `--workers N` a process pool tokenizes chunks of
-them while `imap` hands results back in input order, so the output bytes never depend on N. Every output
-is written under a temporary name and renamed when complete. With `--split-into N`, document i goes to
-PREFIX_{i mod N:05d}, round-robin, which needs no document count up front.
+The inputs are cut into chunks (see readers.py). With `--workers N` a process pool reads, decompresses,
+parses and tokenizes whole chunks, each returning one token array and one array of document sizes (numpy
+buffers: cheap to send back); the main process only plans chunks, takes results back in chunk order and
+appends them to the .bin in large writes. At most 2N chunks are in flight, so memory stays constant, and
+the output bytes never depend on N. Every output is written under a temporary name and renamed when
+complete. With `--split-into N`, document i goes to PREFIX_{i mod N:05d}, round-robin, which needs no
+document count up front.
 """
 
 from __future__ import annotations
@@ -12,48 +15,58 @@ import argparse
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
+from multiprocessing.pool import Pool
 
 import numpy as np
 
 from megatronlite.data.indexed import IndexedWriter, dtype_for_vocab
-from megatronlite.data.readers import add_input_arguments, expand_inputs, iter_documents
+from megatronlite.data.readers import Chunk, add_input_arguments, expand_inputs, plan_chunks
 from megatronlite.data.tokenizers import Tokenizer, build_tokenizer
 from megatronlite.errors import UserError
 
-CHUNK_DOCS = 64
-
-_worker_state: tuple[Tokenizer, bool, np.dtype] | None = None
+_worker_state: tuple[Tokenizer, str, bool, np.dtype] | None = None
 
 
-def encode_document(tokenizer: Tokenizer, text: str, append_eod: bool, dtype: np.dtype) -> np.ndarray:
-    """One document's token array, with the end-of-document token appended when asked."""
-    ids = tokenizer.encode(text)
-    if append_eod:
-        ids.append(tokenizer.eod_id)
-    return np.asarray(ids, dtype=dtype)
+def encode_documents(
+    tokenizer: Tokenizer, texts: Iterable[str], append_eod: bool, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(every token of `texts` back to back, int32 size of each document), an EOD ending each when asked."""
+    eod = np.array([tokenizer.eod_id], dtype=dtype)
+    parts, sizes = [], []
+    for text in texts:
+        parts.append(tokenizer.encode_array(text, dtype))
+        sizes.append(len(parts[-1]) + int(append_eod))
+        if append_eod:
+            parts.append(eod)
+    tokens = np.concatenate(parts) if parts else np.empty(0, dtype)
+    return tokens, np.array(sizes, dtype=np.int32)
 
 
-def _init_worker(spec: str, append_eod: bool, dtype: np.dtype) -> None:
+def _init_worker(spec: str, json_key: str, append_eod: bool, dtype: np.dtype) -> None:
     global _worker_state
-    _worker_state = (build_tokenizer(spec), append_eod, dtype)
+    _worker_state = (build_tokenizer(spec), json_key, append_eod, dtype)
 
 
-def _encode_chunk(docs: list[str]) -> list[np.ndarray]:
-    tokenizer, append_eod, dtype = _worker_state
-    return [encode_document(tokenizer, text, append_eod, dtype) for text in docs]
+def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    tokenizer, json_key, append_eod, dtype = _worker_state
+    return encode_documents(tokenizer, chunk.documents(json_key), append_eod, dtype)
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def ordered_imap(pool: Pool, fn: Callable, items: Iterable, in_flight: int) -> Iterator:
+    """fn(item) for every item, computed by `pool`, yielded in input order with at most `in_flight` pending.
+
+    Pool.imap would read its whole input ahead (every decompressed block in memory); this bounds it.
+    """
+    pending: deque = deque()
     for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 class Progress:
@@ -103,29 +116,37 @@ def preprocess(
         raise UserError(f"--workers {workers}: must be >= 1")
     if split_into < 1:
         raise UserError(f"--split-into {split_into}: must be >= 1")
-    expand_inputs(inputs)  # fail on a missing file before any work starts
-    tok = build_tokenizer(tokenizer)
-    dtype = dtype_for_vocab(tok.vocab_size)
-    chunks = _chunks(iter_documents(inputs, json_key), CHUNK_DOCS)
+    chunks = plan_chunks(expand_inputs(inputs))  # a missing file fails here, before any work starts
+    dtype = dtype_for_vocab(build_tokenizer(tokenizer).vocab_size)
     prefixes = output_prefixes(output_prefix, split_into)
     meter = Progress("preprocess", progress)
     with ExitStack() as stack:
         writers = [stack.enter_context(IndexedWriter(p, dtype)) for p in prefixes]
         if workers == 1:
-            _init_worker(tokenizer, append_eod, dtype)
+            _init_worker(tokenizer, json_key, append_eod, dtype)
             encoded = map(_encode_chunk, chunks)
         else:
             ctx = multiprocessing.get_context("spawn")  # a fork would inherit the tokenizer's threads
-            pool = stack.enter_context(ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype)))
-            encoded = pool.imap(_encode_chunk, chunks)
-        for arrays in encoded:
-            for array in arrays:
-                writers[meter.docs % split_into].add_document(array)
-                meter.update(1, len(array))
+            pool = stack.enter_context(ctx.Pool(workers, _init_worker, (tokenizer, json_key, append_eod, dtype)))
+            encoded = ordered_imap(pool, _encode_chunk, chunks, 2 * workers)
+        for tokens, sizes in encoded:
+            _write(writers, tokens, sizes, meter.docs)
+            meter.update(len(sizes), len(tokens))
         if meter.docs < split_into:
             raise UserError(f"--input {' '.join(inputs)}: {meter.docs} documents, too few for {split_into} output(s)")
     meter.done()
     return prefixes
+
+
+def _write(writers: list[IndexedWriter], tokens: np.ndarray, sizes: np.ndarray, first_doc: int) -> None:
+    """Append a chunk's documents, numbered from `first_doc`, document i to writer i mod len(writers)."""
+    if len(writers) == 1:
+        writers[0].add_documents(tokens, sizes)
+        return
+    owner = (first_doc + np.arange(len(sizes))) % len(writers)
+    token_owner = np.repeat(owner, sizes)
+    for k, writer in enumerate(writers):
+        writer.add_documents(tokens[token_owner == k], sizes[owner == k])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

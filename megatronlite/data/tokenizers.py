@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from megatronlite.errors import UserError
 
 EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
@@ -21,6 +23,10 @@ class Tokenizer(Protocol):
     eod_id: int
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_array(self, text: str, dtype: np.dtype) -> np.ndarray:
+        """`encode` as a numpy array: what preprocessing writes, made without a Python int per token where possible."""
+        ...
 
     def decode(self, ids) -> str: ...
 
@@ -34,6 +40,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str, dtype: np.dtype) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -61,12 +70,15 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_array(self, text: str, dtype: np.dtype) -> np.ndarray:
+        return np.array(self.encode(text), dtype=dtype)
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def build_tokenizer(spec: str) -> Tokenizer:
-    """"byte", or a path to a tokenizer.json or to a directory holding one."""
+    """'byte', or a path to a tokenizer.json or to a directory holding one."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)

@@ -12,6 +12,7 @@ import sys
 
 from megatronlite import config
 from megatronlite.errors import UserError
+from megatronlite.train.preemption import EXIT_CODE as PREEMPTED
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,9 @@ def main(args: argparse.Namespace) -> None:
         run(get_args_parser().parse_args(torchrun_args(args)))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode == PREEMPTED:
+            print("megatronlite: the workers saved a checkpoint and stopped on request", file=sys.stderr)
+            sys.exit(PREEMPTED)
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         reason = (reason or "").strip().splitlines()[-1:] or [f"exit code {failure.exitcode}"]
         signal = f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""

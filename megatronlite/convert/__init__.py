@@ -1,0 +1,14 @@
+"""Checkpoint conversion between megatronlite (`mlite`), HuggingFace (`hf`), Megatron-LM (`megatron`)
+and one consolidated torch file (`torch`), in every direction.
+
+Every format is read into one shape, a `Checkpoint`: a megatronlite config and each global
+tensor on demand, by our names (`checkpoint.py`). A format is a list of `Rule`s tying a few of
+its tensors to a few of ours with a reshaping each way (`mapping.py`); the same rules read and
+write, and run on `meta` tensors they give every shape before any data moves. So a conversion
+checks the source's names and shapes first, then moves one rule's tensors at a time.
+"""
+
+from megatronlite.convert.checkpoint import Checkpoint, Options
+from megatronlite.convert.formats import FORMATS, convert, read
+
+__all__ = ["FORMATS", "Checkpoint", "Options", "convert", "read"]

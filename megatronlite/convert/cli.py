@@ -1,0 +1,72 @@
+"""`megatronlite convert --from FMT --to FMT SRC DST [--verify]`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from megatronlite.convert.checkpoint import OUTPUT_DTYPES, Options
+from megatronlite.convert.formats import FORMATS, convert
+from megatronlite.errors import UserError
+
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+PATHS = (
+    "mlite: a run directory, its checkpoints/ or a step directory; hf: a model directory; "
+    "megatron: a checkpoint root or an iter_*/release directory; torch: a .pt file"
+)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (HF's units: GB = 10^9 bytes, GiB = 2^30) -> bytes."""
+    found = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    unit = found and (found[2].upper() or "B")
+    if not found or unit not in UNITS:
+        raise UserError(f"--max-shard-size {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 2GiB")
+    return int(found[1]) * UNITS[unit]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = f"Convert a checkpoint between formats. {PATHS}."
+    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="the source's format")
+    p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="the output's format")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="a new path (never overwritten)")
+    p.add_argument("--verify", action="store_true", help="run both models on fixed tokens and compare their logits")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, help="output dtype (default: the source's; mlite is always fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="hf output: split safetensors above this size")
+    p.add_argument("--vocab-size", type=int, help="megatron input: the unpadded vocabulary (default: args.vocab_size)")
+    p.add_argument("--megatron-format", choices=("torch_dist", "torch"), default="torch_dist", help="megatron output")
+    p.add_argument("--megatron-tp", type=int, default=1, help="megatron output: tensor-parallel size (vocab padding)")
+    p.add_argument("--megatron-pp", type=int, default=1, help="megatron output (torch format): pipeline stages")
+    p.add_argument(
+        "--megatron-spec", choices=("te", "local"), default="te", help="megatron torch output: TE or local norm names"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    options = Options(
+        dtype=OUTPUT_DTYPES[args.dtype] if args.dtype else None,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        megatron_format=args.megatron_format,
+        megatron_tp=args.megatron_tp,
+        megatron_pp=args.megatron_pp,
+        megatron_spec=args.megatron_spec,
+        vocab_size=args.vocab_size,
+    )
+    if min(args.megatron_tp, args.megatron_pp) < 1:
+        raise UserError("--megatron-tp and --megatron-pp must be >= 1")
+    src, dst = Path(args.src), Path(args.dst)
+    ckpt = convert(args.src_format, args.dst_format, src, dst, options)
+    m = ckpt.cfg.model
+    print(
+        f"converted {args.src_format} {src} -> {args.dst_format} {dst}: {m.arch}, {m.num_layers} layers, "
+        f"hidden {m.hidden_size}, {m.num_heads} heads ({m.kv_heads} KV), vocabulary {m.vocab_size}"
+    )
+    if args.verify:
+        from megatronlite.convert.verify import verify
+
+        report = verify((args.src_format, src), (args.dst_format, dst), m, options)
+        print("\n".join(report.lines()))
+        if report.greedy_agrees != report.prompts:
+            raise UserError("verify: greedy decoding of the converted model differs from the source's")

@@ -1,0 +1,83 @@
+"""HuggingFace model directories: `config.json`, safetensors weights, tokenizer files beside them."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatronlite.checkpoint.weights import expected_shapes
+from megatronlite.convert import hf_gpt2, hf_llama, safetensors_io
+from megatronlite.convert.checkpoint import (
+    Checkpoint,
+    Options,
+    TensorStore,
+    from_store,
+    output_dtype,
+    run_config,
+    side_files,
+)
+from megatronlite.errors import UserError
+
+FAMILIES = {hf_llama.ARCHITECTURE: hf_llama, hf_gpt2.ARCHITECTURE: hf_gpt2}
+BY_ARCH = {"llama": hf_llama, "gpt2": hf_gpt2}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def read_config(directory: Path) -> tuple[dict, object]:
+    """The raw config.json and the module that converts its architecture."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (an HF model directory holds config.json and {safetensors_io.SINGLE})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    archs = raw.get("architectures") or [None]
+    family = FAMILIES.get(archs[0])
+    if family is None:
+        raise UserError(f"{path}: architecture {archs[0]!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return raw, family
+
+
+class _Prefixed:
+    """A store whose names gain the base-model prefix they were saved without (as transformers accepts)."""
+
+    def __init__(self, store: TensorStore, prefix: str) -> None:
+        self.store, self.prefix, self.where = store, prefix, store.where
+
+    def keys(self) -> list[str]:
+        return [self.prefix + k for k in self.store.keys()]
+
+    def meta(self, name: str) -> torch.Tensor:
+        return self.store.meta(name.removeprefix(self.prefix))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.store.get(name.removeprefix(self.prefix))
+
+
+def read(path: Path, options: Options) -> Checkpoint:
+    raw, family = read_config(path)
+    model = family.model_config(raw, path / "config.json")
+    store: TensorStore = safetensors_io.SafetensorsStore(path)
+    if not any(k.startswith(family.BASE_PREFIX) for k in store.keys()):
+        store = _Prefixed(store, family.BASE_PREFIX)
+    ignored = functools.partial(family.ignored, model)
+    return from_store(run_config(model, path.name), store, family.mapping(model), ignored, side_files(path))
+
+
+def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
+    model = ckpt.cfg.model
+    family = BY_ARCH[model.arch]
+    dtype = output_dtype(ckpt, options)
+    mapping = family.mapping(model)
+    dst.mkdir(parents=True)
+    shapes = mapping.their_shapes(expected_shapes(ckpt.cfg))
+    safetensors_io.write_model(dst, shapes, mapping.stream_theirs(ckpt.get), dtype, options.max_shard_bytes)
+    hf = {**family.hf_config(model), "dtype": DTYPE_NAMES[dtype], "torch_dtype": DTYPE_NAMES[dtype]}  # v5, v4
+    (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for name, f in ckpt.side_files.items():
+        shutil.copy2(f, dst / name)

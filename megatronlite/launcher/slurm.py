@@ -1,0 +1,173 @@
+"""`megatronlite submit`: render an sbatch script from a template in launch/ and submit it.
+
+The config and the layout are checked here, before anything is queued. The script asks Slurm for
+a warning signal before the time limit and may requeue itself: on the warning the trainer saves
+and stops, and the requeued job resumes from that checkpoint (launch/slurm_helpers.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatronlite import config
+from megatronlite.errors import UserError
+from megatronlite.launcher import slurmctl
+from megatronlite.launcher.template import render
+
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
+TEMPLATES = {"torchrun": "slurm_torchrun.sbatch", "srun": "slurm_srun.sbatch"}
+
+
+def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
+    """The resources and launch options of a Slurm job (shared by `submit` and `sweep --executor slurm`)."""
+    g = p.add_argument_group("Slurm")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--nproc-per-node", type=int, default=1, help="workers per node (one per GPU)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs to ask for per node (default: --nproc-per-node; 0: none)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per Slurm task")
+    g.add_argument("--partition")
+    g.add_argument("--time", help="time limit, e.g. 4:00:00 or 2-00:00:00")
+    g.add_argument("--account")
+    g.add_argument(
+        "--launcher",
+        choices=sorted(TEMPLATES),
+        default="torchrun",
+        help="torchrun: one task per node starting torchrun; srun: one task per worker",
+    )
+    g.add_argument("--template", type=Path, help="your own sbatch template (default: launch/slurm_<launcher>.sbatch)")
+    g.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="ask for the save-and-requeue warning this long before the time limit",
+    )
+    g.add_argument("--container-image", help="run the workers in this image with pyxis/enroot (srun --container-image)")
+    g.add_argument("--container-mounts", help="pyxis mounts SRC:DST[,...] besides the working and run directories")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    add_slurm_arguments(p)
+    p.add_argument("--job-name", help="default: the config's name")
+    p.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and report its final state")
+
+
+@dataclass
+class Job:
+    """What one sbatch script runs: `run` is shell that sets RUN_DIR and CONFIG for each task."""
+
+    name: str
+    run: str
+    set_args: list[str]
+    output: str  # the --output pattern
+    array: str | None = None  # an --array spec
+
+
+def check_resources(args: argparse.Namespace) -> None:
+    for flag in ("nodes", "nproc_per_node"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.signal_seconds < 1:
+        raise UserError(f"--signal-seconds must be >= 1, got {args.signal_seconds}")
+
+
+def _directives(args: argparse.Namespace, job: Job) -> list[str]:
+    gpus = args.nproc_per_node if args.gpus_per_node is None else args.gpus_per_node
+    tasks = 1 if args.launcher == "torchrun" else args.nproc_per_node
+    out = [f"--job-name={job.name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}"]
+    optional = {
+        "gpus-per-node": gpus or None,
+        "cpus-per-task": args.cpus_per_task,
+        "partition": args.partition,
+        "time": args.time,
+        "account": args.account,
+        "array": job.array,
+    }
+    out += [f"--{key}={value}" for key, value in optional.items() if value is not None]
+    out += [
+        f"--chdir={Path.cwd()}",
+        f"--output={job.output}",
+        "--open-mode=append",  # a requeued run adds to the same log
+        f"--signal=B:USR1@{args.signal_seconds}",
+        "--requeue",
+    ]
+    return out
+
+
+def _srun_options(args: argparse.Namespace, run_root: Path) -> str:
+    opts = [f"--cpus-per-task={args.cpus_per_task}"] if args.cpus_per_task else []
+    if args.container_image:
+        cwd = Path.cwd()
+        mounts = [f"{d}:{d}" for d in dict.fromkeys([cwd, run_root])]
+        if args.container_mounts:
+            mounts.append(args.container_mounts)
+        opts += [
+            f"--container-image={args.container_image}",
+            f"--container-mounts={','.join(mounts)}",
+            f"--container-workdir={cwd}",
+        ]
+    return " ".join(shlex.quote(o) for o in opts)
+
+
+def render_script(args: argparse.Namespace, job: Job, run_root: Path) -> str:
+    """The sbatch script for `job`, from the template, with this machine's python (or the image's)."""
+    template = args.template or LAUNCH_DIR / TEMPLATES[args.launcher]
+    helpers = LAUNCH_DIR / "slurm_helpers.sh"
+    if not helpers.is_file():
+        raise UserError(f"{helpers} not found: submit from a megatronlite checkout (its launch/ folder)")
+    python = "python" if args.container_image else shlex.quote(sys.executable)
+    values = {
+        "sbatch": "\n".join(f"#SBATCH {shlex.quote(d)}" for d in _directives(args, job)),
+        "helpers": helpers.read_text().rstrip(),
+        "run": job.run,
+        "megatronlite": f"{python} -m megatronlite",
+        "set_args": " ".join(f"--set {shlex.quote(s)}" for s in job.set_args),
+        "nproc_per_node": str(args.nproc_per_node),
+        "srun_options": _srun_options(args, run_root),
+    }
+    return render(template, values)
+
+
+def _report(records: list[dict[str, str]], run_dir: Path, log: Path) -> None:
+    """Print where the results are; exit 1 (after the log's tail) unless every job completed."""
+    failed = [r for r in records if r.get("JobState") != "COMPLETED"]
+    print(f"run directory: {run_dir}")
+    if not failed:
+        return
+    for r in failed:
+        print(f"megatronlite: job {slurmctl.describe(r)}", file=sys.stderr)
+    if log.is_file():
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        print(f"--- last lines of {log}:", *tail, sep="\n", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(args: argparse.Namespace) -> None:
+    check_resources(args)
+    cfg = config.load(args.config, args.set)
+    config.validate_layout(cfg, args.nodes * args.nproc_per_node)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
+    job = Job(
+        name=args.job_name or cfg.name,
+        run=f"RUN_DIR={shlex.quote(str(run_dir))}\nCONFIG={shlex.quote(os.path.abspath(args.config))}",
+        set_args=args.set,
+        output=str(run_dir / "slurm-%j.out"),
+    )
+    script = render_script(args, job, run_dir)
+    if args.dry_run:
+        print(script, end="")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "slurm_job.sbatch"
+    path.write_text(script)
+    job_id = slurmctl.sbatch(path)
+    log = run_dir / f"slurm-{job_id}.out"
+    print(f"submitted job {job_id}: {cfg.name} on {args.nodes} node(s) x {args.nproc_per_node}; log {log}", flush=True)
+    if args.wait:
+        _report(slurmctl.wait(job_id), run_dir, log)

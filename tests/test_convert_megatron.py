@@ -1,0 +1,333 @@
+"""Megatron-LM / megatron-core checkpoints, validated against megatron-core's own code on CPU.
+
+megatron-core builds its GPTModel (local, non-TE layers) and runs it on CPU under gloo once a few
+CUDA-only calls are redirected (see `_cpu_shims`). Its `dist_checkpointing` then writes real
+torch_dist checkpoints, its models' state dicts make real legacy rank files (as Megatron-LM's
+saver does), and it loads what we write, at TP 1, TP 2 and PP 2. What runs only with CUDA and
+Transformer Engine (TE layers, their FP8 extra state) is not exercised here.
+
+Run as a script under torch.distributed.run this file is the megatron-core side (`_worker`).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatronlite import load_model
+from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
+from megatronlite.config import ModelConfig
+from megatronlite.convert import Options, convert, read
+from megatronlite.convert.checkpoint import run_config
+from megatronlite.convert.dcp_store import stored_tensors
+from megatronlite.errors import UserError
+
+VOCAB, LAYERS = 200, 4
+ARCHS = {  # megatron-core shapes: llama-style GQA untied, gpt2-style tied
+    "llama": dict(hidden_size=48, num_attention_heads=6, num_query_groups=2, ffn_hidden_size=80),
+    "gpt2": dict(hidden_size=48, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=192),
+}
+
+
+# --- without megatron-core: our writer and reader agree, and bad input is named ------------------
+
+
+def native(tmp_path, model: ModelConfig):
+    cfg = run_config(model, "src")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=gen) for n, s in expected_shapes(cfg).items()}
+    write_checkpoint(tmp_path / "src", cfg, tensors.items())
+    return tmp_path / "src", tensors
+
+
+LLAMA = ModelConfig(arch="llama", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                    vocab_size=77, max_seq_len=32, tie_embeddings=False)
+GPT2 = ModelConfig(arch="gpt2", num_layers=4, hidden_size=24, num_heads=2, num_kv_heads=2, ffn_hidden_size=96,
+                   vocab_size=77, max_seq_len=32, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("layout", [(1, 1, "te"), (2, 2, "local"), (2, 4, "te")])
+def test_legacy_layouts_round_trip(tmp_path, model, layout):
+    tp, pp, spec = layout
+    src, tensors = native(tmp_path, model)
+    options = Options(megatron_format="torch", megatron_tp=tp, megatron_pp=pp, megatron_spec=spec)
+    convert("mlite", "megatron", src, tmp_path / "meg", options)
+    ranks = sorted(p.name for p in (tmp_path / "meg" / "release").iterdir())
+    assert len(ranks) == tp * pp and (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    back = read("megatron", tmp_path / "meg", Options())
+    assert back.cfg.model == model
+    assert all(torch.equal(back.get(n), t) for n, t in tensors.items())
+
+
+def test_legacy_virtual_pipeline_stages(tmp_path):
+    """With virtual stages each rank file holds model0, model1, ...: chunk v of rank p has the layers of
+    stage v x PP + p. Built here from a 4-stage checkpoint regrouped as 2 ranks x 2 virtual stages."""
+    src, tensors = native(tmp_path, LLAMA)
+    convert("mlite", "megatron", src, tmp_path / "pp4", Options(megatron_format="torch", megatron_pp=4))
+    stages = [torch.load(tmp_path / f"pp4/release/mp_rank_00_{s:03d}/model_optim_rng.pt", weights_only=False)
+              for s in range(4)]
+    args = stages[0]["args"]
+    args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size = 2, 2
+    for p in range(2):
+        (tmp_path / f"vpp/iter_0000001/mp_rank_00_{p:03d}").mkdir(parents=True)
+        state = {"args": args, "model0": stages[p]["model"], "model1": stages[2 + p]["model"]}
+        torch.save(state, tmp_path / f"vpp/iter_0000001/mp_rank_00_{p:03d}/model_optim_rng.pt")
+    back = read("megatron", tmp_path / "vpp", Options())
+    assert all(torch.equal(back.get(n), t) for n, t in tensors.items())
+
+
+def test_vocab_padding_is_removed_and_added(tmp_path):
+    src, tensors = native(tmp_path, LLAMA)
+    convert("mlite", "megatron", src, tmp_path / "meg", Options(megatron_tp=2))
+    back = read("megatron", tmp_path / "meg", Options())
+    assert back.cfg.model.vocab_size == 77  # args.vocab_size, which we record
+    assert torch.equal(back.get("embedding.word.weight"), tensors["embedding.word.weight"])
+    shapes = stored_tensors(tmp_path / "meg" / "release")
+    assert shapes["embedding.word_embeddings.weight"][0] == (256, 32)  # 77 padded to a multiple of 128 x TP 2
+    assert shapes["decoder.layers.mlp.linear_fc1.weight"][0] == (4, 96, 32)  # layers stacked, [gate; up]
+
+
+def _legacy_args(tmp_path, **changes) -> Path:
+    src, _ = native(tmp_path, LLAMA)
+    convert("mlite", "megatron", src, tmp_path / "meg", Options(megatron_format="torch"))
+    path = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    vars(state["args"]).update(changes)
+    torch.save(state, path)
+    return tmp_path / "meg"
+
+
+def test_unsupported_megatron_models_are_refused(tmp_path):
+    meg = _legacy_args(tmp_path, swiglu=False)
+    with pytest.raises(UserError, match="normalization='RMSNorm'.*swiglu=False.*megatronlite converts llama-style"):
+        read("megatron", meg, Options())
+
+
+def test_missing_rank_file_is_named(tmp_path):
+    meg = _legacy_args(tmp_path, tensor_model_parallel_size=2)
+    with pytest.raises(UserError, match="mp_rank_01/model_optim_rng.pt: file not found"):
+        read("megatron", meg, Options())
+
+
+def test_real_vocab_size_comes_from_the_option(tmp_path):
+    meg = _legacy_args(tmp_path, vocab_size=None)
+    assert read("megatron", meg, Options()).cfg.model.vocab_size == 128  # all padded rows kept
+    assert read("megatron", meg, Options(vocab_size=77)).cfg.model.vocab_size == 77
+
+
+# --- against megatron-core ----------------------------------------------------------------------
+
+
+def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
+    pytest.importorskip("megatron.core")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__]
+    proc = subprocess.Popen([*run, scenario, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers on SIGTERM
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log[-6000:]
+    return json.loads((out / "results.json").read_text())
+
+
+SCENARIOS = [("tp1", 1), pytest.param("tp2", 2, marks=pytest.mark.slow), pytest.param("pp2", 2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("scenario,nproc", SCENARIOS)
+def test_against_megatron_core(tmp_path, scenario, nproc):
+    results = _run_workers(scenario, nproc, tmp_path)
+    for arch in ARCHS:
+        r = results[arch]
+        # reading megatron-core's torch_dist and legacy files gives the same tensors
+        assert r["dist_equals_legacy"]
+        if scenario != "pp2":  # our model of the converted weights computes megatron-core's logits
+            ids, reference = torch.load(tmp_path / arch / "reference.pt").values()
+            with torch.no_grad():
+                assert (load_model(tmp_path / arch / "ml")(ids) - reference).abs().max().item() < 1e-4
+        # megatron-core loads what we write (strictly), and gets its own weights back
+        assert r["our_legacy_param_diff"] == 0.0
+        assert r["our_dist_param_diff"] == 0.0
+        if scenario == "tp1":
+            assert r["te_names_match"]
+
+
+def _cpu_shims() -> None:
+    """megatron-core asks CUDA for things CPU runs do not need: the current device, a sync, a CUDA RNG
+    fork around (here zero) attention dropout, moving a tied embedding to the GPU before syncing it
+    between pipeline stages; and psutil for memory logging while saving."""
+    import contextlib
+
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    filesystem_async._process_memory = lambda: 0
+
+
+def _mcore_model(arch: str, seed: int):
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    llama = arch == "llama"
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    cfg = TransformerConfig(
+        num_layers=LAYERS, **ARCHS[arch], normalization="RMSNorm" if llama else "LayerNorm",
+        gated_linear_unit=llama, add_bias_linear=not llama, layernorm_epsilon=1e-5,
+        activation_func=F.silu if llama else (lambda x: F.gelu(x, approximate="tanh")),
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, bias_activation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+    )
+    padded = 128 * tp * -(-VOCAB // (128 * tp))
+    model = GPTModel(
+        cfg, get_gpt_layer_local_spec(normalization=cfg.normalization), vocab_size=padded, max_sequence_length=64,
+        position_embedding_type="rope" if llama else "learned_absolute", share_embeddings_and_output_weights=not llama,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), parallel_output=False,
+    )
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # distinct values per TP shard and stage, the same on TP replicas; a tied output layer equals the embedding
+            tied_copy = name == "output_layer.weight" and not llama
+            source, stage = ("embedding.word_embeddings.weight", 0) if tied_copy else (name, pp_rank)
+            shard = tp_rank if getattr(p, "tensor_model_parallel", False) else -1
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{source}|{shard}|{stage}".encode()))
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            if "word_embeddings" in source or "output_layer" in source:  # zero the padding rows
+                first = tp_rank * (padded // tp)
+                p[max(0, VOCAB - first):] = 0
+    args = argparse.Namespace(
+        num_layers=LAYERS, hidden_size=48, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, group_query_attention=llama, num_query_groups=cfg.num_query_groups,
+        kv_channels=48 // cfg.num_attention_heads, max_position_embeddings=64, seq_length=32, padded_vocab_size=padded,
+        vocab_size=None, normalization=cfg.normalization, swiglu=llama, openai_gelu=not llama,
+        position_embedding_type="rope" if llama else "learned_absolute", add_bias_linear=not llama,
+        untie_embeddings_and_output_weights=llama, norm_epsilon=1e-5, rotary_base=10000,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
+        params_dtype=torch.float32, attention_backend=AttnBackend.auto,  # a Megatron enum, as real args hold
+    )
+    return model, args
+
+
+def _forward(model, ids: torch.Tensor) -> torch.Tensor:
+    s = ids.shape[1]
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+    return model(ids, torch.arange(s)[None].expand_as(ids), attention_mask=mask)
+
+
+def _param_diff(model, state: dict) -> float:
+    """Largest difference between a model's parameters and those of another."""
+    params = dict(model.named_parameters())
+    return max((params[k] - state[k]).abs().max().item() for k in params)
+
+
+def _save_legacy(model, args, directory: Path) -> None:
+    """What Megatron-LM's save_checkpoint writes in the legacy format (args, model, numpy RNG state...)."""
+    import numpy as np
+    from megatron.core import parallel_state as ps
+
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{tp:02d}" if args.pipeline_model_parallel_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+    (directory / name).mkdir(parents=True, exist_ok=True)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": 3, "model": model.state_dict_for_save_checkpoint(),
+             "rng_state": [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]}
+    torch.save(state, directory / name / "model_optim_rng.pt")
+
+
+def _scenario(arch: str, out: Path, tp: int, pp: int) -> dict:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    rank = dist.get_rank()
+    model, args = _mcore_model(arch, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = _forward(model, ids)[..., :VOCAB].detach() if pp == 1 else None
+    for fmt in ("dist", "legacy"):
+        (out / fmt).mkdir(parents=True, exist_ok=True)
+        (out / fmt / "latest_checkpointed_iteration.txt").write_text("3")
+    iteration = out / "dist" / "iter_0000003"
+    iteration.mkdir(exist_ok=True)
+    state = {"model": model.sharded_state_dict(), "args": args, "iteration": 3, "checkpoint_version": 3.0}
+    dist_checkpointing.save(state, str(iteration))
+    _save_legacy(model, args, out / "legacy" / "iter_0000003")
+    dist.barrier()
+    result = {}
+    options = Options(vocab_size=VOCAB)
+    if rank == 0:
+        from_dist, from_legacy = read("megatron", out / "dist", options), read("megatron", out / "legacy", options)
+        names = expected_shapes(from_dist.cfg)
+        result["dist_equals_legacy"] = all(torch.equal(from_dist.get(n), from_legacy.get(n)) for n in names)
+        convert("megatron", "mlite", out / "dist", out / "ml", options)
+        if reference is not None:  # compared by the test, outside the process group
+            torch.save({"ids": ids, "reference": reference}, out / "reference.pt")
+        tp_pp = dict(megatron_tp=tp, megatron_pp=pp)
+        convert("mlite", "megatron", out / "ml", out / "ours_dist", Options(**tp_pp))
+        local = Options(megatron_format="torch", megatron_spec="local", **tp_pp)
+        convert("mlite", "megatron", out / "ml", out / "ours_legacy", local)
+        if tp == pp == 1:  # TE names: what the local spec maps its norm names to in sharded checkpoints
+            convert("mlite", "megatron", out / "ml", out / "ours_te", Options(megatron_format="torch"))
+            keys_map = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+            expected = set()
+            for k in model.state_dict():
+                for old, new in keys_map.items():
+                    k = k.replace(old, new)
+                expected.add(k)
+                if k.endswith("linear_qkv._extra_state"):
+                    expected.add(k.replace("linear_qkv", "core_attention"))
+            ours_te = torch.load(out / "ours_te/release/mp_rank_00/model_optim_rng.pt", weights_only=False)["model"]
+            result["te_names_match"] = set(ours_te) == expected
+    dist.barrier()
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    fresh, _ = _mcore_model(arch, seed=2)
+    legacy = torch.load(out / "ours_legacy/release" / name / "model_optim_rng.pt", weights_only=False)["model"]
+    fresh.load_state_dict(legacy, strict=True)
+    diffs = [_param_diff(model, dict(fresh.named_parameters()))]
+    fresh, _ = _mcore_model(arch, seed=3)
+    loaded = dist_checkpointing.load({"model": fresh.sharded_state_dict()}, str(out / "ours_dist" / "release"))
+    fresh.load_state_dict(loaded["model"])
+    diffs.append(_param_diff(model, dict(fresh.named_parameters())))
+    worst = torch.tensor(diffs)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    result["our_legacy_param_diff"], result["our_dist_param_diff"] = worst.tolist()
+    return result
+
+
+def _worker(scenario: str, out: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp, pp = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}[scenario]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=3))
+    _cpu_shims()
+    parallel_state.initialize_model_parallel(tp, pp)
+    results = {arch: _scenario(arch, Path(out) / arch, tp, pp) for arch in ARCHS}
+    if dist.get_rank() == 0:
+        (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])

@@ -1,0 +1,39 @@
+"""`megatronlite data prebuild`: builds the caches a run reads, finds them the second time, and `train` finds them."""
+
+import re
+
+import pytest
+from helpers import tiny_overrides
+
+from megatronlite.cli import main
+
+
+def cached(cache_dir):
+    """Every finished cache file and its modification time."""
+    return {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir() if p.suffix in (".npy", ".txt")}
+
+
+def test_prebuild_then_train_reuse_the_caches(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus, run, **{"train.steps": 2, "checkpoint.save": False})
+    options = [arg for s in sets for arg in ("--set", s)]
+    main(["data", "prebuild", "configs/demo.yaml", *options])
+    out = capsys.readouterr().out
+    assert re.search(r"train: [\d,]+ samples\n", out) and re.search(r"valid: [\d,]+ samples\n", out)
+    assert f"{corpus}.bin/.idx" in out
+    assert out.count("sample index built") == 2 and f"cache: {tmp_path / 'cache'}" in out
+    files = cached(tmp_path / "cache")
+    assert len(files) == 7  # the max-id scan and 3 index arrays for each split
+
+    main(["data", "prebuild", "configs/demo.yaml", *options])
+    assert capsys.readouterr().out.count("sample index found") == 2
+    main(["train", "configs/demo.yaml", "--run-dir", str(run), *options])
+    assert cached(tmp_path / "cache") == files
+
+
+def test_prebuild_reports_a_bad_config_in_one_line(tmp_path, corpus, capsys):
+    sets = tiny_overrides(corpus, tmp_path / "run", **{"model.vocab_size": 200})
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prebuild", "configs/demo.yaml", *[arg for s in sets for arg in ("--set", s)]])
+    assert e.value.code == 2
+    assert "model.vocab_size (200) is smaller than the tokenizer's vocabulary (257" in capsys.readouterr().err

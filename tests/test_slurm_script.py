@@ -1,0 +1,147 @@
+"""The sbatch scripts `megatronlite submit` renders, and its errors; no Slurm needed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatronlite.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def dry_run(capsys, *flags: str) -> str:
+    main(["submit", "configs/demo.yaml", "--run-dir", "/shared/runs/demo", "--dry-run", *flags])
+    return capsys.readouterr().out
+
+
+def error_of(capsys, *args: str) -> str:
+    """The one line a failing command prints (it exits 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_torchrun_script_one_task_per_node(capsys):
+    script = dry_run(
+        capsys,
+        "--nodes",
+        "4",
+        "--nproc-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "4:00:00",
+        "--set",
+        "train.global_batch_size=256",
+    )
+    assert sbatch_lines(script) == [
+        "--job-name=demo",
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--time=4:00:00",
+        f"--chdir={REPO}",
+        "--output=/shared/runs/demo/slurm-%j.out",
+        "--open-mode=append",
+        "--signal=B:USR1@300",
+        "--requeue",
+    ]
+    assert f'{sys.executable} -m megatronlite launch "$CONFIG"' in script
+    assert f"CONFIG={REPO / 'configs' / 'demo.yaml'}" in script and "RUN_DIR=/shared/runs/demo" in script
+    assert '--nproc-per-node 8 --nnodes "$SLURM_JOB_NUM_NODES"' in script
+    assert '--rdzv-id "$SLURM_JOB_ID"' in script
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
+    assert "trap " in script and "scontrol requeue" in script  # the save-and-requeue helper is inlined
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_srun_script_one_task_per_worker(capsys):
+    script = dry_run(
+        capsys, "--nodes", "2", "--nproc-per-node", "4", "--launcher", "srun", "--set", "train.global_batch_size=64"
+    )
+    assert "--ntasks-per-node=4" in sbatch_lines(script)
+    assert (
+        f'{sys.executable} -m megatronlite train "$CONFIG" --run-dir "$RUN_DIR" --set train.global_batch_size=64'
+        in script
+    )
+    assert "export MASTER_ADDR MASTER_PORT" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_container_image_runs_the_image_python_with_pyxis(capsys):
+    script = dry_run(capsys, "--container-image", "registry#megatronlite:latest", "--container-mounts", "/data:/data")
+    mounts = f"--container-mounts={REPO}:{REPO},/shared/runs/demo:/shared/runs/demo,/data:/data"
+    assert f"'--container-image=registry#megatronlite:latest' {mounts} --container-workdir={REPO}" in script
+    assert "python -m megatronlite launch" in script and sys.executable not in script
+
+
+def test_pyxis_entry_point(tmp_path):
+    env = {**os.environ, "IMAGE": str(tmp_path / "megatronlite.sqsh"), "NODES": "1", "GPUS_PER_NODE": "2"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    done = subprocess.run(
+        ["bash", "launch/submit_pyxis.sh", "configs/demo.yaml", "--run-dir", str(tmp_path / "run"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--partition=gpu" in sbatch_lines(done.stdout) and "--time=24:00:00" in sbatch_lines(done.stdout)
+    assert f"--container-image={tmp_path / 'megatronlite.sqsh'}" in done.stdout
+
+
+def test_cpu_job_asks_for_no_gpus(capsys):
+    lines = sbatch_lines(dry_run(capsys, "--gpus-per-node", "0", "--account", "proj", "--signal-seconds", "90"))
+    assert not any(line.startswith("--gpus") for line in lines)
+    assert "--account=proj" in lines and "--signal=B:USR1@90" in lines
+
+
+def test_own_template(capsys, tmp_path):
+    template = tmp_path / "mine.sbatch"
+    template.write_text("#!/bin/bash\n{{sbatch}}\n#SBATCH --qos=high\n{{run}}\necho {{megatronlite}} $HOME\n")
+    script = dry_run(capsys, "--template", str(template))
+    assert "#SBATCH --qos=high" in script and f"echo {sys.executable} -m megatronlite $HOME" in script
+    template.write_text("{{sbatch}}\n{{nodes_count}}\n")
+    line = error_of(capsys, "submit", "configs/demo.yaml", "--template", str(template), "--dry-run")
+    assert "unknown template field(s) nodes_count; known fields: helpers, megatronlite" in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--nproc-per-node", "3", "--set", "parallel.tensor=2"],
+            "world size 3 is not divisible by parallel.tensor x parallel.pipeline (2 x 1)",
+        ),
+        (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        (["--nodes", "0"], "--nodes must be >= 1, got 0"),
+    ],
+)
+def test_bad_input_fails_before_submitting(capsys, flags, message):
+    assert message in error_of(capsys, "submit", "configs/demo.yaml", *flags)
+
+
+def test_missing_sbatch_is_one_clear_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm tools on PATH
+    assert error_of(capsys, "submit", "configs/demo.yaml", "--run-dir", str(tmp_path / "run")) == (
+        "megatronlite: error: sbatch not found on PATH: submit from a machine with the Slurm client tools "
+        "(a login node), or use --dry-run to print the job script"
+    )
