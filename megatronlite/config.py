@@ -325,6 +325,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise UserError(f"llama needs an even head dim for RoPE; hidden_size/num_heads = {m.head_dim}")
     if t.seq_len > m.max_seq_len:
         raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    load = cfg.checkpoint.load
+    if load not in (None, "auto") and not Path(load).exists():
+        raise UserError(
+            f"checkpoint.load: path does not exist: {load} (give a run directory, its checkpoints/ "
+            "directory or a step directory; or auto, or null)"
+        )
     validate_wandb(cfg.logging.wandb)
     validate_kernels(t.kernels)
     if not cfg.data.sources:

@@ -17,7 +17,6 @@ import torch.distributed.checkpoint as dcp
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.staging import AlreadyStaged, PieceStager
 from megatronlite.checkpoint.views import model_pieces, to_dcp
-from megatronlite.errors import UserError
 from megatronlite.train.metrics import print_line
 from megatronlite.version import versions
 
@@ -178,9 +177,7 @@ def resolve_load(trainer) -> Path | None:
         return None
     if load == "auto":
         return store.latest_complete(trainer.run_dir / "checkpoints")
-    if not Path(load).exists():
-        raise UserError(f"checkpoint.load: path does not exist: {load}")
-    return store.find_step_dir(load)
+    return store.find_step_dir(load)  # the config checked that the path exists
 
 
 def maybe_resume(trainer) -> None:
