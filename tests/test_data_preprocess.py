@@ -79,6 +79,19 @@ def test_output_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
 
 
+def test_same_bytes_as_megatron_core_builder(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    (tmp_path / "in.jsonl").write_text(jsonl(DOCS))
+    [ours] = pre.preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "ours"), append_eod=True, progress=False)
+    builder = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for doc in DOCS:
+        ids = list(doc.encode()) + [256]
+        builder.add_document(ids, [len(ids)])
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    assert [p.read_bytes() for p in paths(ours)] == [p.read_bytes() for p in paths(tmp_path / "theirs")]
+
+
 @pytest.mark.parametrize("name", ["in.jsonl", "in.jsonl.gz", "in.jsonl.zst"])
 def test_chunks_keep_every_document_and_the_line_numbers(tmp_path, monkeypatch, name):
     monkeypatch.setattr(readers, "CHUNK_BYTES", 100)

@@ -1,24 +1,28 @@
 """`megatronlite preprocess`: tokenize text files into Megatron .bin/.idx files.
 
 The inputs are cut into chunks (see readers.py). With `--workers N` a process pool reads, decompresses,
-parses and tokenizes whole chunks, each returning one token array and one array of document sizes (numpy
-buffers: cheap to send back); the main process only plans chunks, takes results back in chunk order and
-appends them to the .bin in large writes. At most 2N chunks are in flight, so memory stays constant, and
-the output bytes never depend on N. Every output is written under a temporary name and renamed when
-complete. With `--split-into N`, document i goes to PREFIX_{i mod N:05d}, round-robin, which needs no
-document count up front.
+parses and tokenizes whole chunks, each leaving its tokens in a file of a private spill directory next to
+the output and sending back only the array of document sizes; the main process only plans chunks, takes
+results in chunk order and appends each chunk's tokens to the .bin in one large write. At most 2N chunks
+are in flight, so memory and spill space stay constant, and the output bytes never depend on N. Every
+output is written under a temporary name and renamed when complete. With `--split-into N`, document i
+goes to PREFIX_{i mod N:05d}, round-robin, which needs no document count up front.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from multiprocessing.pool import Pool
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,7 +31,16 @@ from megatronlite.data.readers import Chunk, add_input_arguments, expand_inputs,
 from megatronlite.data.tokenizers import Tokenizer, build_tokenizer
 from megatronlite.errors import UserError
 
-_worker_state: tuple[Tokenizer, str, bool, np.dtype] | None = None
+
+class _WorkerState(NamedTuple):
+    tokenizer: Tokenizer
+    json_key: str
+    append_eod: bool
+    dtype: np.dtype
+    spill_dir: str  # where pool workers leave each chunk's tokens for the main process
+
+
+_worker_state: _WorkerState | None = None
 
 
 def encode_documents(
@@ -45,14 +58,33 @@ def encode_documents(
     return tokens, np.array(sizes, dtype=np.int32)
 
 
-def _init_worker(spec: str, json_key: str, append_eod: bool, dtype: np.dtype) -> None:
+def _init_worker(spec: str, json_key: str, append_eod: bool, dtype: np.dtype, spill_dir: str) -> None:
     global _worker_state
-    _worker_state = (build_tokenizer(spec), json_key, append_eod, dtype)
+    _worker_state = _WorkerState(build_tokenizer(spec), json_key, append_eod, dtype, spill_dir)
 
 
 def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-    tokenizer, json_key, append_eod, dtype = _worker_state
-    return encode_documents(tokenizer, chunk.documents(json_key), append_eod, dtype)
+    state = _worker_state
+    return encode_documents(state.tokenizer, chunk.documents(state.json_key), state.append_eod, state.dtype)
+
+
+def _encode_chunk_to_file(item: tuple[int, Chunk]) -> tuple[str, np.ndarray]:
+    """In a pool worker: chunk `number`'s tokens go to a file; only its path and the sizes travel back.
+
+    Sending the tokens through the pool's pipe costs the main process several copies and a pipe read per
+    64 KiB; reading a file that is still in the page cache is one copy, so the main process stays idle.
+    """
+    number, chunk = item
+    tokens, sizes = _encode_chunk(chunk)
+    path = os.path.join(_worker_state.spill_dir, f"{number}.tokens")
+    tokens.tofile(path)
+    return path, sizes
+
+
+def _read_spilled(path: str, sizes: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.fromfile(path, dtype=dtype)
+    os.unlink(path)
+    return tokens, sizes
 
 
 def ordered_imap(pool: Pool, fn: Callable, items: Iterable, in_flight: int) -> Iterator:
@@ -123,12 +155,16 @@ def preprocess(
     with ExitStack() as stack:
         writers = [stack.enter_context(IndexedWriter(p, dtype)) for p in prefixes]
         if workers == 1:
-            _init_worker(tokenizer, json_key, append_eod, dtype)
+            _init_worker(tokenizer, json_key, append_eod, dtype, "")
             encoded = map(_encode_chunk, chunks)
-        else:
+        else:  # the spill directory is removed after the pool stops, whatever happens
+            out = Path(output_prefix)
+            spill = stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.chunks-", dir=out.parent))
             ctx = multiprocessing.get_context("spawn")  # a fork would inherit the tokenizer's threads
-            pool = stack.enter_context(ctx.Pool(workers, _init_worker, (tokenizer, json_key, append_eod, dtype)))
-            encoded = ordered_imap(pool, _encode_chunk, chunks, 2 * workers)
+            init_args = (tokenizer, json_key, append_eod, dtype, spill)
+            pool = stack.enter_context(ctx.Pool(workers, _init_worker, init_args))
+            spilled = ordered_imap(pool, _encode_chunk_to_file, enumerate(chunks), 2 * workers)
+            encoded = (_read_spilled(path, sizes, dtype) for path, sizes in spilled)
         for tokens, sizes in encoded:
             _write(writers, tokens, sizes, meter.docs)
             meter.update(len(sizes), len(tokens))

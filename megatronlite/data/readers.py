@@ -91,8 +91,8 @@ class Chunk:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = self._line_number(raw.count(b"\n", 0, e.start))
-            raise UserError(f"{self.path}:{line}: not UTF-8 text ({e.reason})") from None
+            where = self._where(raw.count(b"\n", 0, e.start))
+            raise UserError(f"{where}: not UTF-8 text ({e.reason})") from None
         # only "\n" ends a JSON line: str.splitlines would also cut at characters valid inside JSON strings
         return [self._parse(line, i, json_key) for i, line in enumerate(text.split("\n")) if line.strip()]
 
@@ -115,30 +115,28 @@ class Chunk:
         except OSError as e:
             raise _unreadable(self.path, e) from None
 
-    def _line_number(self, lines_into_chunk: int) -> int:
-        """The file's line number of the chunk's line `lines_into_chunk` (0-based); an error path only."""
+    def _where(self, lines_into_chunk: int) -> str:
+        """PATH:LINE of the chunk's line `lines_into_chunk` (0-based), for an error message."""
         if self.first_line:
-            return self.first_line + lines_into_chunk
+            return f"{self.path}:{self.first_line + lines_into_chunk}"
         line, remaining = 1 + lines_into_chunk, self.start
         with open(self.path, "rb") as f:
             while remaining and (block := f.read(min(remaining, CHUNK_BYTES))):
                 line += block.count(b"\n")
                 remaining -= len(block)
-        return line
+        return f"{self.path}:{line}"
 
     def _parse(self, line: str, i: int, json_key: str) -> str:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{self.path}:{self._line_number(i)}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{self._where(i)}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or json_key not in record:
             keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            where = f"{self.path}:{self._line_number(i)}"
-            raise UserError(f"{where}: no key {json_key!r} (found: {keys}); choose it with --json-key")
+            raise UserError(f"{self._where(i)}: no key {json_key!r} (found: {keys}); choose it with --json-key")
         text = record[json_key]
         if not isinstance(text, str):
-            where = f"{self.path}:{self._line_number(i)}"
-            raise UserError(f"{where}: {json_key!r} is {type(text).__name__}, expected a string")
+            raise UserError(f"{self._where(i)}: {json_key!r} is {type(text).__name__}, expected a string")
         return text
 
 
