@@ -27,7 +27,7 @@ from megatronlite.config import load
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.run import build_run_data
 
-CONFIG = "configs/demo.yaml"
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 def loader_samples_per_s(cfg, steps: int) -> float:

@@ -52,7 +52,7 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
 
 def megatron_loop(corpus: Path, prefix: str, spec: str) -> None:
     """The single-process baseline: parse, tokenize, append an EOD, write with IndexedDatasetBuilder."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # imported by main(), before timing
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     tok = build_tokenizer(spec)
     bin_path, idx_path = paths(prefix)
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="keeps the corpus and tokenizer between runs (default: a temporary dir)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (here, not at the top: pool workers re-import this file)
+    # imported before any timing, and here rather than at the top, which spawned pool workers re-run
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-"))
     workdir.mkdir(parents=True, exist_ok=True)

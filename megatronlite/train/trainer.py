@@ -16,10 +16,8 @@ from megatronlite import config as config_mod
 from megatronlite import kernels
 from megatronlite.checkpoint.views import GlobalPiece, model_pieces, pieces_of
 from megatronlite.config import Config
-from megatronlite.data.dataset import build_datasets
 from megatronlite.data.loader import BatchLoader
-from megatronlite.data.tokenizers import build_tokenizer
-from megatronlite.errors import UserError
+from megatronlite.data.run import build_run_data
 from megatronlite.models.gpt import RunOptions
 from megatronlite.models.init import init_parameters
 from megatronlite.optim.adamw import build_adamw
@@ -106,24 +104,8 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------
     def _build_data(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise UserError(
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({self.tokenizer.vocab_size}, data.tokenizer = {cfg.data.tokenizer})"
-            )
-        gb = cfg.train.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(
-            cfg.data.sources,
-            self.tokenizer,
-            seq_len=cfg.train.seq_len,
-            seed=cfg.train.seed,
-            split=cfg.data.split,
-            num_samples=(cfg.train.steps * gb, max(1, cfg.train.eval_iters) * gb),
-            cache_dir=cfg.data.cache_dir,
-            vocab_size=cfg.model.vocab_size,
-        )
+        data = build_run_data(self.cfg)  # the same call `megatronlite data prebuild` makes
+        self.tokenizer, self.train_ds, self.valid_ds = data.tokenizer, data.train, data.valid
 
     def _loader(self, dataset, consumed: int) -> BatchLoader:
         t = self.cfg.train
