@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import emit, run_under_torchrun
 
 MODEL = [
     "model.num_layers=12",
@@ -119,22 +120,7 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="mlite-ckpt-bench-", dir=os.environ.get("BENCH_DIR", ".")))
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node=2",
-                f"--master-port={29500 + os.getpid() % 500}",
-                __file__,
-                "--workdir",
-                str(workdir),
-                "--repeats",
-                str(args.repeats),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        done = run_under_torchrun(__file__, ["--workdir", str(workdir), "--repeats", str(args.repeats)])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -162,11 +148,7 @@ def main() -> None:
         f"{r['load_other'] / r['load_same']:.2f}x the same-layout load |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,15 @@ from megatronlite.kernels.dispatch import triton_problem
 
 SIZES = {  # tokens, hidden, heads, head_dim, ffn, vocab, adam tensors of hidden x hidden
     "tiny": {"tokens": 64, "hidden": 64, "heads": 4, "head_dim": 16, "ffn": 128, "vocab": 250, "tensors": 4},
-    "llama8b": {"tokens": 8192, "hidden": 4096, "heads": 32, "head_dim": 128, "ffn": 14336, "vocab": 128256,
-                "tensors": 16},
+    "llama8b": {
+        "tokens": 8192,
+        "hidden": 4096,
+        "heads": 32,
+        "head_dim": 128,
+        "ffn": 14336,
+        "vocab": 128256,
+        "tensors": 16,
+    },
 }
 
 
@@ -84,12 +91,27 @@ def _cases(size: dict, dtype: torch.dtype, device: str) -> list[Case]:
         return kernels.dispatch.implementation("adamw", "triton", device)(*step_args)
 
     return [
-        Case("rms_norm", f"{t}x{h}", lambda: (*norm_inputs(False), 1e-5), impl(kernels.rms_norm, "triton"),
-             reference.rms_norm),
-        Case("layer_norm", f"{t}x{h}", lambda: (*norm_inputs(True), 1e-5), impl(kernels.layer_norm, "triton"),
-             reference.layer_norm),
-        Case("rotary", f"{t // seq}x{heads}x{seq}x{d}", rotary_inputs, impl(kernels.apply_rotary, "triton"),
-             reference.apply_rotary),
+        Case(
+            "rms_norm",
+            f"{t}x{h}",
+            lambda: (*norm_inputs(False), 1e-5),
+            impl(kernels.rms_norm, "triton"),
+            reference.rms_norm,
+        ),
+        Case(
+            "layer_norm",
+            f"{t}x{h}",
+            lambda: (*norm_inputs(True), 1e-5),
+            impl(kernels.layer_norm, "triton"),
+            reference.layer_norm,
+        ),
+        Case(
+            "rotary",
+            f"{t // seq}x{heads}x{seq}x{d}",
+            rotary_inputs,
+            impl(kernels.apply_rotary, "triton"),
+            reference.apply_rotary,
+        ),
         Case("swiglu", f"{t}x2*{ffn}", lambda: (rand(t, 2 * ffn),), impl(kernels.swiglu, "triton"), reference.swiglu),
         Case("linear_cross_entropy", f"{t}x{h} @ {padded}x{h}", ce_inputs, ce("triton"), ce("torch")),
         Case("adamw", f"{size['tensors']}x{h}x{h}", adamw_inputs, adamw_triton, reference.adamw_step, backward=False),
@@ -163,8 +185,10 @@ def main() -> None:
     for case in _cases(SIZES[size], dtype, device):
         triton_ms = skip or _cell(lambda c=case: _median_ms(c, c.triton, args.iters, device), ".3f")
         torch_ms = _cell(lambda c=case: _median_ms(c, c.torch, args.iters, device), ".3f")
-        compiled = "skipped" if args.no_compile else _cell(
-            lambda c=case: _median_ms(c, torch.compile(c.torch), args.iters, device), ".3f"
+        compiled = (
+            "skipped"
+            if args.no_compile
+            else _cell(lambda c=case: _median_ms(c, torch.compile(c.torch), args.iters, device), ".3f")
         )
         diff = "n/a" if skip else _cell(lambda c=case: _max_diff(c), ".2e")
         lines.append(f"| {case.name} | {case.shape} | {triton_ms} | {torch_ms} | {compiled} | {diff} |")

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import emit
 
 from megatronlite import config
 from megatronlite.models.counting import flops_per_token
@@ -231,11 +232,7 @@ def main() -> None:
         lines.append(f"| {name} | {med:,.0f} ({ratio}) | {rounds} | {util_text} | {mem_text} |")
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} | | | |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

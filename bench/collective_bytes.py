@@ -22,14 +22,13 @@ import argparse
 import datetime
 import functools
 import json
-import os
-import subprocess
 import sys
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from common import emit, run_under_torchrun
 
 LAYOUTS = {"tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"], "dp2": []}
 KINDS = (
@@ -130,23 +129,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for layout, sets in LAYOUTS.items():
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node=2",
-                f"--master-port={29500 + os.getpid() % 500}",
-                __file__,
-                "--config",
-                args.config,
-                "--layout",
-                layout,
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        out = run_under_torchrun(__file__, ["--config", args.config, "--layout", layout])
         if out.returncode:
             sys.exit(f"{layout} failed:\n{out.stderr[-3000:]}")
         out = out.stdout
@@ -155,11 +138,7 @@ def main() -> None:
         exp = expected(cfg, layout)
         for kind, value in sorted(counts.items()):
             lines.append(f"| {layout} | {kind} | {value:,} | {exp.get(kind, 0):,} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text)
+    emit("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""What the benchmark scripts share: starting themselves under torchrun, and printing/recording a result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def run_under_torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`script args` as `nproc` gloo workers on this machine (a port derived from our pid)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={29500 + os.getpid() % 500}",
+        script,
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def emit(text: str, markdown: str | None) -> None:
+    """Print a result, and append it to `markdown` (a bench/results file) when given."""
+    print(text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(text.rstrip("\n") + "\n\n")
