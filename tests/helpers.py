@@ -73,3 +73,17 @@ def final_weights(run_dir: Path) -> dict:
     step_dir = store.find_step_dir(run_dir)
     names = [k.removeprefix("model.") for k in store.stored_shapes(step_dir) if k.startswith("model.")]
     return dict(read_tensors(step_dir, names))
+
+
+def error_of(capsys, *args: str) -> str:
+    """The one line a failing CLI command prints on stderr (it must exit 2)."""
+    import pytest
+
+    from megatronlite.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

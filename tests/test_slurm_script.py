@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import error_of
 
 from megatronlite.cli import main
 
@@ -21,15 +22,6 @@ def dry_run(capsys, *flags: str) -> str:
     main(["submit", "configs/demo.yaml", "--run-dir", "/shared/runs/demo", "--dry-run", *flags])
     return capsys.readouterr().out
 
-
-def error_of(capsys, *args: str) -> str:
-    """The one line a failing command prints (it exits 2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def sbatch_lines(script: str) -> list[str]:

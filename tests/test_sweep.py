@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_overrides
+from helpers import error_of, tiny_overrides
 
 from megatronlite.cli import main
 from megatronlite.errors import UserError
@@ -22,14 +22,6 @@ def write_sweep(tmp_path: Path, spec: dict, base_text: str | None = None) -> Pat
     path.write_text(yaml.safe_dump({"name": "s", "base": "base.yaml", **spec}, sort_keys=False))
     return path
 
-
-def error_of(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 RANDOM = {"optim.lr": {"low": 3e-4, "high": 3e-2, "log": True}, "optim.warmup_steps": {"low": 1, "high": 9}}
