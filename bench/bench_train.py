@@ -3,10 +3,11 @@
 Peers: HF transformers' LlamaForCausalLM (sdpa attention) and, on CUDA, megatron-core's GPTModel
 with its local (non-Transformer-Engine) layer spec. All train the same random token batches with
 torch's AdamW (fused where the device has it), the same batch, sequence length and precision
-(bf16 = autocast over fp32 weights for all), alternating in rounds so machine load hits them alike.
+(bf16 = autocast over fp32 weights for all), alternating in rounds (first one, then the other
+first) so machine load hits them alike.
 
     python bench/bench_train.py [--config configs/demo.yaml] [--device cpu|cuda] [--precision fp32|bf16]
-        [--steps 10] [--rounds 3] [--markdown bench/results/train_cpu.md]
+        [--steps 10] [--rounds 6] [--markdown bench/results/train_cpu.md]
 
 On CPU megatron-core's model cannot run (its tensor-parallel layers need CUDA), so it is listed
 as skipped. On a GPU, e.g.: `--config configs/models/llama-1b.yaml --set train.seq_len=2048
@@ -166,7 +167,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--markdown", help="append the result to this file")
     args = ap.parse_args()
 
@@ -196,8 +197,9 @@ def main() -> None:
     tokens = args.steps * t.global_batch_size * t.seq_len
     tps: dict[str, list[float]] = {name: [] for name in steps}
     memory: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    for round_ in range(args.rounds):
+        # alternate the order: whoever runs first in a round meets a different machine state
+        for name, step in list(steps.items())[:: 1 if round_ % 2 == 0 else -1]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             tps[name].append(tokens / time_steps(step, batches, autocast, device))

@@ -91,9 +91,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.cfg.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(b, s, -1, self.cfg.head_dim).transpose(1, 2)
-        k = qkv[:, :, :, -2].transpose(1, 2)
-        v = qkv[:, :, :, -1].transpose(1, 2)
+        # one split (its backward writes the three gradients into one tensor, where slicing sums three)
+        q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
+        q = q.reshape(b, s, -1, self.cfg.head_dim).transpose(1, 2)
+        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)

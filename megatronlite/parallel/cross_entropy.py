@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatronlite.parallel.mesh import Mesh
 
@@ -54,5 +55,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, vocab_size: int, mesh: Mesh
 ) -> torch.Tensor:
-    """Per-token loss [batch, seq] from this rank's logits [batch, seq, padded_vocab / TP]."""
+    """Per-token loss [batch, seq] from this rank's logits [batch, seq, padded_vocab / TP].
+
+    Without TP the vocabulary is whole: torch's cross-entropy over the real (unpadded) columns,
+    the same loss in fewer passes over the logits.
+    """
+    if mesh.tp == 1:
+        real = logits[..., :vocab_size].float()
+        return F.cross_entropy(real.flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, mesh)
