@@ -7,15 +7,14 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.staging import AlreadyStaged, PieceStager
+from megatronlite.checkpoint.staging import PieceStager
 from megatronlite.checkpoint.views import model_pieces, to_dcp
 from megatronlite.train.metrics import print_line
 from megatronlite.version import versions
@@ -76,20 +75,26 @@ def _meta(trainer) -> dict:
 class Checkpointer:
     """Saves the trainer's state, synchronously or (checkpoint.async) in the background.
 
-    Async: the step blocks while DCP stages the tensors to CPU memory; a writer thread then
-    writes the shards, coordinated over a dedicated gloo group so it never interleaves with
-    training collectives. When every rank's write is done (rank 0's future resolves after
-    DCP's global finish), rank 0 commits. A failed write is reported and commits nothing.
+    Async: the step blocks only while the tensors are copied into CPU buffers made at start-up.
+    One writer thread then wraps them for DCP and writes the shards, coordinated over a dedicated
+    gloo group so it never interleaves with training collectives; DCP's save returns on rank 0
+    after every rank's write is done, and rank 0 commits. A failed write is reported and commits
+    nothing.
     """
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.root = trainer.run_dir / "checkpoints"
-        self.is_async = trainer.cfg.checkpoint.async_save
+        self.is_async = trainer.cfg.checkpoint.async_save and trainer.cfg.checkpoint.save
         self.group = dist.new_group(backend="gloo") if self.is_async and dist.is_initialized() else None
         self.pending: Future | None = None
-        # one stager for the whole run: it keeps its CPU buffers, so later saves only copy into them
-        self.stager = PieceStager(pin_memory=trainer.device.type == "cuda") if self.is_async else None
+        self.writer: ThreadPoolExecutor | None = None
+        self.stager: PieceStager | None = None
+        if self.is_async:
+            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            # one stager for the whole run, its CPU buffers allocated now: saves only copy into them
+            self.stager = PieceStager(pin_memory=trainer.device.type == "cuda")
+            self.stager.reserve(trainer.state_tensors(True, trainer.optimizer_states()))
 
     def save(self) -> None:
         trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
@@ -101,12 +106,12 @@ class Checkpointer:
         _barrier()
         start = time.perf_counter()
         pieces = trainer.state_tensors(True, trainer.optimizer_states())
-        tensors = to_dcp(self.stager.stage(pieces) if self.is_async else pieces, mesh)
-        tensors.update(rng_states(trainer.device, mesh.rank))
+        rng = rng_states(trainer.device, mesh.rank)
         tmp = store.temp_dir(self.root, step)
         meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
 
-        def commit() -> None:
+        def write(pieces) -> None:
+            store.write_shards(tmp, {**to_dcp(pieces, mesh), **rng}, self.group)
             fault_hook("save", step, mesh.rank)
             if mesh.rank == 0:
                 final = store.commit(self.root, step, meta, config_yaml, ckpt.keep, ckpt.keep_every)
@@ -114,32 +119,24 @@ class Checkpointer:
                 print_line(f"saved checkpoint {final} ({'async, ' if self.is_async else ''}written in {written:.2f} s)")
 
         if not self.is_async:
-            store.write_shards(tmp, tensors)
-            _barrier()
-            commit()
+            write(pieces)
             _barrier()
             return
-        self.pending = dcp.async_save(
-            tensors,
-            storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
-            process_group=self.group,
-            async_stager=AlreadyStaged(),
-        )
+        staged = self.stager.stage(pieces)
+        self.pending = self.writer.submit(write, staged)
         blocked = time.perf_counter() - start
         if mesh.rank == 0:
             print_line(f"checkpoint step {step}: training blocked {blocked:.3f} s while staging; writing in background")
 
-        def finished(future: Future) -> None:
+        def report(future: Future) -> None:
             error = future.exception()
             if error is not None:
                 print_line(
                     f"megatronlite: async checkpoint of step {step} failed on rank {mesh.rank} "
                     f"({type(error).__name__}: {error}); the previous checkpoint is kept"
                 )
-                return
-            commit()
 
-        self.pending.add_done_callback(finished)
+        self.pending.add_done_callback(report)
 
     def wait(self) -> None:
         """Block until the background save (if any) has finished and been committed."""
