@@ -35,7 +35,7 @@ IMPLS = ("auto", "torch", "triton", "apex", "te")
 # op -> backend -> "module:attribute" in megatronlite.kernels, imported on first use
 _IMPLEMENTATIONS = {
     "rms_norm": {
-        "torch": "reference:rms_norm",
+        "torch": "torch_fused:rms_norm",
         "triton": "triton_norm:rms_norm",
         "apex": "external:apex_rms_norm",
         "te": "external:te_rms_norm",

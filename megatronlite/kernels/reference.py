@@ -1,7 +1,8 @@
 """Pure-torch versions of every op: the reference the fast paths are tested against, and the fallback.
 
-The norms, rotary and SwiGLU compute exactly what models/gpt.py computes, so choosing `torch` never
-changes a model's numbers. The cross-entropy pieces are the per-chunk steps of the fused linear +
+These are the definitions, differentiated by autograd. The `torch` backend runs them, except
+RMSNorm and SwiGLU, whose hand-written backwards in torch_fused.py save passes over memory
+(same forward, bit for bit). The cross-entropy pieces are the per-chunk steps of the fused linear +
 cross-entropy (linear_cross_entropy.py); the AdamW step is torch.optim.AdamW's update, on fp32
 master weights.
 """
