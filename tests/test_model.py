@@ -118,3 +118,22 @@ def test_run_options_keep_the_numbers(options):
         loss.backward()
     for (name, p), q in zip(plain.named_parameters(), other.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_split_gate_up_equals_the_fused_projection():
+    """The torch path's one GEMM per SwiGLU half computes what the fused GEMM + fused SwiGLU do."""
+    from megatronlite.kernels import reference
+
+    cfg = ModelConfig(arch="llama", num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=2, vocab_size=50)
+    model = GPTModel(cfg)
+    init_parameters(model, cfg, seed=0)
+    mlp = model.layers["0"].mlp
+    assert mlp.split_halves  # the torch backend's default
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    split = mlp(x)
+    grads = torch.autograd.grad(split.square().sum(), (x, mlp.fc1.weight))
+    fused = mlp.fc2(reference.swiglu(mlp.fc1(x)))
+    fused_grads = torch.autograd.grad(fused.square().sum(), (x, mlp.fc1.weight))
+    torch.testing.assert_close(split, fused, rtol=1e-6, atol=1e-6)
+    for g, f in zip(grads, fused_grads):
+        torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ _IMPLEMENTATIONS = {
         "te": "external:te_layer_norm",
     },
     "rotary": {"torch": "reference:apply_rotary", "triton": "triton_rope:apply_rotary"},
-    "swiglu": {"torch": "torch_fused:swiglu", "triton": "triton_swiglu:swiglu"},
+    "swiglu": {"torch": "reference:swiglu", "triton": "triton_swiglu:swiglu"},
     "linear_cross_entropy": {"torch": "reference:CE_CHUNK_OPS", "triton": "triton_cross_entropy:CE_CHUNK_OPS"},
     "adamw": {"torch": "reference:adamw_step", "triton": "triton_adamw:adamw_step", "apex": "external:apex_adamw"},
 }

@@ -1,8 +1,8 @@
 """Pure-torch versions of every op: the reference the fast paths are tested against, and the fallback.
 
 These are the definitions, differentiated by autograd. The `torch` backend runs them, except
-RMSNorm and SwiGLU, whose hand-written backwards in torch_fused.py save passes over memory
-(same forward, bit for bit). The cross-entropy pieces are the per-chunk steps of the fused linear +
+RMSNorm, whose hand-written backward in torch_fused.py saves passes over memory (same forward,
+bit for bit). The cross-entropy pieces are the per-chunk steps of the fused linear +
 cross-entropy (linear_cross_entropy.py); the AdamW step is torch.optim.AdamW's update, on fp32
 master weights.
 """
@@ -38,7 +38,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def swiglu(fused: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, where the last dim of `fused` is [gate; up]."""
-    gate, up = fused.chunk(2, dim=-1)
+    return swiglu_halves(*fused.chunk(2, dim=-1))
+
+
+def swiglu_halves(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from separate tensors (what the model runs without a fused kernel)."""
     return F.silu(gate) * up
 
 

@@ -23,6 +23,7 @@ from megatronlite import kernels
 from megatronlite.config import ModelConfig
 from megatronlite.kernels import OPS
 from megatronlite.kernels.dispatch import backend_function
+from megatronlite.kernels.reference import swiglu_halves
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatronlite.parallel.mesh import Mesh
@@ -109,11 +110,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU with a fused [gate; up] projection (llama) or fc1-GELU-fc2 (gpt2)."""
+    """SwiGLU with a fused [gate; up] projection (llama) or fc1-GELU-fc2 (gpt2).
+
+    A fused SwiGLU kernel reads gate and up from the one fused GEMM output. The pure-torch path
+    instead runs one GEMM per half (the weight's halves are views) so silu and the product read
+    contiguous memory: on CPU that is faster than one GEMM plus strided elementwise ops.
+    """
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels) -> None:
         super().__init__()
         self.gated = cfg.arch == "llama"
+        self.split_halves = kernels["swiglu"] == "torch"
         self.swiglu = backend_function("swiglu", kernels["swiglu"])
         f, h = cfg.ffn_size, cfg.hidden_size
         parts = ("gate", "up") if self.gated else ()
@@ -123,11 +130,13 @@ class MLP(nn.Module):
         self.fc2 = RowParallelLinear(f, h, mesh, bias=not self.gated, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(x)
-        if self.gated:
-            y = self.swiglu(y)
+        if self.gated and self.split_halves:
+            gate, up = self.fc1.forward_parts(x)
+            y = swiglu_halves(gate, up)
+        elif self.gated:
+            y = self.swiglu(self.fc1(x))
         else:
-            y = F.gelu(y, approximate="tanh")
+            y = F.gelu(self.fc1(x), approximate="tanh")
         return self.fc2(y)
 
 
