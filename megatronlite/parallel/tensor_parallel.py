@@ -91,7 +91,7 @@ class ColumnParallelLinear(nn.Module):
     def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One GEMM per fused part, each output contiguous on its own.
 
-        Same numbers as `forward` split along the last dim; faster where elementwise torch code
+        The product of `forward`, split along the last dim; faster where elementwise torch code
         follows (on CPU, ops over strided halves of the fused output cost more than the GEMM saves).
         """
         x = _tp_input(x, self.mesh, self.sequence_parallel)
