@@ -121,7 +121,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.arch == "llama"
         self.split_halves = kernels["swiglu"] == "torch"
-        self.swiglu = backend_function("swiglu", kernels["swiglu"])
+        self.swiglu = None if self.split_halves else backend_function("swiglu", kernels["swiglu"])
         f, h = cfg.ffn_size, cfg.hidden_size
         parts = ("gate", "up") if self.gated else ()
         self.fc1 = ColumnParallelLinear(
