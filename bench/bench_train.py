@@ -160,6 +160,18 @@ def time_steps(step: Step, batches, autocast, device) -> float:
     return time.perf_counter() - start
 
 
+def paired_ratio(values: list[float], base: list[float]) -> str:
+    """Median and quartiles of the per-round ratios values/base.
+
+    Paired by round, so a slow stretch of the machine hits both sides of each ratio; the quartiles
+    say how far one round's ratio swings, i.e. how large a difference the median can resolve."""
+    ratios = [x / b for x, b in zip(values, base)]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.3f}x"
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.3f}x ({q1:.3f}-{q3:.3f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
@@ -220,7 +232,7 @@ def main() -> None:
         f"vocab={m.vocab_size}; batch {t.global_batch_size} x {t.seq_len} ({n_micro} micro-batches); "
         f"{args.precision}; AdamW (torch fused) for all",
         "",
-        "| implementation | tokens/s (median) | speed / megatronlite's in the same round (median) "
+        "| implementation | tokens/s (median) | speed / megatronlite's in the same round: median (quartiles) "
         "| rounds | MFU | peak memory GiB |",
         "|---|---|---|---|---|---|",
     ]
@@ -230,9 +242,10 @@ def main() -> None:
         util_text = "n/a" if util is None else f"{100 * util:.1f}%"
         mem_text = f"{memory[name]:.1f}" if name in memory else "n/a"
         rounds = ", ".join(f"{x:,.0f}" for x in values)
-        # paired by round, so a slow stretch of the machine hits both sides of each ratio
-        paired = statistics.median(x / base for x, base in zip(values, tps["megatronlite"]))
-        lines.append(f"| {name} | {med:,.0f} | {paired:.3f}x | {rounds} | {util_text} | {mem_text} |")
+        lines.append(
+            f"| {name} | {med:,.0f} | {paired_ratio(values, tps['megatronlite'])} | {rounds} | {util_text} "
+            f"| {mem_text} |"
+        )
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} | | | | |")
     emit("\n".join(lines), args.markdown)
