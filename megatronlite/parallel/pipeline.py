@@ -100,7 +100,9 @@ class PipelineRunner:
     def run(self, inputs: torch.Tensor, labels: torch.Tensor, train: bool) -> torch.Tensor | None:
         """Forward (and backward if `train`) the whole batch; the sum of micro-batch losses on the last stage."""
         losses: list[torch.Tensor] = []
-        args = (inputs,) if self.has_first else ()
+        # contiguous: torch >= 2.11 checks each micro-batch's strides against a contiguous example,
+        # and the callers' inputs are views of [batch, seq + 1] token blocks
+        args = (inputs.contiguous(),) if self.has_first else ()
         kwargs = {"target": labels, "losses": losses} if self.has_last else {}
         (self.schedule.step if train else self.schedule.eval)(*args, **kwargs)
         return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last else None
