@@ -121,7 +121,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # 0: only at the end of training
-    keep: int = 3
+    keep: int = 3  # the newest N complete checkpoints stay; 0: all stay
     keep_every: int = 0  # 0: none kept permanently
     load: str | None = "auto"  # auto | null | a path
     save: bool = True
@@ -283,14 +283,49 @@ def from_dict(raw: dict) -> Config:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run's config from its YAML file and `--set` overrides, validated, its inputs checked."""
     raw = apply_overrides(load_raw(path), overrides or [])
     raw.setdefault("name", Path(path).stem)
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    check_inputs(cfg)
+    return cfg
+
+
+def check_inputs(cfg: Config) -> None:
+    """Paths a run starts from must exist (before any worker starts). Not part of `validate`: a
+    saved run's config stays loadable after the checkpoint it once started from is gone."""
+    load = cfg.checkpoint.load
+    if load not in (None, "auto") and not Path(load).exists():
+        raise UserError(
+            f"checkpoint.load: path does not exist: {load} (give a run directory, its checkpoints/ "
+            "directory or a step directory; or auto, or null)"
+        )
 
 
 def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _fraction(value: float, key: str, include_one: bool = False) -> None:
+    if not (0 <= value <= 1 if include_one else 0 <= value < 1):
+        raise UserError(f"config key '{key}' must be in [0, 1{']' if include_one else ')'}, got {value}")
+
+
+# keys checked by sign alone, by section; an unset optional key (None) takes its default
+_POSITIVE = {
+    "model": "num_layers hidden_size num_heads num_kv_heads ffn_hidden_size vocab_size max_seq_len norm_eps "
+    "rope_theta init_std make_vocab_size_divisible_by",
+    "parallel": "tensor pipeline virtual_pipeline bucket_mb timeout_minutes",
+    "train": "steps micro_batch_size global_batch_size seq_len eval_iters",
+    "optim": "lr eps initial_loss_scale",
+    "logging": "interval",
+}
+_NON_NEGATIVE = {
+    "train": "eval_interval recompute_layers threads",
+    "optim": "min_lr warmup_steps weight_decay clip_grad",
+    "checkpoint": "interval keep keep_every",
+}
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -301,16 +336,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if value not in allowed:
             raise UserError(f"config key '{key}' = {value!r}; valid values: {', '.join(allowed)}")
     m, t, o = cfg.model, cfg.train, cfg.optim
-    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len"):
-        _positive(getattr(m, key), f"model.{key}")
-    for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
-        _positive(getattr(t, key), f"train.{key}")
-    for key in ("tensor", "pipeline", "virtual_pipeline"):
-        _positive(getattr(cfg.parallel, key), f"parallel.{key}")
-    _positive(o.lr, "optim.lr")
-    _positive(o.min_lr, "optim.min_lr", allow_zero=True)
-    _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
-    _positive(cfg.logging.interval, "logging.interval")
+    for allow_zero, keys in ((False, _POSITIVE), (True, _NON_NEGATIVE)):
+        for section, names in keys.items():
+            for name in names.split():
+                value = getattr(getattr(cfg, section), name)
+                if value is not None:
+                    _positive(value, f"{section}.{name}", allow_zero)
+    _fraction(o.beta1, "optim.beta1")
+    _fraction(o.beta2, "optim.beta2")
+    _fraction(o.decay_fraction, "optim.decay_fraction", include_one=True)
     if o.min_lr > o.lr:
         raise UserError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
     if m.hidden_size % m.num_heads:
@@ -325,22 +359,23 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise UserError(f"llama needs an even head dim for RoPE; hidden_size/num_heads = {m.head_dim}")
     if t.seq_len > m.max_seq_len:
         raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    load = cfg.checkpoint.load
-    if load not in (None, "auto") and not Path(load).exists():
-        raise UserError(
-            f"checkpoint.load: path does not exist: {load} (give a run directory, its checkpoints/ "
-            "directory or a step directory; or auto, or null)"
-        )
     validate_wandb(cfg.logging.wandb)
     validate_kernels(t.kernels)
     if not cfg.data.sources:
         raise UserError("data.sources is empty; give at least one {path: PREFIX, weight: W}")
     if world_size is not None:
         validate_layout(cfg, world_size)
-    elif t.global_batch_size % t.micro_batch_size:
+    else:  # the data-parallel size is not known yet: at least one micro-batch per step
+        _check_batch(t, 1)
+
+
+def _check_batch(t: TrainConfig, dp: int) -> None:
+    step = t.micro_batch_size * dp
+    if t.global_batch_size % step:
         raise UserError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size})"
+            f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size x "
+            f"data-parallel size ({t.micro_batch_size} x {dp} = {step}); valid: "
+            f"{', '.join(str(step * k) for k in range(1, 5))}, ..."
         )
 
 
@@ -416,13 +451,7 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"the interleaved schedule needs micro-batches per step ({n_micro}) divisible by parallel.pipeline "
             f"({p.pipeline}); change train.global_batch_size"
         )
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        step = t.micro_batch_size * dp
-        raise UserError(
-            f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size x "
-            f"data-parallel size ({t.micro_batch_size} x {dp} = {step}); valid: "
-            f"{', '.join(str(step * k) for k in range(1, 5))}, ..."
-        )
+    _check_batch(t, dp)
     return dp
 
 

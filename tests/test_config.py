@@ -66,7 +66,7 @@ def test_extends_cycle(tmp_path):
     [
         ("model: {hidden_size: 100, num_heads: 8}", r"num_heads \(8\) must divide model.hidden_size \(100\)"),
         ("model: {num_heads: 8, num_kv_heads: 3}", r"num_kv_heads \(3\) must divide"),
-        ("train: {micro_batch_size: 3, global_batch_size: 8}", r"global_batch_size \(8\) must be a multiple"),
+        ("train: {micro_batch_size: 3, global_batch_size: 8}", r"global_batch_size \(8\) .* valid: 3, 6, 9"),
         ("train: {seq_len: 4096}", r"seq_len \(4096\) exceeds model.max_seq_len"),
         ("train: {precision: fp8}", r"'train.precision' = 'fp8'; valid values: fp32, bf16, fp16"),
         ("optim: {lr: 0.001, min_lr: 0.01}", r"min_lr"),
@@ -111,6 +111,11 @@ def test_bad_yaml_and_missing_file(tmp_path):
         (["configs/demo.yaml", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'"),
         (["configs/demo.yaml", "--set", "data.sources=[{path: /nonexistent/prefix}]"], "/nonexistent/prefix"),
         (["configs/demo.yaml", "--set", "checkpoint.load=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+        (["configs/demo.yaml", "--set", "model.ffn_hidden_size=-3"], "'model.ffn_hidden_size' must be > 0"),
+        (["configs/demo.yaml", "--set", "optim.beta1=2"], "'optim.beta1' must be in [0, 1)"),
+        (["configs/demo.yaml", "--set", "checkpoint.keep=-1"], "'checkpoint.keep' must be >= 0"),
+        (["configs/demo.yaml", "--set", "train.eval_iters=0"], "'train.eval_iters' must be > 0"),
+        (["configs/demo.yaml", "--set", "train.global_batch_size=12"], "valid: 8, 16, 24"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):

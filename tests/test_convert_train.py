@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from megatronlite import load_model  # noqa: E402
 from megatronlite.convert import Options, convert  # noqa: E402
 
 STEPS = 10
@@ -75,6 +76,13 @@ def assert_learns(done: subprocess.CompletedProcess, converted: Path, run: Path)
 def test_converted_model_trains_in_one_process(tmp_path, converted, data):
     run = tmp_path / "run"
     assert_learns(train([sys.executable, "-m", "megatronlite"], converted, run, data), converted, run)
+    # the run's saved config names the checkpoint it started from: the run stays loadable without it
+    moved = converted.with_name("moved")
+    converted.rename(moved)
+    try:
+        assert load_model(run).run_config.checkpoint.load == str(converted)
+    finally:
+        moved.rename(converted)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The .bin/.idx format: round trips, byte compatibility with megatron-core, and every corrupt-file error."""
 
+import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +96,17 @@ def test_corrupt_files_name_the_file(tmp_path, corrupt, message):
     prefix = write(tmp_path / "c")
     corrupt(prefix)
     with pytest.raises(UserError, match=message):
+        IndexedDataset(prefix)
+
+
+def test_unreadable_file_names_the_file(tmp_path, monkeypatch):
+    prefix = write(tmp_path / "c")
+    bin_path = paths(prefix)[0]
+    bin_path.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: answer as the kernel would for another user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and Path(p) != bin_path)
+    with pytest.raises(UserError, match=r"c\.bin: not readable"):
         IndexedDataset(prefix)
 
 

@@ -2,13 +2,17 @@
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
+from helpers import read_metrics, tiny_overrides
 
 from megatronlite.data import tokenizer_train
 from megatronlite.data.tokenizers import build_tokenizer
 from megatronlite.errors import UserError
 
+CLI = [sys.executable, "-m", "megatronlite"]
 TEXT = "Grüße, 世界! def f(x):\n    return x ** 2  # ✓"
 
 
@@ -62,3 +66,29 @@ def test_tokenizer_errors(tmp_path, trained):
 def test_train_rejects_tiny_vocab(tmp_path):
     with pytest.raises(UserError, match="--vocab-size 100"):
         tokenizer_train.train_tokenizer([str(tmp_path / "x.txt")], 100, str(tmp_path / "t"))
+
+
+
+def test_preprocess_with_a_tokenizer_json_then_train(tmp_path, trained):
+    """The whole path with a trained tokenizer: `preprocess --tokenizer PATH --json-key` on .jsonl and
+    .txt writes its ids (read back by megatron-core), and `train` runs on them with that tokenizer."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = [f"{TEXT} document {i}" for i in range(40)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    (tmp_path / "more.txt").write_text("a text file is one document")
+    inputs = [str(tmp_path / "in.jsonl"), str(tmp_path / "more.txt")]
+    prefix = tmp_path / "bpe"
+    prep = ["preprocess", "--input", *inputs, "--output-prefix", str(prefix), "--json-key", "body", "--append-eod"]
+    subprocess.run([*CLI, *prep, "--tokenizer", str(trained / "tokenizer.json")], check=True, timeout=120)
+    tok = build_tokenizer(str(trained / "tokenizer.json"))
+    theirs = IndexedDataset(str(prefix))
+    expected = [tok.encode(d) + [tok.eod_id] for d in [*docs, "a text file is one document"]]
+    assert [theirs[i].tolist() for i in range(len(theirs))] == expected
+    run = tmp_path / "run"
+    sets = {"model.vocab_size": 400, "data.tokenizer": str(trained), "train.steps": 2, "train.seq_len": 16}
+    args = ["train", "configs/demo.yaml", "--run-dir", str(run)]
+    args += [a for o in tiny_overrides(str(prefix), run, **sets) for a in ("--set", o)]
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import read_metrics, tiny_overrides
 
-from megatronlite import load_model
+from megatronlite import config, load_model
 from megatronlite.cli import main
 
 
@@ -33,7 +33,8 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus, arch):
     assert metrics[-1]["consumed_samples"] == 30 * 4
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
     assert first > 5.0 and last < first - 1.5, (first, last)
-    assert (run / "config.yaml").is_file()
+    resolved = config.load(run / "config.yaml")  # the resolved config: the file and its overrides
+    assert (resolved.model.arch, resolved.train.steps, resolved.checkpoint.keep) == (arch, 30, 3)
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000010", "step_0000020", "step_0000030"]
     assert (run / "checkpoints" / "latest").read_text() == "step_0000030"

@@ -128,6 +128,8 @@ class IndexedDataset:
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
                 raise UserError(f"{path}: not found; expected a .bin/.idx pair written by `megatronlite preprocess`")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"{path}: not readable by this user; check the file's permissions")
         self.dtype, self._count, self._doc_count = self._read_header()
         self._index: np.memmap | None = None
         self._bin: np.ndarray | None = None

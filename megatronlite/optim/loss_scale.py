@@ -13,12 +13,14 @@ class LossScaler:
     def __init__(self, initial: float, growth_interval: int = 1000, min_scale: float = 1.0) -> None:
         self.scale, self.growth_interval, self.min_scale = initial, growth_interval, min_scale
         self.good_steps = 0
+        self.skipped = 0  # steps skipped for overflow since the run started
 
     def update(self, grad_norm: float) -> bool:
         """Record this step's (unscaled) gradient norm; return False when the step must be skipped."""
         if not math.isfinite(grad_norm):
             self.scale = max(self.min_scale, self.scale / 2)
             self.good_steps = 0
+            self.skipped += 1
             return False
         self.good_steps += 1
         if self.good_steps % self.growth_interval == 0:
@@ -26,7 +28,7 @@ class LossScaler:
         return True
 
     def state(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
 
     def load_state(self, state: dict) -> None:
-        self.scale, self.good_steps = state["scale"], state["good_steps"]
+        self.scale, self.good_steps, self.skipped = state["scale"], state["good_steps"], state.get("skipped", 0)

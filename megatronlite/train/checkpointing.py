@@ -64,6 +64,8 @@ def layout_of(trainer) -> dict:
 def _meta(trainer) -> dict:
     return {
         "step": trainer.step,
+        # Adam's step count (its bias correction): fewer than `step` when fp16 steps were skipped
+        "optimizer_steps": trainer.step - (trainer.scaler.skipped if trainer.scaler else 0),
         "consumed_samples": trainer.consumed_samples,
         "loss_scale": trainer.scaler.state() if trainer.scaler else None,
         "layout": layout_of(trainer),
@@ -204,7 +206,7 @@ def maybe_resume(trainer) -> None:
         torch.manual_seed(trainer.cfg.train.seed + meta["step"])
     for group in trainer.optimizer.param_groups:
         for p in group["params"]:
-            trainer.optimizer.state[p]["step"].fill_(float(meta["step"]))
+            trainer.optimizer.state[p]["step"].fill_(float(meta.get("optimizer_steps", meta["step"])))
     trainer.step = meta["step"]
     trainer.consumed_samples = meta["consumed_samples"]
     if trainer.scaler and meta.get("loss_scale"):

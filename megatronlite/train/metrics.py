@@ -9,6 +9,7 @@ guessed peak would make the number meaningless.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +60,9 @@ class MetricsWriter:
         self.file = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        """Non-finite numbers (an fp16 overflow's grad norm) become null: strict JSON has no inf or NaN."""
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def close(self) -> None:
         self.file.close()
@@ -84,6 +87,8 @@ def console_line(rec: dict, total_steps: int, eta_s: float) -> str:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
     if "eval_loss" in rec:
         parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+    if "loss_scale" in rec:
+        parts.append(f"loss_scale {rec['loss_scale']:g} ({rec['skipped_steps']} skipped)")
     parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)
 

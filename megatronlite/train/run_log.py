@@ -26,8 +26,12 @@ class RunLog:
         self.start = self.last = time.perf_counter()
         self.steps_since = 0
 
-    def step_done(self, step: int, loss: float, grad_norm: float, consumed: int, eval_loss: float | None) -> None:
-        """Count a finished step; write a record when one is due (interval, eval, or the last step)."""
+    def step_done(
+        self, step: int, loss: float, grad_norm: float, consumed: int, eval_loss: float | None, extra: dict
+    ) -> None:
+        """Count a finished step; write a record when one is due (interval, eval, or the last step).
+
+        `extra`: more keys for the record (fp16: the loss scale and the steps skipped for overflow)."""
         self.steps_since += 1
         total = self.cfg.train.steps
         if step % self.cfg.logging.interval and eval_loss is None and step != total:
@@ -46,6 +50,7 @@ class RunLog:
         }
         if eval_loss is not None:
             rec["eval_loss"] = eval_loss
+        rec.update(extra)
         if self.writer:
             self.writer.write(rec)
             eta = (total - step) * (now - self.last) / self.steps_since

@@ -243,7 +243,8 @@ class Trainer:
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size
                 eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
-                log.step_done(self.step, loss, norm, self.consumed_samples, self.evaluate() if eval_due else None)
+                eval_loss = self.evaluate() if eval_due else None
+                log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, self._scaler_record())
                 stop = watch.requested()
                 due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
                 if ckpt.save and (due or stop):
@@ -255,6 +256,11 @@ class Trainer:
             saver.wait()
             batches.close()
             log.close()
+
+    def _scaler_record(self) -> dict:
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped}
 
     def resolved_config_yaml(self) -> str:
         import yaml
