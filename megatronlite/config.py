@@ -8,7 +8,6 @@ raises `UserError` naming the key and what would be valid, so the CLI can print 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from megatronlite.errors import UserError
+from megatronlite.errors import UserError, unknown_key
 
 
 @dataclass
@@ -261,9 +260,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+            raise unknown_key(key, names, prefix)
         fname = _FIELD_NAME.get(key, key)
         ftype = hints[fname]
         if dataclasses.is_dataclass(ftype):
@@ -399,9 +396,7 @@ def validate_wandb(settings: dict | None) -> None:
         return
     for key in settings:
         if key not in WANDB_KEYS:
-            close = difflib.get_close_matches(str(key), WANDB_KEYS, n=1)
-            hint = f"did you mean 'logging.wandb.{close[0]}'?" if close else f"valid keys: {', '.join(WANDB_KEYS)}"
-            raise UserError(f"unknown config key 'logging.wandb.{key}'; {hint}")
+            raise unknown_key(key, WANDB_KEYS, "logging.wandb.")
     if settings.get("mode", "offline") not in WANDB_MODES:
         raise UserError(f"logging.wandb.mode = {settings['mode']!r}; valid values: {', '.join(WANDB_MODES)}")
 

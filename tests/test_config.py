@@ -111,6 +111,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
         (["configs/demo.yaml", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'"),
         (["configs/demo.yaml", "--set", "data.sources=[{path: /nonexistent/prefix}]"], "/nonexistent/prefix"),
         (["configs/demo.yaml", "--set", "checkpoint.load=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+        (["configs/demo.yaml", "--set", "data.sources=[{pth: x}]"], "did you mean 'data.sources[0].path'"),
         (["configs/demo.yaml", "--set", "model.ffn_hidden_size=-3"], "'model.ffn_hidden_size' must be > 0"),
         (["configs/demo.yaml", "--set", "optim.beta1=2"], "'optim.beta1' must be in [0, 1)"),
         (["configs/demo.yaml", "--set", "checkpoint.keep=-1"], "'checkpoint.keep' must be >= 0"),

@@ -163,7 +163,7 @@ def test_valid_split_may_be_empty_when_no_samples_are_asked(tmp_path):
         ([{"path": "C", "weight": 0}], {}, r"data.sources\[0\].weight = 0 .*c\): must be a positive number"),
         ([{"path": "C"}, {"path": "C", "weight": -2}], {}, r"data.sources\[1\].weight = -2"),
         ([{"path": "C", "weight": "x"}], {}, r"weight = 'x'"),
-        ([{"path": "C", "wieght": 1}], {}, r"unknown key\(s\) wieght"),
+        ([{"path": "C", "wieght": 1}], {}, r"'data.sources\[0\].wieght'; did you mean 'data.sources\[0\].weight'"),
         ([{"path": "MISSING"}], {}, r"missing\.bin not found"),
         ([{"path": "builtin:nope"}], {}, r"unknown built-in corpus; valid: builtin:stdlib"),
     ],

@@ -26,7 +26,7 @@ from megatronlite.data.blending import BlendedDataset, source_sizes
 from megatronlite.data.builtin import resolve_prefix
 from megatronlite.data.indexed import IndexedDataset
 from megatronlite.data.tokenizers import Tokenizer
-from megatronlite.errors import UserError
+from megatronlite.errors import UserError, unknown_key
 
 INDEX_VERSION = 2  # bump when the index layout or algorithms change
 SPLIT_NAMES = ("train", "valid", "test")
@@ -164,11 +164,11 @@ def parse_sources(sources: list) -> list[tuple[str, float]]:
         raise UserError("data.sources: expected a non-empty list of {path: PREFIX, weight: W}")
     parsed = []
     for i, entry in enumerate(sources):
+        for key in entry if isinstance(entry, dict) else ():
+            if key not in ("path", "weight"):
+                raise unknown_key(key, ("path", "weight"), f"data.sources[{i}].")
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise UserError(f"data.sources[{i}] = {entry!r}: expected {{path: PREFIX, weight: W}}")
-        unknown = set(entry) - {"path", "weight"}
-        if unknown:
-            raise UserError(f"data.sources[{i}]: unknown key(s) {', '.join(sorted(unknown))}; valid: path, weight")
         weight = entry.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or math.isinf(weight):
             raise UserError(f"data.sources[{i}].weight = {weight!r} ({entry['path']}): must be a positive number")
