@@ -40,15 +40,15 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus, arch):
     assert (run / "checkpoints" / "latest").read_text() == "step_0000030"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_resume_is_bit_exact(tmp_path, corpus, arch):
+@pytest.mark.parametrize("arch, precision", [("llama", "fp32"), ("gpt2", "fp32"), ("llama", "bf16")])
+def test_resume_is_bit_exact(tmp_path, corpus, arch, precision):
     full = tmp_path / "full"
-    reference = train(full, tiny_overrides(corpus, full, arch))
+    reference = train(full, tiny_overrides(corpus, full, arch, **{"train.precision": precision}))
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
     (resumed / "checkpoints" / "latest").write_text("step_0000004")
-    after = train(resumed, tiny_overrides(corpus, resumed, arch))
+    after = train(resumed, tiny_overrides(corpus, resumed, arch, **{"train.precision": precision}))
     assert [m["step"] for m in after] == [5, 6, 7, 8]
     assert [m["loss"] for m in after] == [m["loss"] for m in reference[4:]]
     assert [m["grad_norm"] for m in after] == [m["grad_norm"] for m in reference[4:]]
