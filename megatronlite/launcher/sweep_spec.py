@@ -161,6 +161,8 @@ def resolve_config(sweep: Sweep, trial: Trial) -> config.Config:
         raw = config.apply_overrides(config.load_raw(sweep.base), sets)
         if raw.get("logging", {}).get("wandb"):
             raw = config.apply_overrides(raw, [f"logging.wandb.group={sweep.name}"])
-        return config.from_dict(raw)
+        cfg = config.from_dict(raw)
+        config.check_inputs(cfg)  # before any trial is launched
+        return cfg
     except UserError as e:
         raise UserError(f"sweep {sweep.name}, trial {trial.id} {trial.params}: {e}") from None
