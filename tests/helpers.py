@@ -1,6 +1,7 @@
 """Shared test helpers: tiny-run overrides and metrics reading."""
 
 import json
+import shutil
 from pathlib import Path
 
 
@@ -28,6 +29,24 @@ def tiny_overrides(corpus: str, run_dir: Path, arch: str = "llama", **extra) -> 
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
+
+
+def train(run_dir: Path, overrides: list[str]) -> list[dict]:
+    """`megatronlite train configs/demo.yaml` in this process; the run's metrics records."""
+    from megatronlite.cli import main
+
+    args = ["train", "configs/demo.yaml", "--run-dir", str(run_dir)]
+    for o in overrides:
+        args += ["--set", o]
+    main(args)
+    return read_metrics(run_dir)
+
+
+def resume_from(source_run: Path, step_name: str, run_dir: Path) -> None:
+    """Make `run_dir` a run whose latest checkpoint is `source_run`'s `step_name` (a copy)."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source_run / "checkpoints" / step_name, run_dir / "checkpoints" / step_name)
+    (run_dir / "checkpoints" / "latest").write_text(step_name)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -2,10 +2,8 @@
 
 import json
 import math
-import shutil
 
-from helpers import tiny_overrides
-from test_train_e2e import train
+from helpers import resume_from, tiny_overrides, train
 
 from megatronlite.optim.loss_scale import LossScaler
 
@@ -48,9 +46,7 @@ def test_fp16_run_backs_off_reports_and_resumes_exactly(tmp_path, corpus):
     assert reference[-1]["skipped_steps"] == len(skipped) < len(reference)  # and a smaller scale fits
     assert reference[-1]["loss_scale"] == 2.0**24 / 2 ** len(skipped)
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
-    (resumed / "checkpoints" / "latest").write_text("step_0000004")
+    resume_from(full, "step_0000004", resumed)
     after = train(resumed, tiny_overrides(corpus, resumed, **sets))
     keys = ("loss", "grad_norm", "loss_scale", "skipped_steps")
     assert [[m[k] for k in keys] for m in after] == [[m[k] for k in keys] for m in reference[4:]]

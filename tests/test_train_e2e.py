@@ -1,24 +1,14 @@
 """End-to-end: train from the CLI, resume exactly, generate, load_model."""
 
 import importlib.util
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import read_metrics, tiny_overrides
+from helpers import resume_from, tiny_overrides, train
 
 from megatronlite import config, load_model
-from megatronlite.cli import main
-
-
-def train(run_dir, overrides):
-    args = ["train", "configs/demo.yaml", "--run-dir", str(run_dir)]
-    for o in overrides:
-        args += ["--set", o]
-    main(args)
-    return read_metrics(run_dir)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -45,9 +35,7 @@ def test_resume_is_bit_exact(tmp_path, corpus, arch, precision):
     full = tmp_path / "full"
     reference = train(full, tiny_overrides(corpus, full, arch, **{"train.precision": precision}))
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
-    (resumed / "checkpoints" / "latest").write_text("step_0000004")
+    resume_from(full, "step_0000004", resumed)
     after = train(resumed, tiny_overrides(corpus, resumed, arch, **{"train.precision": precision}))
     assert [m["step"] for m in after] == [5, 6, 7, 8]
     assert [m["loss"] for m in after] == [m["loss"] for m in reference[4:]]
