@@ -34,3 +34,21 @@ run_preemptible() {
     fi
     return "$rc"
 }
+
+# with_restarts N COMMAND...: run COMMAND again after it fails, at most N times; each attempt resumes
+# from the run's last complete checkpoint (MEGATRONLITE_RESTART_COUNT tells the workers it is a restart
+# and they log it in RUN_DIR/restarts.jsonl). Not after success, a bad-input error (exit code 2) or a
+# save-and-stop (exit code 3, or once a stop was requested): those are not failures a restart mends.
+with_restarts() {
+    local max=$1 attempt=0 rc
+    shift
+    while :; do
+        MEGATRONLITE_RESTART_COUNT=$attempt "$@"
+        rc=$?
+        if [[ $rc == 0 || $rc == 2 || $rc == 3 || $attempt -ge $max || -e "$RUN_DIR/.save_and_exit" ]]; then
+            return "$rc"
+        fi
+        attempt=$((attempt + 1))
+        echo "$(date +%T) the job step failed (exit code $rc): restart $attempt of $max"
+    done
+}

@@ -26,11 +26,14 @@ def _train(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from megatronlite import config
+    from megatronlite.launcher.torchrun import die_with_launcher
     from megatronlite.parallel.mesh import build_mesh, init_distributed
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
     from megatronlite.train.preemption import Preempted
+    from megatronlite.train.run_lock import lock_run_dir
     from megatronlite.train.trainer import Trainer, write_resolved_config
 
+    die_with_launcher()
     cfg = config.load(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     kind = cfg.train.device
@@ -39,20 +42,25 @@ def _train(args: argparse.Namespace) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = cuda but no CUDA device is available; use train.device: cpu or auto")
     world, rank, local_rank = init_distributed(kind, cfg.parallel.timeout_minutes)
+    lock = None
     try:
-        mesh = build_mesh(cfg, world, rank)
         device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
         if kind == "cuda":
             torch.cuda.set_device(device)
+        lock = lock_run_dir(run_dir, rank, world, device)  # before anything in the run directory is written
+        mesh = build_mesh(cfg, world, rank)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
+        trainer = Trainer(cfg, run_dir, mesh, device)
+        if rank == 0:  # only once nothing at start-up refused the run: a refused one leaves config.yaml as it was
             write_resolved_config(cfg, run_dir)
-        Trainer(cfg, run_dir, mesh, device).run()
+        trainer.run()
     except Preempted as e:
         if rank == 0:
             print(f"megatronlite: {e}; resume with checkpoint.load: auto", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 

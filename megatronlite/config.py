@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class ParallelConfig:
     pipeline_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
     pipeline_layers: list | None = None  # layers per stage (P x virtual entries); None: an even split
     bucket_mb: float = 25.0  # DP gradient bucket size
-    timeout_minutes: float = 10.0  # collective timeout: a dead peer fails the job instead of hanging it
+    timeout_minutes: float = 10.0  # no progress this long ends the job with a clue (train/watchdog.py)
 
 
 @dataclass
@@ -90,6 +91,10 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no periodic eval
     eval_iters: int = 4
     threads: int = 0  # CPU intra-op threads, 0: torch's default
+    on_nonfinite: str = "stop"  # stop | skip: a step whose loss or gradients are NaN/inf (train/guards.py)
+    max_skipped_steps: int = 10  # skipped steps in a row (non-finite, fp16 overflow at min scale) before stopping
+    loss_spike_factor: float = 0.0  # a loss above this x the recent mean is a spike; 0: no spike detection
+    on_loss_spike: str = "stop"  # stop | rewind (to the last checkpoint, skipping the batches since)
 
 
 @dataclass
@@ -126,6 +131,7 @@ class CheckpointConfig:
     save: bool = True
     # `async` is a Python keyword; YAML and --set use `checkpoint.async`
     async_save: bool = False
+    required: bool = False  # a failed save stops the run (default: reported once, training goes on)
 
 
 @dataclass
@@ -155,6 +161,8 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.recompute": ("none", "selective", "full"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.on_loss_spike": ("stop", "rewind"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "optim.impl": ("auto", "torch", "fused", "triton", "apex"),
 }
@@ -169,11 +177,31 @@ def _to_yaml_names(obj: Any) -> Any:
     return obj
 
 
+class YamlLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, plus floats written without a dot or an exponent sign (`1e-4`, `3E-5`, `1e4`).
+
+    PyYAML follows YAML 1.1, which reads those as strings, yet every Megatron user writes a learning rate so.
+    Nothing else changes: the safe loader builds plain Python values only, never arbitrary objects.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as plain Python values, with `1e-4` a float (see `YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -214,7 +242,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, for example train.steps=100")
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = parse_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             raise UserError(f"--set {item!r}: the value is not valid YAML") from None
         node = raw
@@ -299,6 +327,18 @@ def check_inputs(cfg: Config) -> None:
         )
 
 
+def _finite(value: Any, key: str) -> None:
+    """Every float anywhere in the config, nested ones included: NaN passes every sign and range check."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{key}' must be a finite number, got {value}")
+
+
 def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -319,7 +359,7 @@ _POSITIVE = {
     "logging": "interval",
 }
 _NON_NEGATIVE = {
-    "train": "eval_interval recompute_layers threads",
+    "train": "eval_interval recompute_layers threads max_skipped_steps loss_spike_factor",
     "optim": "min_lr warmup_steps weight_decay clip_grad",
     "checkpoint": "interval keep keep_every",
 }
@@ -327,6 +367,7 @@ _NON_NEGATIVE = {
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check values alone and against each other; with `world_size`, the parallel layout too."""
+    _finite(cfg.to_dict(), "")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from megatronlite import config
 from megatronlite.errors import UserError
@@ -130,3 +131,38 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert message in lines[0]
+
+
+def test_exponent_floats_in_files_and_overrides(tmp_path):
+    """`1e-4` is how Megatron users write numbers; YAML 1.1 alone would read it as a string."""
+    p = write(tmp_path, "c.yaml", "optim: {lr: 1e-3, min_lr: 3E-5}\nmodel: {rope_theta: 5e5}\n")
+    cfg = config.load(p)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.model.rope_theta) == (1e-3, 3e-5, 5e5)
+    cfg = config.load(p, ["optim.lr=1e-4", "optim.min_lr=+1.5e-5", "model.rope_theta=1e4", "optim.eps=.5E-8"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.model.rope_theta, cfg.optim.eps) == (1e-4, 1.5e-5, 1e4, 0.5e-8)
+    assert isinstance(cfg.model.rope_theta, float)
+
+
+def test_yaml_otherwise_as_safe_load(tmp_path):
+    raw = config.apply_overrides({}, ["a.int=100", "a.under=1_000", "a.word=1e", "a.name=e5", "a.list=[1e2, x]"])
+    assert raw["a"] == {"int": 100, "under": 1000, "word": "1e", "name": "e5", "list": [100.0, "x"]}
+    assert yaml.safe_load("1e-4") == "1e-4"  # the extra resolver stays on our loader
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(write(tmp_path, "c.yaml", "optim: !!python/object/apply:os.getcwd []\n"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=.nan", "config key 'optim.lr' must be a finite number, got nan"),
+        ("optim.lr=.inf", "config key 'optim.lr' must be a finite number, got inf"),
+        ("optim.clip_grad=-.inf", "config key 'optim.clip_grad' must be a finite number, got -inf"),
+        ("model.rope_theta=1e999", "config key 'model.rope_theta' must be a finite number, got inf"),
+        ("data.sources=[{path: x, weight: .NaN}]", "config key 'data.sources[0].weight' must be a finite number"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, capsys, override, message):
+    from helpers import error_of
+
+    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(tmp_path / "run"), "--set", override)
+    assert line.startswith("megatronlite: error: config key") and message in line

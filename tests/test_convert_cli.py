@@ -18,9 +18,9 @@ from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
 from megatronlite.config import ModelConfig
 from megatronlite.convert import Options, read
 from megatronlite.convert.checkpoint import run_config
-from megatronlite.convert.safe_load import Placeholder
-from megatronlite.convert.safe_load import load as safe_load
 from megatronlite.errors import UserError
+from megatronlite.untrusted import Placeholder
+from megatronlite.untrusted import load_torch_file as safe_load
 
 FORMAT_PATHS = {"mlite": "run", "hf": "hf", "megatron": "meg", "torch": "model.pt"}
 MODELS = {  # every field explicit, as a conversion writes them

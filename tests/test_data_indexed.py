@@ -122,3 +122,50 @@ def test_pickles_without_its_memory_maps(tmp_path):
     ds.get(0)
     copy = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(copy.get(2), DOCS[2])
+
+
+# DOCS in the .idx: a 34-byte header, then 4 int32 sizes (34), 4 int64 pointers (50), 5 int64 document indices (82)
+@pytest.mark.parametrize(
+    "offset, data, message",
+    [
+        (38, struct.pack("<i", -1), r"c\.idx: sequence 1 has a negative size \(-1\)"),
+        (66, struct.pack("<q", 10**12), r"c\.idx: sequence 2 starts at byte 1000000000000, expected 8"),
+        (34, struct.pack("<i", 2), r"c\.idx: sequence 1 starts at byte 6, expected 4"),
+        (98, struct.pack("<q", 0), r"c\.idx: document index 2 \(0\) is below the one before it \(1\)"),
+        (114, struct.pack("<q", 7), r"c\.idx: document indices must run from 0 to the sequence count 4, got 0 \.\. 7"),
+        (82, struct.pack("<q", -5), r"c\.idx: document indices must run from 0 .* got -5 \.\. 4"),
+        (18, struct.pack("<Q", 3), r"c\.idx: 122 bytes but its header describes 110 \(3 sequences, 5 document"),
+        (26, struct.pack("<Q", 2), r"c\.idx: 122 bytes but its header describes 98 \(4 sequences, 2 document"),
+    ],
+    ids=[
+        "negative-size",
+        "bogus-pointer",
+        "size-pointer-mismatch",
+        "docs-decrease",
+        "docs-end",
+        "docs-start",
+        "count-short",
+        "doc-count-short",
+    ],
+)
+def test_inconsistent_index_is_refused_at_open(tmp_path, offset, data, message):
+    prefix = write(tmp_path / "c")
+    _corrupt_idx(prefix, offset, data)
+    with pytest.raises(UserError, match=message):
+        IndexedDataset(prefix)
+
+
+def test_index_checks_scale_to_millions_of_sequences(tmp_path):
+    """The checks are vectorised: two million sequences open quickly (a Python loop would take seconds)."""
+    import time
+
+    from megatronlite.data.indexed import write_index
+
+    sizes = np.random.default_rng(0).integers(0, 8, 2_000_000, dtype=np.int32)
+    prefix = tmp_path / "big"
+    write_index(paths(prefix)[1], np.uint16, sizes)
+    paths(prefix)[0].write_bytes(bytes(int(sizes.sum()) * 2))
+    start = time.perf_counter()
+    ds = IndexedDataset(prefix)
+    assert len(ds) == 2_000_000
+    assert time.perf_counter() - start < 5

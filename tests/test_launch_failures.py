@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 from helpers import free_port, tiny_overrides
 
@@ -25,15 +24,13 @@ def test_worker_failure_names_rank_and_stops_job(tmp_path, corpus):
     ]
     for o in tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.timeout_minutes": 5}):
         cmd += ["--set", o]
-    start = time.monotonic()
+    # the deadline is far below the 5-minute collective timeout: nobody waits for it
     done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "MEGATRONLITE_FAULT": "step:3@1"}
+        cmd, capture_output=True, text=True, timeout=90, env={**os.environ, "MEGATRONLITE_FAULT": "step:3@1"}
     )
-    elapsed = time.monotonic() - start
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "rank 1 failed" in last and "injected fault at step 3 on rank 1" in last, last
-    assert elapsed < 90  # far below the 5-minute collective timeout: nobody waited for it
 
 
 def test_launch_rejects_bad_layout_before_spawning(tmp_path):

@@ -113,7 +113,7 @@ def test_own_template(capsys, tmp_path):
     assert "#SBATCH --qos=high" in script and f"echo {sys.executable} -m megatronlite $HOME" in script
     template.write_text("{{sbatch}}\n{{nodes_count}}\n")
     line = error_of(capsys, "submit", "configs/demo.yaml", "--template", str(template), "--dry-run")
-    assert "unknown template field(s) nodes_count; known fields: helpers, megatronlite" in line
+    assert "unknown template field(s) nodes_count; known fields: helpers, max_restarts, megatronlite" in line
 
 
 @pytest.mark.parametrize(

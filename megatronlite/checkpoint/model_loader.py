@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from megatronlite import config as config_mod
 from megatronlite.checkpoint import store
@@ -16,7 +15,7 @@ from megatronlite.parallel.mesh import Mesh
 
 
 def load_config(step_dir: Path) -> Config:
-    raw = yaml.safe_load((step_dir / "config.yaml").read_text())
+    raw = config_mod.parse_yaml((step_dir / "config.yaml").read_text())
     return config_mod.from_dict(raw)
 
 

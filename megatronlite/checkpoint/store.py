@@ -11,19 +11,17 @@ next save. Nothing in our files is pickled: tensors go through DCP, the rest is 
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import StorageMeta
 
 from megatronlite.errors import UserError
+from megatronlite.untrusted import SafeReader, read_dcp_metadata
 
 # DCP warns that it "assumes the intent is to save in a single process" when torch.distributed
 # is not initialized: that is exactly our single-process case
@@ -108,60 +106,8 @@ def _apply_retention(root: Path, keep: int, keep_every: int, newest: str) -> Non
         step = int(p.name.split("_")[1])
         if p.name in recent or p.name == newest or (keep_every and step % keep_every == 0):
             continue
+        (p / META).unlink(missing_ok=True)  # the marker first: a kill mid-delete leaves no "complete" husk
         shutil.rmtree(p, ignore_errors=True)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP pickles its `.metadata`; load it allowing only the classes that file legitimately holds."""
-
-    TORCH_NAMES = {
-        "Size",
-        "bool",
-        "bfloat16",
-        "float16",
-        "float32",
-        "float64",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "float8_e4m3fn",
-        "float8_e5m2",
-        "strided",
-        "contiguous_format",
-        "preserve_format",
-        "channels_last",
-    }
-
-    def find_class(self, module: str, name: str):
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (module == "torch" and name in self.TORCH_NAMES)
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in {"PosixPath", "WindowsPath", "PurePosixPath"})
-            or (module == "collections" and name == "OrderedDict")
-            or (module == "builtins" and name in {"set", "frozenset", "slice", "tuple", "list", "dict"})
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-class SafeReader(dcp.FileSystemReader):
-    """A DCP reader whose metadata loading cannot run arbitrary code."""
-
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
-        try:
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-            raise UserError(f"checkpoint {self.path}: DCP metadata is missing or unreadable ({e})") from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 def find_step_dir(path: str | Path) -> Path:
@@ -174,6 +120,9 @@ def find_step_dir(path: str | Path) -> Path:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = latest_complete(root)
     if found is None:
+        committed = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+        if committed:  # say why the newest is not usable
+            read_dcp_metadata(committed[-1])
         raise UserError(f"no complete checkpoint in {path} (expected step_*/meta.json or checkpoints/latest)")
     return found
 
@@ -183,10 +132,23 @@ def latest_complete(root: Path) -> Path | None:
     latest = root / LATEST
     if latest.is_file():
         candidate = root / latest.read_text().strip()
-        if (candidate / META).is_file():
+        if is_complete(candidate):
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / META).is_file())
-    return complete[-1] if complete else None
+    for candidate in sorted(root.glob("step_*"), reverse=True):
+        if is_complete(candidate):
+            return candidate
+    return None
+
+
+def is_complete(step_dir: Path) -> bool:
+    """Committed (meta.json, written last) and every shard the DCP metadata names is there at its size."""
+    if not (step_dir / META).is_file():
+        return False
+    try:
+        read_dcp_metadata(step_dir)
+    except UserError:
+        return False
+    return True
 
 
 def read_meta(step_dir: Path) -> dict:
@@ -204,7 +166,7 @@ def read_meta(step_dir: Path) -> dict:
 
 def stored_shapes(step_dir: Path) -> dict[str, tuple[int, ...]]:
     """The global shape of every tensor stored in a checkpoint."""
-    md = SafeReader(str(step_dir)).read_metadata()
+    md = read_dcp_metadata(step_dir)
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
 
 

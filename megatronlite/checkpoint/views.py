@@ -55,16 +55,26 @@ def pieces_of(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> d
     return out
 
 
-def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_save: bool) -> dict[str, GlobalPiece]:
-    """Global pieces of the parameters. A tied copy is loaded from its source's key but never saved."""
+def named_pieces(
+    prefix: str, tensors: dict[str, tuple[torch.Tensor, ShardSpec]], mesh: Mesh, for_save: bool
+) -> dict[str, GlobalPiece]:
+    """Global pieces of named tensors shaped like their parameters (the weights, or one Adam state).
+
+    A tied copy (`spec.alias`) holds the same values as its source: it is never saved, and loads from
+    the source's key, so every copy of a shared tensor (and of its optimizer state) is restored."""
     out = {}
-    for name, p in named_params.items():
-        if p.shard.alias is not None:
+    for name, (tensor, spec) in tensors.items():
+        if spec.alias is not None:
             if for_save:
                 continue
-            name = p.shard.alias
-        out.update({f"model.{k}": v for k, v in pieces_of(name, p.data, p.shard, mesh).items()})
+            name = spec.alias
+        out.update({f"{prefix}{k}": v for k, v in pieces_of(name, tensor, spec, mesh).items()})
     return out
+
+
+def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_save: bool) -> dict[str, GlobalPiece]:
+    """Global pieces of the parameters, keyed `model.<global name>`."""
+    return named_pieces("model.", {n: (p.data, p.shard) for n, p in named_params.items()}, mesh, for_save)
 
 
 def to_dcp(pieces: dict[str, GlobalPiece], mesh: Mesh) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from megatronlite.config import Config
 from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
 from megatronlite.parallel.mesh import Mesh
+from megatronlite.untrusted import SafeReader
 from megatronlite.version import versions
 
 
@@ -185,7 +186,7 @@ def read_chunk(
 ) -> torch.Tensor:
     """The box `shape` at `offsets` of stored tensor `key` (single process; memory: the box)."""
     out = torch.empty(shape, dtype=dtype)
-    reader = dcp.FileSystemReader(str(directory))
+    reader = SafeReader(str(directory))
     try:
         dcp.load({}, storage_reader=reader, planner=_ChunkLoadPlanner(key, tuple(offsets), out), no_dist=True)
     except CheckpointException as e:

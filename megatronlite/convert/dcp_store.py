@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatronlite.checkpoint.weights import read_chunk
-from megatronlite.errors import UserError
+from megatronlite.untrusted import read_dcp_metadata
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,7 @@ class Box:
 
 def stored_tensors(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Key -> (global shape, dtype) of every tensor in a DCP directory (non-tensor entries left out)."""
-    try:
-        md = dcp.FileSystemReader(str(directory)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata means a corrupt or foreign directory
-        raise UserError(f"{directory}: DCP metadata is missing or unreadable ({type(e).__name__})") from None
+    md = read_dcp_metadata(directory)
     return {
         k: (tuple(v.size), v.properties.dtype)
         for k, v in md.state_dict_metadata.items()

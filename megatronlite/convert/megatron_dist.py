@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from megatronlite.checkpoint.weights import LazyChunk, expected_shapes, save_chunks
-from megatronlite.convert import safe_load
 from megatronlite.convert.checkpoint import Checkpoint
 from megatronlite.convert.dcp_store import Box, DcpStore, stored_tensors, whole
 from megatronlite.convert.mapping import Mapping
 from megatronlite.convert.megatron_names import LAYER
 from megatronlite.convert.staging import Staging
 from megatronlite.errors import UserError
+from megatronlite.untrusted import load_torch_file
 
 METADATA = "metadata.json"
 COMMON = "common.pt"
@@ -49,7 +49,7 @@ def load_args(directory: Path) -> dict:
         raise UserError(f"{directory / METADATA}: not valid JSON ({e})") from None
     if backend != "torch_dist":
         raise UserError(f"{directory}: sharded backend {backend!r}; megatronlite reads torch_dist and legacy torch")
-    common = safe_load.load(directory / COMMON)
+    common = load_torch_file(directory / COMMON)
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, argparse.Namespace):
         raise UserError(f"{directory / COMMON}: no Megatron-LM args; they hold the model's shape, needed to convert it")

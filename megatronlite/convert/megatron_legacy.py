@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from megatronlite.convert import safe_load
 from megatronlite.convert.checkpoint import Checkpoint, refuse
 from megatronlite.convert.mapping import Mapping
 from megatronlite.convert.megatron_names import LAYER
 from megatronlite.convert.staging import Staging
 from megatronlite.errors import UserError
+from megatronlite.untrusted import load_torch_file
 
 FILE = "model_optim_rng.pt"
 COLUMN_PARALLEL = (
@@ -101,7 +101,7 @@ def _first_file(directory: Path) -> Path:
 
 def load_args(directory: Path) -> dict:
     path = _first_file(directory)
-    state = safe_load.load(path)
+    state = load_torch_file(path)
     args = state.get("args") if isinstance(state, dict) else None
     if not isinstance(args, argparse.Namespace):
         raise UserError(f"{path}: no Megatron-LM args; they hold the model's shape, needed to convert it")
@@ -125,7 +125,7 @@ class LegacyStore:
         for p in range(pp):
             for t in range(tp):
                 path = directory / rank_dir(t, p, pp) / FILE
-                state = safe_load.load(path)
+                state = load_torch_file(path)
                 chunks = ["model"] if vpp == 1 else [f"model{v}" for v in range(vpp)]
                 for v, chunk in enumerate(chunks):
                     model = state.get(chunk) if isinstance(state, dict) else None

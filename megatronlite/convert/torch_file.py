@@ -16,11 +16,11 @@ import torch
 
 from megatronlite import config as config_mod
 from megatronlite.checkpoint.weights import expected_shapes
-from megatronlite.convert import safe_load
 from megatronlite.convert.checkpoint import Checkpoint, Options, from_store, output_dtype
 from megatronlite.convert.mapping import Mapping, rename
 from megatronlite.convert.staging import Staging
 from megatronlite.errors import UserError
+from megatronlite.untrusted import load_torch_file
 
 FORMAT = "megatronlite.global"
 KEYS = ("config", "model")
@@ -41,7 +41,7 @@ class _DictStore:
 
 
 def read(path: Path, options: Options) -> Checkpoint:
-    obj = safe_load.load(path)
+    obj = load_torch_file(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not all(isinstance(obj.get(k), dict) for k in KEYS):
         raise UserError(f"{path}: not a megatronlite global state dict (a dict with format {FORMAT!r}, config, model)")
     cfg = config_mod.from_dict(obj["config"])

@@ -135,6 +135,8 @@ class IndexedDataset:
         self._bin: np.ndarray | None = None
         if self._count == 0:
             raise UserError(f"{self.idx_path}: the dataset has no documents")
+        self._check_sizes_and_pointers()
+        self._check_document_indices()
         expected = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
         actual = self.bin_path.stat().st_size
         if actual != expected:
@@ -154,9 +156,50 @@ class IndexedDataset:
         if code not in CODE_DTYPES:
             raise UserError(f"{self.idx_path}: unknown dtype code {code}; valid: {sorted(CODE_DTYPES)}")
         needed = _HEADER.size + count * 12 + doc_count * 8
-        if self.idx_path.stat().st_size < needed:
-            raise UserError(f"{self.idx_path}: truncated ({self.idx_path.stat().st_size} bytes, needs {needed})")
+        actual = self.idx_path.stat().st_size
+        if actual < needed:
+            raise UserError(f"{self.idx_path}: truncated ({actual} bytes, needs {needed})")
+        if actual > needed:
+            raise UserError(
+                f"{self.idx_path}: {actual} bytes but its header describes {needed} "
+                f"({count} sequences, {doc_count} document indices); the header is corrupt"
+            )
         return CODE_DTYPES[code], count, doc_count
+
+    def _check_sizes_and_pointers(self) -> None:
+        """Sizes are non-negative and each sequence starts where the previous one ends (megatron writes them
+        back to back from byte 0), so with the .bin length check every read stays inside the file."""
+        sizes, pointers = self.sizes, self.pointers
+        negative = np.flatnonzero(sizes < 0)
+        if len(negative):
+            i = int(negative[0])
+            raise UserError(f"{self.idx_path}: sequence {i} has a negative size ({sizes[i]}); the index is corrupt")
+        expected = np.zeros(len(sizes), dtype=np.int64)
+        np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=expected[1:])
+        wrong = np.flatnonzero(pointers != expected)
+        if len(wrong):
+            i = int(wrong[0])
+            raise UserError(
+                f"{self.idx_path}: sequence {i} starts at byte {pointers[i]}, expected {expected[i]} "
+                "(right after the previous sequence); the index is corrupt"
+            )
+
+    def _check_document_indices(self) -> None:
+        """Document boundaries run from 0 to the sequence count without going back, as megatron-core asserts."""
+        docs = self.document_indices
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != self._count:
+            ends = f"{docs[0]} .. {docs[-1]}" if len(docs) else "none"
+            raise UserError(
+                f"{self.idx_path}: document indices must run from 0 to the sequence count {self._count}, "
+                f"got {ends}; the index is corrupt"
+            )
+        back = np.flatnonzero(docs[1:] < docs[:-1])
+        if len(back):
+            j = int(back[0]) + 1
+            raise UserError(
+                f"{self.idx_path}: document index {j} ({docs[j]}) is below the one before it ({docs[j - 1]}); "
+                "the index is corrupt"
+            )
 
     @property
     def _idx(self) -> np.memmap:
@@ -173,6 +216,12 @@ class IndexedDataset:
     def pointers(self) -> np.ndarray:
         """int64 byte offset of every document in the .bin."""
         return np.frombuffer(self._idx, dtype=np.int64, count=self._count, offset=_HEADER.size + self._count * 4)
+
+    @property
+    def document_indices(self) -> np.ndarray:
+        """int64 boundaries of megatron's documents in sequences (0, ..., count); we read one per sequence."""
+        offset = _HEADER.size + self._count * 12
+        return np.frombuffer(self._idx, dtype=np.int64, count=self._doc_count, offset=offset)
 
     @property
     def num_documents(self) -> int:

@@ -33,6 +33,7 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition")
     g.add_argument("--time", help="time limit, e.g. 4:00:00 or 2-00:00:00")
     g.add_argument("--account")
+    g.add_argument("--max-restarts", type=int, default=0, help="restart the workers after a failure, up to N times")
     g.add_argument(
         "--launcher",
         choices=sorted(TEMPLATES),
@@ -129,6 +130,7 @@ def render_script(args: argparse.Namespace, job: Job, run_root: Path) -> str:
         "megatronlite": f"{python} -m megatronlite",
         "set_args": " ".join(f"--set {shlex.quote(s)}" for s in job.set_args),
         "nproc_per_node": str(args.nproc_per_node),
+        "max_restarts": str(args.max_restarts),
         "srun_options": _srun_options(args, run_root),
     }
     return render(template, values)

@@ -123,7 +123,7 @@ def load(path: str | Path) -> Sweep:
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = config.parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):

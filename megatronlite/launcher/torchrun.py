@@ -8,11 +8,18 @@ and its error in one line instead of torchrun's report.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+import time
 
 from megatronlite import config
 from megatronlite.errors import UserError
 from megatronlite.train.preemption import EXIT_CODE as PREEMPTED
+
+LAUNCHER_PID = "MEGATRONLITE_LAUNCHER_PID"
+RESTART_COUNT = "MEGATRONLITE_RESTART_COUNT"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,21 +30,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--rdzv-id", default=None, help="rendezvous id (c10d rendezvous when given, e.g. a Slurm job id)")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart failed workers from the last checkpoint")
 
 
-def torchrun_args(args: argparse.Namespace) -> list[str]:
+def torchrun_args(args: argparse.Namespace, attempt: int = 0) -> list[str]:
+    """torchrun's command line for one attempt. Each attempt meets at the next port: a fresh store (torch
+    2.13's own restarts reuse the store and its stale gloo addresses: connections refused or a hang)."""
+    port = args.master_port + attempt
     out = [f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}"]
     if args.rdzv_id is not None:
         out += [
             "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={args.master_addr}:{args.master_port}",
+            f"--rdzv-endpoint={args.master_addr}:{port}",
             f"--rdzv-id={args.rdzv_id}",
         ]
     else:
         out += [
             f"--node-rank={args.node_rank}",
             f"--master-addr={args.master_addr}",
-            f"--master-port={args.master_port}",
+            f"--master-port={port}",
         ]
     out += ["-m", "megatronlite", "train", args.config]
     if args.run_dir:
@@ -47,27 +58,63 @@ def torchrun_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def die_with_launcher() -> None:
+    """(A worker started by torchrun.) Exit within a second of the launcher's death, however it dies.
+
+    torchrun starts workers in their own session, so a signal to the launcher's process group (what
+    schedulers and users send) never reaches them, and a launcher killed with SIGKILL forwards
+    nothing. A daemon thread watches the parent and ends the worker when it is gone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = int(os.environ.get(LAUNCHER_PID) or os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="megatronlite-launcher-watch", daemon=True).start()
+
+
 def main(args: argparse.Namespace) -> None:
+    """Check the config, then run the workers, again after a failure up to --max-restarts times."""
+    if args.nproc_per_node < 1 or args.nnodes < 1 or args.max_restarts < 0:
+        raise UserError("--nproc-per-node and --nnodes must be >= 1, --max-restarts >= 0")
+    cfg = config.load(args.config, args.set)
+    config.validate_layout(cfg, args.nproc_per_node * args.nnodes)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    for attempt in range(args.max_restarts + 1):
+        os.environ[RESTART_COUNT] = str(attempt)  # the workers resume and log the restart (train/restarts.py)
+        code = _run_attempt(args, attempt)
+        if code in (0, 2, PREEMPTED) or attempt == args.max_restarts:
+            sys.exit(code)
+        print(f"megatronlite: restarting the workers ({attempt + 1} of {args.max_restarts})", file=sys.stderr)
+
+
+def _run_attempt(args: argparse.Namespace, attempt: int) -> int:
+    """Run the workers once; the exit code the launcher would end with, having printed why."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if args.nproc_per_node < 1 or args.nnodes < 1:
-        raise UserError("--nproc-per-node and --nnodes must be >= 1")
-    cfg = config.load(args.config, args.set)
-    config.validate_layout(cfg, args.nproc_per_node * args.nnodes)
     try:
-        run(get_args_parser().parse_args(torchrun_args(args)))
+        run(get_args_parser().parse_args(torchrun_args(args, attempt)))
+    except SignalException as e:  # torchrun has already passed the signal on to the workers and reaped them
+        name = signal.Signals(e.sigval).name
+        print(f"megatronlite: stopped by {name}; the workers were stopped with it", file=sys.stderr)
+        sys.exit(128 + int(e.sigval))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode == PREEMPTED:
             print("megatronlite: the workers saved a checkpoint and stopped on request", file=sys.stderr)
-            sys.exit(PREEMPTED)
+            return PREEMPTED
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         reason = (reason or "").strip().splitlines()[-1:] or [f"exit code {failure.exitcode}"]
-        signal = f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
+        by_signal = f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
         print(
             f"megatronlite: error: rank {rank} failed with exit code {failure.exitcode}"
-            f"{signal}: {reason[0]}; the other workers were stopped",
+            f"{by_signal}: {reason[0]}; the other workers were stopped",
             file=sys.stderr,
         )
-        sys.exit(2 if failure.exitcode == 2 else 1)
+        return 2 if failure.exitcode == 2 else 1
+    return 0

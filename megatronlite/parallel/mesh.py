@@ -55,6 +55,18 @@ def rank_grid(world_size: int, tp: int, pp: int) -> torch.Tensor:
     return torch.arange(world_size).view(world_size // (tp * pp), pp, tp)
 
 
+def collective_timeout(minutes: float) -> datetime.timedelta:
+    """How long a collective may wait: `parallel.timeout_minutes` plus a margin. The watchdog (which names the
+    stalled rank and writes every thread's stack) ends a job after the configured time without progress;
+    the collectives' own timeout, a little later, is the backstop where the watchdog cannot run."""
+    return datetime.timedelta(seconds=minutes * 60 * 1.25 + 10)
+
+
+def new_group(cfg: Config, ranks: list[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+    """A process group with the collective timeout (torch does not give new groups the world's)."""
+    return dist.new_group(ranks, timeout=collective_timeout(cfg.parallel.timeout_minutes), backend=backend)
+
+
 def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
     """Validate the layout for `world_size` and create this rank's process groups."""
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
@@ -71,13 +83,13 @@ def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
         ("dp", grid.permute(1, 2, 0).reshape(-1, dp)),
     ):
         for line in lines.tolist():
-            group = dist.new_group(line)
+            group = new_group(cfg, line)
             if rank in line:
                 groups[axis] = (group, tuple(line))
     embedding_group = None
     for line in grid.permute(0, 2, 1).reshape(-1, pp).tolist():
         ends = sorted({line[0], line[-1]})
-        group = dist.new_group(ends) if len(ends) > 1 else None
+        group = new_group(cfg, ends) if len(ends) > 1 else None
         if rank in ends and rank in line:
             embedding_group = group
     return Mesh(
@@ -119,7 +131,7 @@ def init_distributed(device_kind: str, timeout_minutes: float) -> tuple[int, int
         if device_kind == "cuda":
             kwargs["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group(
-            backend, timeout=datetime.timedelta(minutes=timeout_minutes), rank=rank, world_size=world_size, **kwargs
+            backend, timeout=collective_timeout(timeout_minutes), rank=rank, world_size=world_size, **kwargs
         )
     return world_size, rank, local_rank
 

@@ -3,7 +3,10 @@ loss scale, RNG) and putting it back on resume."""
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -12,11 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.staging import PieceStager
 from megatronlite.checkpoint.views import model_pieces, to_dcp
+from megatronlite.errors import UserError
+from megatronlite.parallel.mesh import new_group
 from megatronlite.train.metrics import print_line
+from megatronlite.train.restarts import restart_count
 from megatronlite.version import versions
 
 
@@ -64,8 +71,9 @@ def layout_of(trainer) -> dict:
 def _meta(trainer) -> dict:
     return {
         "step": trainer.step,
-        # Adam's step count (its bias correction): fewer than `step` when fp16 steps were skipped
-        "optimizer_steps": trainer.step - (trainer.scaler.skipped if trainer.scaler else 0),
+        # Adam's step count (its bias correction): fewer than `step` when steps were skipped
+        "optimizer_steps": trainer.step - (trainer.scaler.skipped if trainer.scaler else 0) - trainer.nonfinite_skips,
+        "nonfinite_skips": trainer.nonfinite_skips,
         "consumed_samples": trainer.consumed_samples,
         "loss_scale": trainer.scaler.state() if trainer.scaler else None,
         "layout": layout_of(trainer),
@@ -80,23 +88,28 @@ class Checkpointer:
     Async: the step blocks only while the tensors are copied into CPU buffers made at start-up.
     One writer thread then wraps them for DCP and writes the shards, coordinated over a dedicated
     gloo group so it never interleaves with training collectives; DCP's save returns on rank 0
-    after every rank's write is done, and rank 0 commits. A failed write is reported and commits
-    nothing.
+    after every rank's write is done, and rank 0 commits.
+
+    A failed write (a full disk, a lost mount) commits nothing: rank 0 removes the temporary
+    directory, reports one line with the bytes needed and free, and the last good checkpoint stays
+    `latest`. Training goes on, or stops with `checkpoint.required: true`.
     """
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.root = trainer.run_dir / "checkpoints"
         self.is_async = trainer.cfg.checkpoint.async_save and trainer.cfg.checkpoint.save
-        self.group = dist.new_group(backend="gloo") if self.is_async and dist.is_initialized() else None
+        self.group = new_group(trainer.cfg, backend="gloo") if self.is_async and dist.is_initialized() else None
         self.pending: Future | None = None
         self.writer: ThreadPoolExecutor | None = None
         self.stager: PieceStager | None = None
+        pieces = trainer.state_tensors(True, trainer.optimizer_states())
+        self.needed = _global_bytes(pieces) if trainer.cfg.checkpoint.save else 0
         if self.is_async:
             self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
             # one stager for the whole run, its CPU buffers allocated now: saves only copy into them
             self.stager = PieceStager(pin_memory=trainer.device.type == "cuda")
-            self.stager.reserve(trainer.state_tensors(True, trainer.optimizer_states()))
+            self.stager.reserve(pieces)
 
     def save(self) -> None:
         trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
@@ -104,6 +117,7 @@ class Checkpointer:
         step = trainer.step
         if mesh.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._warn_if_short_of_space(step)
             store.prepare(self.root, step)
         _barrier()
         start = time.perf_counter()
@@ -112,17 +126,23 @@ class Checkpointer:
         tmp = store.temp_dir(self.root, step)
         meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
 
-        def write(pieces) -> None:
-            store.write_shards(tmp, {**to_dcp(pieces, mesh), **rng}, self.group)
-            fault_hook("save", step, mesh.rank)
-            if mesh.rank == 0:
-                final = store.commit(self.root, step, meta, config_yaml, ckpt.keep, ckpt.keep_every)
-                written = time.perf_counter() - start
-                print_line(f"saved checkpoint {final} ({'async, ' if self.is_async else ''}written in {written:.2f} s)")
+        def write(pieces) -> str | None:
+            """Write and commit; None, or (rank 0) the one-line reason nothing was committed."""
+            try:
+                fault_hook("slowsave", step, mesh.rank)
+                fault_hook("disk", step, mesh.rank)
+                store.write_shards(tmp, {**to_dcp(pieces, mesh), **rng}, self.group)
+                fault_hook("save", step, mesh.rank)
+                if mesh.rank == 0:
+                    final = store.commit(self.root, step, meta, config_yaml, ckpt.keep, ckpt.keep_every)
+                    how = "async, " if self.is_async else ""
+                    print_line(f"saved checkpoint {final} ({how}written in {time.perf_counter() - start:.2f} s)")
+            except (OSError, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                return self._failed(step, tmp, e) if mesh.rank == 0 else "failed"
+            return None
 
         if not self.is_async:
-            write(pieces)
-            _barrier()
+            self._settle(write(pieces))
             return
         staged = self.stager.stage(pieces)
         self.pending = self.writer.submit(write, staged)
@@ -130,48 +150,112 @@ class Checkpointer:
         if mesh.rank == 0:
             print_line(f"checkpoint step {step}: training blocked {blocked:.3f} s while staging; writing in background")
 
-        def report(future: Future) -> None:
-            error = future.exception()
-            if error is not None:
-                print_line(
-                    f"megatronlite: async checkpoint of step {step} failed on rank {mesh.rank} "
-                    f"({type(error).__name__}: {error}); the previous checkpoint is kept"
-                )
-
-        self.pending.add_done_callback(report)
-
     def wait(self) -> None:
-        """Block until the background save (if any) has finished and been committed."""
+        """Block until the background save (if any) has finished and been committed, or has failed."""
         if self.pending is None:
             return
-        done = self.pending
-        self.pending = None
-        try:
-            done.result()
-        except Exception:  # noqa: BLE001 - already reported by the callback; training goes on
-            pass
-        _barrier()
+        done, self.pending = self.pending, None
+        self._settle(done.result())
+
+    def _settle(self, failure: str | None) -> None:
+        """(Every rank, in the training thread.) Agree whether a save failed; stop if checkpoints are required."""
+        device = "cpu" if self.group is not None else self.trainer.device  # the async group is gloo
+        failed = torch.tensor([float(failure is not None)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(failed, group=self.group)  # also the barrier after a save
+        if failed.item() and self.trainer.cfg.checkpoint.required:
+            raise UserError(f"{failure or 'a checkpoint save failed on another rank'}; stopping: checkpoint.required")
+
+    def _failed(self, step: int, tmp: Path, error: BaseException) -> str:
+        """(Rank 0.) Remove the partial checkpoint and report the failure once."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause, free = _root_cause(error), _free_bytes(self.root)
+        if free < self.needed:  # torch.save reports a full disk as "unexpected pos"
+            cause = "No space left on device"
+        kept = store.latest_complete(self.root)
+        line = (
+            f"checkpoint of step {step} could not be written to {self.root} ({cause}: it needs about "
+            f"{_gb(self.needed)}, {_gb(free)} free); "
+            + (f"{kept.name} stays the latest" if kept else "there is no earlier checkpoint")
+        )
+        print_line(f"megatronlite: {line}")
+        return line
+
+    def _warn_if_short_of_space(self, step: int) -> None:
+        free = _free_bytes(self.root)
+        if free < self.needed:
+            print_line(
+                f"megatronlite: warning: checkpoint of step {step} needs about {_gb(self.needed)} and {self.root} has "
+                f"{_gb(free)} free: it will likely fail (lower checkpoint.keep, or free space)"
+            )
 
 
-def fault_hook(where: str, step: int, rank: int) -> None:
-    """Fault injection for tests: MEGATRONLITE_FAULT=WHERE:STEP[@RANK].
+def _global_bytes(pieces: dict) -> int:
+    """(Every rank.) The bytes of one checkpoint: every global tensor once, whichever ranks hold it."""
+    sizes = {k: math.prod(p.global_shape) * p.local.element_size() for k, p in pieces.items()}
+    if dist.is_initialized():
+        every: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(every, sizes)
+        for other in every:
+            sizes.update(other)
+    return sum(sizes.values())
 
-    `save:N` SIGKILLs the process in the middle of saving step N (shards written, nothing
-    committed); `step:N` raises in training step N. Without @RANK every rank is hit.
+
+def _root_cause(error: BaseException) -> str:
+    """DCP wraps each rank's exception; the first one, in one line."""
+    if isinstance(error, CheckpointException) and error.failures:
+        first = next(iter(error.failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+SLOW_SAVE_S = 3.0  # many steps of a test's tiny model
+
+
+def fault_hook(where: str, step: int, rank: int) -> bool:
+    """Fault injection for tests: MEGATRONLITE_FAULT=WHERE:STEP[@RANK][,WHERE:STEP...].
+
+    `save:N` SIGKILLs the process in the middle of saving step N (shards written, nothing committed);
+    `disk:N` fails that save as a full disk would (ENOSPC);
+    `slowsave:N` holds that save for SLOW_SAVE_S after staging, before writing, so an async save is
+    still in flight while the next steps train;
+    `kill:N` SIGKILLs it as step N starts, on the first attempt only (an automatic restart goes on);
+    `step:N` raises in step N; `nan:N` and `spike:N` return True, for the trainer to make step N's
+    gradients NaN or its loss 100x. Without @RANK every rank is hit.
     """
-    fault = os.environ.get("MEGATRONLITE_FAULT", "")
-    target, _, only_rank = fault.partition("@")
-    if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank):
-        return
-    if where == "save":
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault at {where} {step} on rank {rank}")
+    for fault in filter(None, os.environ.get("MEGATRONLITE_FAULT", "").split(",")):
+        target, _, only_rank = fault.partition("@")
+        if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank):
+            continue
+        if where == "save" or (where == "kill" and restart_count() == 0):
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if where == "step":
+            raise RuntimeError(f"injected fault at {where} {step} on rank {rank}")
+        if where == "disk":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if where == "slowsave":
+            time.sleep(SLOW_SAVE_S)
+        return where in ("nan", "spike")
+    return False
 
 
 def resolve_load(trainer) -> Path | None:
     """The step directory to resume from, per `checkpoint.load`: auto, null, or a path."""
     load = trainer.cfg.checkpoint.load
+    if restart_count() > 0:  # an automatic restart goes on from where the failed attempt got to
+        latest = store.latest_complete(trainer.run_dir / "checkpoints")
+        if latest is not None:
+            return latest
     if load is None:
         return None
     if load == "auto":
@@ -181,8 +265,12 @@ def resolve_load(trainer) -> Path | None:
 
 def maybe_resume(trainer) -> None:
     step_dir = resolve_load(trainer)
-    if step_dir is None:
-        return
+    if step_dir is not None:
+        load(trainer, step_dir)
+
+
+def load(trainer, step_dir: Path) -> None:
+    """Put the trainer in the state a checkpoint holds (weights only, for a converted model)."""
     meta = store.read_meta(step_dir)
     if meta.get("weights_only"):
         _load_weights_only(trainer, step_dir)
@@ -209,6 +297,7 @@ def maybe_resume(trainer) -> None:
             trainer.optimizer.state[p]["step"].fill_(float(meta.get("optimizer_steps", meta["step"])))
     trainer.step = meta["step"]
     trainer.consumed_samples = meta["consumed_samples"]
+    trainer.nonfinite_skips = meta.get("nonfinite_skips", 0)
     if trainer.scaler and meta.get("loss_scale"):
         trainer.scaler.load_state(meta["loss_scale"])
     if mesh.rank == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +67,32 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps after `step`: a run resumed from the checkpoint of
+    `step` logs those steps again, and each step must appear once. A line that is not a whole record (the
+    torn last write of a killed run) goes too. Atomic: a crash leaves the old file or the new one."""
+    if not path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(path, errors="replace") as src, open(tmp, "w") as dst:
+        dst.writelines(line for line in src if (n := _record_step(line)) is not None and n <= step)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None when the line is not a complete record."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def format_duration(seconds: float) -> str:

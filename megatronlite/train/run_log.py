@@ -11,14 +11,24 @@ from megatronlite.config import Config
 from megatronlite.models.counting import flops_per_token
 from megatronlite.optim.schedules import lr_at
 from megatronlite.parallel.mesh import Mesh
-from megatronlite.train.metrics import MetricsWriter, console_line, mfu, peak_flops, print_line
+from megatronlite.train.metrics import MetricsWriter, console_line, drop_records_after, mfu, peak_flops, print_line
 from megatronlite.train.wandb_logger import open_wandb
 
 
+def _open_metrics(path: Path, start_step: int | None) -> MetricsWriter:
+    if start_step is not None:
+        drop_records_after(path, start_step)
+    return MetricsWriter(path)
+
+
 class RunLog:
-    def __init__(self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device) -> None:
-        self.cfg, self.mesh = cfg, mesh
-        self.writer = MetricsWriter(run_dir / "metrics.jsonl") if mesh.is_logging_rank else None
+    def __init__(
+        self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device, start_step: int | None = None
+    ) -> None:
+        """`start_step`: the step the run starts from (a resumed checkpoint's, or 0); the records of later
+        steps, left by the run that got further before it stopped, are dropped. None keeps every record."""
+        self.cfg, self.mesh, self.path = cfg, mesh, run_dir / "metrics.jsonl"
+        self.writer = _open_metrics(self.path, start_step) if mesh.is_logging_rank else None
         self.wandb = open_wandb(cfg.logging.wandb, cfg.to_dict(), run_dir, cfg.name) if self.writer else None
         self.peak = peak_flops(device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -58,6 +68,13 @@ class RunLog:
         if self.wandb:
             self.wandb.log(rec)
         self.last, self.steps_since = now, 0
+
+    def rewind(self, step: int) -> None:
+        """Training went back to `step` (a loss-spike rewind): the records after it go, as on a resume."""
+        if self.writer:
+            self.writer.close()
+            self.writer = _open_metrics(self.path, step)
+        self.last, self.steps_since = time.perf_counter(), 0
 
     def close(self) -> None:
         if self.writer:

@@ -7,6 +7,7 @@ samples, checkpointed tensors), so a resumed run continues bit for bit.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ import torch.distributed as dist
 
 from megatronlite import config as config_mod
 from megatronlite import kernels
-from megatronlite.checkpoint.views import GlobalPiece, model_pieces, pieces_of
+from megatronlite.checkpoint import store
+from megatronlite.checkpoint.views import GlobalPiece, model_pieces, named_pieces
 from megatronlite.config import Config
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.run import build_run_data
@@ -29,9 +31,12 @@ from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
 from megatronlite.train import checkpointing
+from megatronlite.train.guards import LossSpike, SkipBudget, SpikeDetector, TrainingStopped, bad_ranks
 from megatronlite.train.metrics import print_line
 from megatronlite.train.preemption import Preempted, PreemptionWatch
+from megatronlite.train.restarts import record_restart, restart_count
 from megatronlite.train.run_log import RunLog
+from megatronlite.train.watchdog import Watchdog
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,6 +88,10 @@ class Trainer:
             )
         self.step = 0
         self.consumed_samples = 0
+        self.nonfinite_skips = 0  # steps dropped by train.on_nonfinite: skip (Adam did not step)
+        self.skips = SkipBudget(t.max_skipped_steps)
+        self.spikes = SpikeDetector(t.loss_spike_factor)
+        self.beat = lambda phase: None  # the watchdog's, while `run` trains
         self._build_data()
 
     def _late_sync_params(self) -> dict[str, torch.distributed.ProcessGroup]:
@@ -147,22 +156,38 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def _dp_mean(self, value: torch.Tensor) -> float:
-        if self.mesh.dp > 1:
-            dist.all_reduce(value, group=self.mesh.dp_group)
-            value /= self.mesh.dp
-        return value.item()
+    def _global_mean(self, value: torch.Tensor) -> tuple[float, bool]:
+        """(Every rank.) The DP mean of the last stage's `value`, and whether it is finite on every rank.
+
+        One all-reduce over the world: the last stage's TP rank 0 of each DP replica contributes its value,
+        every rank a flag, so every rank learns the mean (for guards) and the verdict."""
+        own = self.mesh.is_last_stage and self.mesh.tp_rank == 0
+        both = torch.stack([value.float() if own else torch.zeros((), device=self.device), (~value.isfinite()).float()])
+        if self.mesh.world_size > 1:
+            dist.all_reduce(both)
+        return (both[0] / self.mesh.dp).item(), both[1].item() == 0
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
-        """Forward and backward every micro-batch, sync and clip gradients, step. Returns (loss, grad norm)."""
+        """Forward and backward every micro-batch, sync and clip gradients, step. Returns (loss, grad norm).
+
+        A step whose loss or gradients are not finite never reaches the optimizer (see guards.py)."""
+        self.beat("forward-backward")
         total = self._forward_backward(micro_batches, train=True)
+        self.beat("gradient sync")
         self.dp.finish(self._sum_late_grads)
         opt_params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in opt_params]
         if self.scaler:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        if checkpointing.fault_hook("nan", self.step + 1, self.mesh.rank):
+            torch._foreach_mul_(grads, float("nan"))
+        if checkpointing.fault_hook("spike", self.step + 1, self.mesh.rank):
+            total = total * 100
+        self.beat("gradient norm")
         norm = global_grad_norm(owned_grads(opt_params, self.mesh), self.mesh, self.device, self.dp.sharded)
-        if self.scaler is None or self.scaler.update(norm):
+        loss, loss_finite = self._global_mean(total)
+        if self._may_step(loss, loss_finite, norm, total, grads):
+            self.beat("optimizer step")
             clip_grads(grads, norm, self.cfg.optim.clip_grad)
             lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
             for group in self.optimizer.param_groups:
@@ -170,7 +195,42 @@ class Trainer:
             self.optimizer.step()
             self.dp.gather_params()
         self.dp.zero_grads()
-        return self._dp_mean(total), norm
+        return loss, norm
+
+    def _may_step(
+        self, loss: float, loss_finite: bool, norm: float, total: torch.Tensor, grads: list[torch.Tensor]
+    ) -> bool:
+        """Whether this step's gradients may update the weights; counts skips and stops per guards.py."""
+        step = self.step + 1
+        if self.scaler is not None:  # fp16: the scaler's rule (halve the scale and skip on overflow)
+            if not self.scaler.update(norm):
+                if self.scaler.scale <= self.scaler.min_scale:
+                    self.skips.skipped(step, "fp16 overflow at the minimum loss scale")
+                return False
+            return self._not_a_spike(step, loss)
+        if loss_finite and math.isfinite(norm):
+            return self._not_a_spike(step, loss)
+        what = " and ".join(w for w, bad in (("loss", not loss_finite), ("gradients", not math.isfinite(norm))) if bad)
+        where = bad_ranks(total, grads, self.device)
+        if self.cfg.train.on_nonfinite == "stop":
+            raise TrainingStopped(
+                f"step {step}: non-finite {what} ({where}); stopped before the optimizer step, so no checkpoint "
+                "holds this state; lower optim.lr, or set train.on_nonfinite: skip"
+            )
+        self.nonfinite_skips += 1
+        self.skips.skipped(step, f"non-finite {what}")
+        return False
+
+    def _not_a_spike(self, step: int, loss: float) -> bool:
+        """True for a finite step whose loss is no spike; a spike stops the run or raises LossSpike to rewind."""
+        if self.spikes.is_spike(loss):
+            spike = f"step {step}: loss spike ({loss:.4g} > {self.cfg.train.loss_spike_factor} x recent mean " \
+                f"{self.spikes.reference():.4g})"
+            if self.cfg.train.on_loss_spike == "stop":
+                raise TrainingStopped(f"{spike}; stopped before the optimizer step (train.on_loss_spike: stop)")
+            raise LossSpike(spike)
+        self.skips.ok()
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -179,11 +239,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         batches = iter(self._loader(self.valid_ds, 0))
         for _, micro_batches in zip(range(self.cfg.train.eval_iters), batches):
+            self.beat("evaluation")
             total += self._forward_backward(micro_batches, train=False)
         batches.close()
         for _, model in self.stages:
             model.train()
-        return self._dp_mean(total / self.cfg.train.eval_iters)
+        return self._global_mean(total / self.cfg.train.eval_iters)[0]
 
     # --- checkpoints ------------------------------------------------------------------------
     def optimizer_states(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -208,23 +269,25 @@ class Trainer:
     def state_tensors(self, for_save: bool, optimizer_states: dict | None = None) -> dict[str, GlobalPiece]:
         """Model weights and Adam states as global pieces, keyed by global name."""
         out = model_pieces(self.params, self.mesh, for_save)
-        for name, states in (optimizer_states or {}).items():
-            p = self.params[name]
-            if p.shard.alias is not None:
-                continue
-            for key, tensor in states.items():
-                out.update({f"optim.{key}.{k}": v for k, v in pieces_of(name, tensor, p.shard, self.mesh).items()})
+        for key in ("exp_avg", "exp_avg_sq"):
+            named = {n: (states[key], self.params[n].shard) for n, states in (optimizer_states or {}).items()}
+            out.update(named_pieces(f"optim.{key}.", named, self.mesh, for_save))
         return out
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Train to `train.steps`, evaluating, logging and checkpointing on the way.
 
-        Raises `Preempted` after saving when a save-and-stop was requested (see preemption.py).
+        Raises `Preempted` after saving when a save-and-stop was requested (see preemption.py), and
+        `TrainingStopped` when a guard stops the run (guards.py). A watchdog ends the job when this rank
+        makes no progress for `parallel.timeout_minutes` (watchdog.py).
         """
         cfg, mesh = self.cfg, self.mesh
         checkpointing.maybe_resume(self)
-        log = RunLog(cfg, self.run_dir, mesh, self.device)
+        if restart_count() and mesh.rank == 0:
+            record_restart(self.run_dir, self.step)
+            print_line(f"restart {restart_count()}: going on from step {self.step}")
+        log = RunLog(cfg, self.run_dir, mesh, self.device, start_step=self.step)
         saver = checkpointing.Checkpointer(self)
         watch = PreemptionWatch(self.run_dir, self.device)
         if mesh.rank == 0:
@@ -236,31 +299,63 @@ class Trainer:
             print_line(kernels.summary(self.options.kernels, self.device))
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
         ckpt = cfg.checkpoint
+        dog = Watchdog(self.run_dir, mesh.rank, mesh.world_size, cfg.parallel.timeout_minutes * 60)
         try:
-            while self.step < cfg.train.steps:
-                checkpointing.fault_hook("step", self.step + 1, mesh.rank)
-                loss, norm = self.train_step(next(batches))
-                self.step += 1
-                self.consumed_samples += cfg.train.global_batch_size
-                eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
-                eval_loss = self.evaluate() if eval_due else None
-                log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, self._scaler_record())
-                stop = watch.requested()
-                due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
-                if ckpt.save and (due or stop):
-                    saver.save()
-                if stop and self.step < cfg.train.steps:
-                    watch.clear()
-                    raise Preempted(f"saved step {self.step} and stopped on request")
+            with dog:
+                self.beat = lambda phase: dog.beat(self.step + 1, phase)
+                while self.step < cfg.train.steps:
+                    checkpointing.fault_hook("step", self.step + 1, mesh.rank)
+                    checkpointing.fault_hook("kill", self.step + 1, mesh.rank)
+                    self.beat("data")
+                    try:
+                        loss, norm = self.train_step(next(batches))
+                    except LossSpike as spike:
+                        batches.close()
+                        self._rewind(spike, saver, log)
+                        batches = iter(self._loader(self.train_ds, self.consumed_samples))
+                        continue
+                    self.step += 1
+                    self.consumed_samples += cfg.train.global_batch_size
+                    eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
+                    eval_loss = self.evaluate() if eval_due else None
+                    log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, self._skip_record())
+                    self.beat("preemption check")
+                    stop = watch.requested()
+                    due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
+                    if ckpt.save and (due or stop):
+                        self.beat("checkpoint save")
+                        saver.save()
+                    if stop and self.step < cfg.train.steps:
+                        watch.clear()
+                        raise Preempted(f"saved step {self.step} and stopped on request")
         finally:
+            self.beat = lambda phase: None
             saver.wait()
             batches.close()
             log.close()
 
-    def _scaler_record(self) -> dict:
-        if self.scaler is None:
-            return {}
-        return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped}
+    def _rewind(self, spike: LossSpike, saver: checkpointing.Checkpointer, log: RunLog) -> None:
+        """Back to the last checkpoint, and on past the batches up to the spike's (`train.on_loss_spike: rewind`)."""
+        saver.wait()
+        step_dir = store.latest_complete(self.run_dir / "checkpoints")
+        if step_dir is None:
+            raise TrainingStopped(f"{spike}; no checkpoint to rewind to yet")
+        self.skips.skipped(self.step + 1, "loss spikes")
+        resume_at = self.consumed_samples + self.cfg.train.global_batch_size
+        self.dp.zero_grads()
+        checkpointing.load(self, step_dir)
+        skipped = resume_at - self.consumed_samples
+        self.consumed_samples = resume_at
+        self.spikes.reset()
+        log.rewind(self.step)
+        if self.mesh.rank == 0:
+            print_line(f"{spike}: rewound to {step_dir.name}, skipping the next {skipped} samples of data")
+
+    def _skip_record(self) -> dict:
+        """The metrics of skipped steps: fp16's loss scale and overflows, or the non-finite steps skipped."""
+        if self.scaler is not None:
+            return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped}
+        return {"nonfinite_skipped": self.nonfinite_skips} if self.cfg.train.on_nonfinite == "skip" else {}
 
     def resolved_config_yaml(self) -> str:
         import yaml

@@ -1,0 +1,90 @@
+"""Guards on a step's numbers: a non-finite loss or gradient, or a loss spike, never trains on silently.
+
+`train.on_nonfinite: stop` (default) ends the run at the first step whose loss or gradients are not
+finite, before the optimizer touches the weights, so no checkpoint holds the bad state; `skip` drops
+such steps (counted in metrics as `nonfinite_skipped`) and stops after `train.max_skipped_steps` in a
+row. fp16's loss scaler keeps its own rule (halve and skip) and stops after that many overflows in a
+row at its minimum scale. `train.loss_spike_factor: F` (0: off) treats a loss above F x the mean of
+the last `SPIKE_WINDOW` losses as a spike: `train.on_loss_spike: stop`, or `rewind` to the last
+checkpoint and go on past the batches that caused it, as large runs do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from megatronlite.errors import UserError
+
+SPIKE_WINDOW = 20
+SPIKE_MIN_HISTORY = 5
+
+
+class TrainingStopped(UserError):
+    """The run stopped on a guard: one line for the user, exit 2, no checkpoint of the bad state."""
+
+
+def bad_ranks(loss: torch.Tensor, grads: list[torch.Tensor], device: torch.device) -> str:
+    """(Every rank, only once a step is known bad.) Which ranks saw a non-finite loss or gradient."""
+    local = torch.tensor(
+        [float(not bool(torch.isfinite(loss).all())), float(any(not bool(torch.isfinite(g).all()) for g in grads))],
+        device=device,
+    )
+    if not dist.is_initialized():
+        flags = [local]
+    else:
+        flags = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(flags, local)
+    parts = []
+    for i, what in enumerate(("loss", "gradients")):
+        ranks = [str(r) for r, f in enumerate(flags) if f[i] > 0]
+        if ranks:
+            parts.append(f"{what} on rank(s) {', '.join(ranks)}")
+    return "; ".join(parts) or "no rank holds a non-finite value locally (a reduction overflowed)"
+
+
+class LossSpike(Exception):
+    """A spike with `train.on_loss_spike: rewind`: the trainer goes back to its last checkpoint."""
+
+
+class SkipBudget:
+    """Counts guarded skips in a row; past the limit the run stops."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_row = limit, 0
+
+    def skipped(self, step: int, why: str) -> None:
+        self.in_row += 1
+        if self.in_row > self.limit:
+            raise TrainingStopped(
+                f"step {step}: {self.in_row} steps in a row skipped ({why}); stopping (train.max_skipped_steps = "
+                f"{self.limit}); lower optim.lr or set optim.clip_grad"
+            )
+
+    def ok(self) -> None:
+        self.in_row = 0
+
+
+class SpikeDetector:
+    """A loss above `factor` x the mean of the recent finite losses is a spike (factor 0: never)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
+
+    def is_spike(self, loss: float) -> bool:
+        if self.factor <= 0 or not math.isfinite(loss):
+            return False
+        if len(self.recent) >= SPIKE_MIN_HISTORY and loss > self.factor * (sum(self.recent) / len(self.recent)):
+            return True
+        self.recent.append(loss)
+        return False
+
+    def reference(self) -> float:
+        return sum(self.recent) / max(1, len(self.recent))
+
+    def reset(self) -> None:
+        self.recent.clear()

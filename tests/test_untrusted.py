@@ -1,0 +1,223 @@
+"""Files from others never run code: malicious DCP `.metadata` for every command that reads one, a fuzzed
+unpickler, and checkpoints whose metadata points outside or past their files."""
+
+import os
+import pickle
+import shutil
+from unittest import mock
+
+import pytest
+import torch
+from helpers import error_of, tiny_overrides
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatronlite.checkpoint import store
+from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
+from megatronlite.config import ModelConfig
+from megatronlite.convert.checkpoint import run_config
+from megatronlite.untrusted import DCP_METADATA_GLOBALS, read_dcp_metadata, unpickle
+
+MODEL = ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                    vocab_size=257, max_seq_len=32, tie_embeddings=False)
+CALLED = []
+
+
+def boom(*args):
+    """A callable a malicious pickle would like to reach; the fuzz test asserts it never runs."""
+    CALLED.append(args)
+
+
+def _text(s: str) -> bytes:
+    data = s.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def dotted_call(module: str, name: str, arg: str) -> bytes:
+    """Opcodes calling `module`.`name`(arg) through STACK_GLOBAL, where protocol 4 resolves dotted names."""
+    return _text(module) + _text(name) + b"\x93" + _text(arg) + b"\x85R"  # STACK_GLOBAL, TUPLE1, REDUCE
+
+
+class Raw:
+    """Raw opcodes embedded in an otherwise ordinary pickle (see RawPickler)."""
+
+    def __init__(self, code: bytes) -> None:
+        self.code = code
+
+
+class RawPickler(pickle._Pickler):
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[Raw] = lambda self, obj: self.write(obj.code)
+
+
+class Trigger:
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return (self.call, self.args)
+
+
+def malicious_metadata(step_dir, variant: str, marker) -> bytes:
+    """A `.metadata` that runs `touch marker` if unpickled without restriction."""
+    cmd = f"touch {marker}"
+    if variant == "reduce":  # the whole file is a call of os.system
+        return pickle.dumps(Trigger(os.system, cmd), protocol=2)
+    if variant == "dotted":  # an allowed module, a dotted name that resolves to os.system
+        return b"\x80\x04" + dotted_call("torch.distributed.checkpoint.filesystem", "os.system", cmd) + b"."
+    # nested: the checkpoint's real metadata, one field of it holding the dotted call
+    md = read_dcp_metadata(step_dir)
+    md.planner_data = {"x": Raw(dotted_call("torch.distributed.checkpoint.metadata", "os.system", cmd))}
+    import io
+
+    buffer = io.BytesIO()
+    RawPickler(buffer, protocol=4).dump(md)
+    return buffer.getvalue()
+
+
+def _poison(step_dir, variant, marker) -> None:
+    (step_dir / ".metadata").write_bytes(malicious_metadata(step_dir, variant, marker))
+
+
+@pytest.fixture
+def native(tmp_path):
+    cfg = run_config(MODEL, "src")
+    cfg.data.sources = [{"path": "unused"}]
+    tensors = {n: torch.randn(s) for n, s in expected_shapes(cfg).items()}
+    write_checkpoint(tmp_path / "src", cfg, tensors.items())
+    return tmp_path / "src"
+
+
+VARIANTS = ["reduce", "dotted", "nested"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_command_runs_code_from_a_native_checkpoint(tmp_path, native, corpus, capsys, variant):
+    marker = tmp_path / "ran"
+    step_dir = store.find_step_dir(native)
+    _poison(step_dir, variant, marker)
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus, run, **{"checkpoint.load": str(native)})
+    commands = {
+        "train": ["train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), [])],
+        "generate": ["generate", str(native), "--prompt", "x", "--max-new-tokens", "2"],
+        "convert-torch": ["convert", "--from", "mlite", "--to", "torch", str(native), str(tmp_path / "out.pt")],
+        "convert-hf": ["convert", "--from", "mlite", "--to", "hf", str(native), str(tmp_path / "hf")],
+    }
+    for name, argv in commands.items():
+        line = error_of(capsys, *argv)
+        assert "metadata" in line and "not allowed" in line, (name, line)
+        assert not marker.exists(), name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_code_runs_from_a_megatron_checkpoint(tmp_path, native, capsys, variant):
+    from megatronlite.cli import main
+
+    meg = tmp_path / "meg"
+    main(["convert", "--from", "mlite", "--to", "megatron", str(native), str(meg)])
+    marker = tmp_path / "ran"
+    _poison(meg / "release", variant, marker)  # Megatron's layout: ITERATION_DIR/.metadata
+    line = error_of(capsys, "convert", "--from", "megatron", "--to", "torch", str(meg), str(tmp_path / "out.pt"))
+    assert "not allowed" in line
+    assert not marker.exists()
+
+
+def test_the_metadata_of_real_checkpoints_is_allowed(native):
+    md = read_dcp_metadata(store.find_step_dir(native))
+    assert md.state_dict_metadata  # our own files load through the allow-list
+
+
+# --- the unpickler, fuzzed --------------------------------------------------------------------
+
+ME = __name__
+NAMES = st.sampled_from(
+    sorted(DCP_METADATA_GLOBALS)
+    + [(ME, "boom"), ("torch", f"{ME}.boom"), ("torch.distributed.checkpoint.metadata", "os.system"),
+       ("builtins", "eval"), ("builtins", "getattr"), ("os", "system"), ("posix", "system"), ("torch", "load"),
+       ("torch.serialization", "os.system"), ("collections", "OrderedDict.fromkeys"), ("builtins", "set.__init__"),
+       ("pathlib", "PosixPath.write_text"), ("torch", "Size.__reduce__")]
+)
+ATOMS = st.one_of(
+    st.tuples(NAMES, st.text(max_size=4)).map(lambda c: dotted_call(c[0][0], c[0][1], c[1])),  # global(arg)
+    NAMES.map(lambda mn: _text(mn[0]) + _text(mn[1]) + b"\x93"),  # STACK_GLOBAL
+    NAMES.map(lambda mn: b"c" + f"{mn[0]}\n{mn[1]}\n".encode()),  # GLOBAL
+    st.sampled_from([b"R", b"\x85", b"\x86", b")", b"}", b"]", b"(", b"t", b"b", b"N", b"\x88", b"s", b"\x81",
+                     b"\x92", b"\x94", b"h\x00", b"e", b"a", b"0", b"2"]),  # REDUCE, tuples, BUILD, NEWOBJ...
+    st.binary(max_size=4).map(lambda b: _text(b.hex())),
+    st.integers(0, 255).map(lambda i: b"K" + bytes([i])),
+    st.integers(1, 3).map(lambda i: b"\x82" + bytes([i])),  # EXT1: the copyreg extension registry
+    st.just(b"P0\n"),  # PERSID
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(ATOMS, max_size=24), st.binary(max_size=16))
+def test_fuzzed_pickles_never_call_a_refused_global(atoms, tail):
+    data = b"\x80\x04" + b"".join(atoms) + b"." + tail
+    with mock.patch("os.system", boom):  # a dotted name reaching os.system would record the call
+        try:
+            unpickle(data, DCP_METADATA_GLOBALS)
+        except pickle.UnpicklingError:
+            pass
+    assert not CALLED
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_are_an_unpickling_error(data):
+    try:
+        unpickle(data, DCP_METADATA_GLOBALS)
+    except pickle.UnpicklingError:
+        pass
+    assert not CALLED
+
+
+def test_every_refusal_names_the_global():
+    for module, name in [("os", "system"), ("torch.distributed.checkpoint.filesystem", "os.system"), (ME, "boom")]:
+        with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+            unpickle(b"\x80\x04" + dotted_call(module, name, "x") + b".", DCP_METADATA_GLOBALS)
+    assert not CALLED
+
+
+# --- storage locations are checked before DCP reads -------------------------------------------
+
+
+def _rewrite_storage(step_dir, change) -> None:
+    md = read_dcp_metadata(step_dir)
+    for info in md.storage_data.values():
+        change(info)
+    (step_dir / ".metadata").write_bytes(pickle.dumps(md, protocol=4))
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda info: setattr(info, "relative_path", "../../etc/passwd"), "outside the directory"),
+        (lambda info: setattr(info, "length", info.length + 10**9), "truncated or incomplete"),
+        (lambda info: setattr(info, "offset", -5), "bad offset"),
+    ],
+    ids=["path", "length", "offset"],
+)
+def test_storage_outside_the_files_is_refused(native, capsys, change, expected):
+    step_dir = store.find_step_dir(native)
+    _rewrite_storage(step_dir, change)
+    line = error_of(capsys, "generate", str(native), "--prompt", "x", "--max-new-tokens", "1")
+    assert expected in line
+
+
+def test_a_checkpoint_missing_shards_is_not_complete(native):
+    """A kill during retention or a save can leave meta.json without (all of) the shards: never `latest`."""
+    root = native / "checkpoints"
+    first = store.find_step_dir(native)
+    second = root / "step_0000009"
+    shutil.copytree(first, second)
+    (root / "latest").write_text(second.name)
+    assert store.latest_complete(root) == second
+    shard = next(second.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert not store.is_complete(second)
+    assert store.latest_complete(root) == first
+    shard.unlink()
+    assert store.latest_complete(root) == first
+
