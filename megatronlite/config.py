@@ -69,9 +69,15 @@ class ParallelConfig:
     virtual_pipeline: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
-    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
+    # 1f1b | interleaved | gpipe | zero_bubble; null: interleaved with virtual stages, else 1f1b (as Megatron)
+    pipeline_schedule: str | None = None
     pipeline_layers: list | None = None  # layers per stage (P x virtual entries); None: an even split
     bucket_mb: float = 25.0  # DP gradient bucket size
+
+    @property
+    def schedule(self) -> str:
+        """The pipeline schedule that runs: the one named, or what the virtual stages imply."""
+        return self.pipeline_schedule or ("interleaved" if self.virtual_pipeline > 1 else "1f1b")
     timeout_minutes: float = 10.0  # no progress this long ends the job with a clue (train/watchdog.py)
 
 
@@ -157,7 +163,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("llama", "gpt2"),
-    "parallel.pipeline_schedule": ("1f1b", "interleaved", "gpipe", "zero_bubble"),
+    "parallel.pipeline_schedule": (None, "1f1b", "interleaved", "gpipe", "zero_bubble"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.recompute": ("none", "selective", "full"),
@@ -372,7 +378,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise UserError(f"config key '{key}' = {value!r}; valid values: {', '.join(allowed)}")
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            raise UserError(f"config key '{key}' = {value!r}; valid values: {shown}")
     m, t, o = cfg.model, cfg.train, cfg.optim
     for allow_zero, keys in ((False, _POSITIVE), (True, _NON_NEGATIVE)):
         for section, names in keys.items():
@@ -417,11 +424,19 @@ def _check_batch(t: TrainConfig, dp: int) -> None:
         )
 
 
+def micro_batches(t: TrainConfig, dp: int) -> int:
+    """Micro-batches each DP rank runs per step (gradient accumulation); 0 when the batch does not divide."""
+    per_step = t.micro_batch_size * dp
+    return t.global_batch_size // per_step if t.global_batch_size % per_step == 0 else 0
+
+
 def validate_kernels(choices: str | dict) -> None:
     from megatronlite.kernels import IMPLS, OPS
 
     items = choices.items() if isinstance(choices, dict) else [("*", choices)]
     for op, impl in items:
+        if op == "adamw":  # one setting for the optimizer
+            raise UserError("train.kernels.adamw: the optimizer is set by optim.impl (auto|torch|fused|triton|apex)")
         if op != "*" and op not in OPS:
             raise UserError(f"unknown kernel op 'train.kernels.{op}'; valid ops: {', '.join(OPS)}")
         if impl not in IMPLS:
@@ -472,17 +487,16 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline} = {stages} stages), "
             f"or set parallel.pipeline_layers"
         )
-    if p.virtual_pipeline > 1 and p.pipeline_schedule not in ("interleaved", "zero_bubble"):
+    if p.virtual_pipeline > 1 and p.schedule not in ("interleaved", "zero_bubble"):
         raise UserError(
-            f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline_schedule: interleaved"
+            f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline_schedule interleaved or "
+            f"zero_bubble (or leave it unset), not {p.schedule}"
         )
     if p.sequence_parallel and t.seq_len % p.tensor:
         raise UserError(f"sequence parallel needs train.seq_len ({t.seq_len}) divisible by parallel.tensor")
     dp = world_size // (p.tensor * p.pipeline)
-    n_micro = (
-        t.global_batch_size // (t.micro_batch_size * dp) if t.global_batch_size % (t.micro_batch_size * dp) == 0 else 0
-    )
-    if p.pipeline_schedule in ("interleaved", "zero_bubble") and p.pipeline > 1 and n_micro % p.pipeline:
+    n_micro = micro_batches(t, dp)
+    if p.schedule in ("interleaved", "zero_bubble") and p.pipeline > 1 and n_micro % p.pipeline:
         raise UserError(
             f"the interleaved schedule needs micro-batches per step ({n_micro}) divisible by parallel.pipeline "
             f"({p.pipeline}); change train.global_batch_size"

@@ -72,6 +72,8 @@ def test_extends_cycle(tmp_path):
         ("train: {precision: fp8}", r"'train.precision' = 'fp8'; valid values: fp32, bf16, fp16"),
         ("optim: {lr: 0.001, min_lr: 0.01}", r"min_lr"),
         ("train: {steps: 0}", r"'train.steps' must be > 0"),
+        ("train: {kernels: {adamw: triton}}", r"train.kernels.adamw: the optimizer is set by optim.impl"),
+        ("parallel: {pipeline_schedule: 2f2b}", r"valid values: null, 1f1b, interleaved, gpipe, zero_bubble"),
     ],
 )
 def test_inconsistent_values(tmp_path, text, message):
@@ -90,6 +92,11 @@ def test_layout_validation():
     with pytest.raises(UserError, match=r"num_layers \(4\) must divide over"):
         config.validate_layout(_with(cfg, pipeline=3), 3)
     assert config.validate_layout(cfg, 2) == 2
+    # virtual stages imply the interleaved schedule unless another is named (as Megatron does)
+    virtual = _with(cfg, pipeline=2, virtual_pipeline=2)
+    assert virtual.parallel.schedule == "interleaved" and _with(cfg, pipeline=2).parallel.schedule == "1f1b"
+    with pytest.raises(UserError, match=r"virtual_pipeline = 2 needs .* not gpipe"):
+        config.validate_layout(_with(virtual, pipeline_schedule="gpipe"), 2)
 
 
 def _with(cfg, **parallel):

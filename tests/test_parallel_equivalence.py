@@ -11,10 +11,9 @@ LAYOUTS = {
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline=2"]),
     "pp2-gpipe": (2, ["parallel.pipeline=2", "parallel.pipeline_schedule=gpipe"]),
-    "pp2-interleaved": (
-        2,
-        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=interleaved"],
-    ),
+    "pp2-interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),  # virtual stages imply it
+    # the pipeline's loss goes through the model's own loss path: here the chunked (fused) cross-entropy
+    "pp2-fused-ce": (2, ["parallel.pipeline=2", "train.kernels={linear_cross_entropy: torch}"]),
     "dp2-distopt": (2, ["parallel.distributed_optimizer=true"]),
     "pp2xdp2-zero-bubble": (
         4,

@@ -77,7 +77,7 @@ def write_checkpoint_lazily(run_dir: Path, cfg: Config, load: Callable[[str], to
 
     DCP's FileSystemWriter (read in torch 2.13) keeps a reference to every tensor it has written until
     the file is closed, and there is one file: to hold one tensor in memory at a time, `load` should
-    return file-backed tensors (see megatronlite.convert.staging).
+    return file-backed tensors (see megatronlite.convert.parking).
     """
     chunks = [
         LazyChunk(f"model.{name}", shape, (0,) * len(shape), shape, torch.float32, functools.partial(load, name))

@@ -8,7 +8,7 @@ write, and run on `meta` tensors they give every shape before any data moves. So
 checks the source's names and shapes first, then moves one rule's tensors at a time.
 """
 
-from megatronlite.convert.checkpoint import Checkpoint, Options
 from megatronlite.convert.formats import FORMATS, convert, read
+from megatronlite.convert.model_state import Checkpoint, Options
 
 __all__ = ["FORMATS", "Checkpoint", "Options", "convert", "read"]

@@ -6,8 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
-from megatronlite.convert.checkpoint import OUTPUT_DTYPES, Options
 from megatronlite.convert.formats import FORMATS, convert
+from megatronlite.convert.model_state import OUTPUT_DTYPES, Options
 from megatronlite.errors import UserError
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from megatronlite.convert import hf, megatron, mlite, torch_file
-from megatronlite.convert.checkpoint import Checkpoint, Options
+from megatronlite.convert.model_state import Checkpoint, Options
 from megatronlite.errors import UserError
 
 FORMATS = {"mlite": mlite, "hf": hf, "megatron": megatron, "torch": torch_file}

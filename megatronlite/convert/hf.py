@@ -11,7 +11,7 @@ import torch
 
 from megatronlite.checkpoint.weights import expected_shapes
 from megatronlite.convert import hf_gpt2, hf_llama, safetensors_io
-from megatronlite.convert.checkpoint import (
+from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
     TensorStore,

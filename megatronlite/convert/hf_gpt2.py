@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from megatronlite.config import ModelConfig
-from megatronlite.convert.checkpoint import refuse, require
 from megatronlite.convert.mapping import Mapping, Rule, group_qkv, rename, split_qkv, transposed
+from megatronlite.convert.model_state import refuse, require
 
 ARCHITECTURE = "GPT2LMHeadModel"
 BASE_PREFIX = "transformer."  # checkpoints of the bare GPT2Model (the original gpt2 files) lack it

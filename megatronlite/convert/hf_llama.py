@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from megatronlite.config import ModelConfig
-from megatronlite.convert.checkpoint import refuse, require
 from megatronlite.convert.mapping import Mapping, Rule, group_qkv, rename, split_qkv
+from megatronlite.convert.model_state import refuse, require
 
 ARCHITECTURE = "LlamaForCausalLM"
 BASE_PREFIX = "model."  # checkpoints of the bare LlamaModel lack it

@@ -20,7 +20,8 @@ import torch
 
 from megatronlite.config import ModelConfig
 from megatronlite.convert import megatron_dist, megatron_legacy
-from megatronlite.convert.checkpoint import (
+from megatronlite.convert.megatron_names import ignored, mapping
+from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
     from_store,
@@ -29,7 +30,6 @@ from megatronlite.convert.checkpoint import (
     require,
     run_config,
 )
-from megatronlite.convert.megatron_names import ignored, mapping
 from megatronlite.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"

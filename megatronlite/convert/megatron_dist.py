@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from megatronlite.checkpoint.weights import LazyChunk, expected_shapes, save_chunks
-from megatronlite.convert.checkpoint import Checkpoint
 from megatronlite.convert.dcp_store import Box, DcpStore, stored_tensors, whole
 from megatronlite.convert.mapping import Mapping
 from megatronlite.convert.megatron_names import LAYER
-from megatronlite.convert.staging import Staging
+from megatronlite.convert.model_state import Checkpoint
+from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
 from megatronlite.untrusted import load_torch_file
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from megatronlite.convert.checkpoint import Checkpoint, refuse
 from megatronlite.convert.mapping import Mapping
 from megatronlite.convert.megatron_names import LAYER
-from megatronlite.convert.staging import Staging
+from megatronlite.convert.model_state import Checkpoint, refuse
+from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
 from megatronlite.untrusted import load_torch_file
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.model_loader import load_config
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
-from megatronlite.convert.checkpoint import Checkpoint, Options, from_store, side_files
 from megatronlite.convert.dcp_store import DcpStore, stored_tensors, whole
 from megatronlite.convert.mapping import Mapping, rename
-from megatronlite.convert.staging import Staging
+from megatronlite.convert.model_state import Checkpoint, Options, from_store, side_files
+from megatronlite.convert.parking import Staging
 
 TOKENIZER_DIR = "tokenizer"
 

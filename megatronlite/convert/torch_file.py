@@ -16,9 +16,9 @@ import torch
 
 from megatronlite import config as config_mod
 from megatronlite.checkpoint.weights import expected_shapes
-from megatronlite.convert.checkpoint import Checkpoint, Options, from_store, output_dtype
 from megatronlite.convert.mapping import Mapping, rename
-from megatronlite.convert.staging import Staging
+from megatronlite.convert.model_state import Checkpoint, Options, from_store, output_dtype
+from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
 from megatronlite.untrusted import load_torch_file
 

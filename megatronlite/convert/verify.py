@@ -16,8 +16,8 @@ import torch
 
 from megatronlite.config import ModelConfig
 from megatronlite.convert import hf
-from megatronlite.convert.checkpoint import Options, build_model
 from megatronlite.convert.formats import read
+from megatronlite.convert.model_state import Options, build_model
 from megatronlite.errors import UserError
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # token ids [batch, seq] -> logits [batch, seq, vocab]

@@ -36,17 +36,17 @@ from megatronlite.parallel.tensor_parallel import (
     column_parallel_linear,
 )
 
-Kernels = Mapping[str, str]  # op -> resolved backend (megatronlite.kernels: torch | triton | apex | te)
+Backends = Mapping[str, str]  # op -> resolved backend (megatronlite.kernels: torch | triton | apex | te)
 
 
 class Norm(nn.Module):
     """RMSNorm (llama) or LayerNorm (gpt2), computed in fp32 like HF and Megatron."""
 
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, kernels: Kernels) -> None:
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, backends: Backends) -> None:
         super().__init__()
         self.rms, self.eps = cfg.arch == "llama", cfg.norm_eps
         self.norm = backend_function(
-            "rms_norm" if self.rms else "layer_norm", kernels["rms_norm" if self.rms else "layer_norm"]
+            "rms_norm" if self.rms else "layer_norm", backends["rms_norm" if self.rms else "layer_norm"]
         )
         h = cfg.hidden_size
         self.weight = _param((h,), ShardSpec((h,), init="ones", sequence_parallel=sequence_parallel))
@@ -75,10 +75,10 @@ class Attention(nn.Module):
     (Megatron's layout), so a TP rank's contiguous slice holds whole groups.
     """
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels, selective: bool):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, backends: Backends, selective: bool):
         super().__init__()
         self.cfg, self.selective = cfg, selective
-        self.apply_rotary = backend_function("rotary", kernels["rotary"])
+        self.apply_rotary = backend_function("rotary", backends["rotary"])
         self.groups = cfg.kv_heads // mesh.tp
         self.q_per_group = cfg.num_heads // cfg.kv_heads
         d, bias = cfg.head_dim, cfg.arch == "gpt2"
@@ -117,11 +117,11 @@ class MLP(nn.Module):
     contiguous memory: on CPU that is faster than one GEMM plus strided elementwise ops.
     """
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels) -> None:
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, backends: Backends) -> None:
         super().__init__()
         self.gated = cfg.arch == "llama"
-        self.split_halves = kernels["swiglu"] == "torch"
-        self.swiglu = None if self.split_halves else backend_function("swiglu", kernels["swiglu"])
+        self.split_halves = backends["swiglu"] == "torch"
+        self.swiglu = None if self.split_halves else backend_function("swiglu", backends["swiglu"])
         f, h = cfg.ffn_size, cfg.hidden_size
         parts = ("gate", "up") if self.gated else ()
         self.fc1 = ColumnParallelLinear(
@@ -141,12 +141,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, kernels: Kernels, selective: bool):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, backends: Backends, selective: bool):
         super().__init__()
-        self.attn_norm = Norm(cfg, sequence_parallel, kernels)
-        self.attention = Attention(cfg, mesh, sequence_parallel, kernels, selective)
-        self.mlp_norm = Norm(cfg, sequence_parallel, kernels)
-        self.mlp = MLP(cfg, mesh, sequence_parallel, kernels)
+        self.attn_norm = Norm(cfg, sequence_parallel, backends)
+        self.attention = Attention(cfg, mesh, sequence_parallel, backends, selective)
+        self.mlp_norm = Norm(cfg, sequence_parallel, backends)
+        self.mlp = MLP(cfg, mesh, sequence_parallel, backends)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), rotary)
@@ -178,7 +178,7 @@ class RunOptions:
     sequence_parallel: bool = False
     recompute: str = "none"  # none | selective (the attention core) | full (whole layers)
     recompute_layers: int = 0  # full: recompute this stage's first N layers (0: all of them)
-    kernels: Kernels = field(default_factory=lambda: dict.fromkeys(OPS, "torch"))  # see trainer.run_options
+    kernels: Backends = field(default_factory=lambda: dict.fromkeys(OPS, "torch"))  # see trainer.run_options
     fused_cross_entropy: bool = False  # output layer + loss in token chunks, never the full logits
 
 
@@ -228,13 +228,19 @@ class GPTModel(nn.Module):
             cached = self._rotary = rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
         return cached[0][:seq_len], cached[1][:seq_len]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, gather_logits: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
 
-        The last stage returns the mean loss when given labels (the vocabulary stays sharded),
-        else logits over the real (unpadded) vocabulary, gathered over TP, or with
-        `gather_logits=False` this rank's padded vocabulary shard (what the pipeline's loss takes).
+        The last stage returns the mean loss when given labels (the vocabulary stays sharded), else
+        logits over the real (unpadded) vocabulary, gathered over TP.
         """
+        x = self.hidden(x)
+        if not self.post_process:
+            return x
+        return self.loss(x, labels) if labels is not None else self.logits(x)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage without the output layer: what a pipeline stage sends on (the last stage's is normed)."""
         if self.pre_process:
             x = self.embedding(x)
         seq_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel else 1)
@@ -244,15 +250,13 @@ class GPTModel(nn.Module):
                 x = checkpoint(layer, x, rotary, use_reentrant=False)
             else:
                 x = layer(x, rotary)
-        if not self.post_process:
-            return x
-        x = self.final_norm(x)
-        if labels is not None and self.options.fused_cross_entropy:
-            x = (
-                gather_from_sp(x, 1, self.mesh.tp_group)
-                if self.sequence_parallel
-                else copy_to_tp(x, self.mesh.tp_group)
-            )
+        return self.final_norm(x) if self.post_process else x
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(Last stage.) The mean cross-entropy of the final hidden states: the one loss path, with or without PP."""
+        if self.options.fused_cross_entropy:  # output layer + loss in token chunks, never the full logits
+            group = self.mesh.tp_group
+            x = gather_from_sp(x, 1, group) if self.sequence_parallel else copy_to_tp(x, group)
             return kernels.linear_cross_entropy(
                 x,
                 self.output_weight(),
@@ -262,10 +266,11 @@ class GPTModel(nn.Module):
                 self.options.kernels["linear_cross_entropy"],
             )
         logits = column_parallel_linear(x, self.output_weight(), None, self.mesh, self.sequence_parallel)
-        if labels is not None:
-            return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh).mean()
-        if not gather_logits:
-            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh).mean()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(Last stage.) Logits over the real vocabulary, gathered over TP."""
+        logits = column_parallel_linear(x, self.output_weight(), None, self.mesh, self.sequence_parallel)
         if self.mesh.tp > 1:
             logits = gather_from_tp(logits, -1, self.mesh.tp_group)
         return logits[..., : self.cfg.vocab_size]

@@ -27,6 +27,17 @@ from megatronlite.parallel.mesh import Mesh
 
 
 @dataclass
+class OwnedSlice:
+    """ZeRO-1: the part of one parameter this DP rank steps."""
+
+    param: nn.Parameter  # the whole parameter (a view of the bucket)
+    shard: nn.Parameter  # what the optimizer steps: the slice, a view of the same bucket memory
+    start: int  # the slice's start and end in the flattened parameter
+    end: int
+    at: int  # its start in this rank's shard of the bucket
+
+
+@dataclass
 class Bucket:
     params: list[nn.Parameter]
     offsets: list[int]  # each param's start in the flat buffers
@@ -38,8 +49,7 @@ class Bucket:
     handle: object | None = None
     late: bool = False
     shard_range: tuple[int, int] = (0, 0)
-    # distributed optimizer: (param, its slice, slice start and end in the param, slice start in the shard)
-    shard_params: list[tuple[nn.Parameter, nn.Parameter, int, int, int]] = field(default_factory=list)
+    owned: list[OwnedSlice] = field(default_factory=list)  # distributed optimizer: this rank's slices
 
 
 class DataParallel:
@@ -103,7 +113,7 @@ class DataParallel:
                     sp = nn.Parameter(param_buf[a:b])
                     sp.shard, sp.full_ndim = p.shard, p.ndim
                     sp.grad = bucket.grad_shard[a - lo : b - lo]
-                    bucket.shard_params.append((p, sp, a - start, b - start, a - lo))
+                    bucket.owned.append(OwnedSlice(p, sp, a - start, b - start, a - lo))
         return bucket
 
     # --- what the optimizer steps ------------------------------------------------------------
@@ -112,7 +122,7 @@ class DataParallel:
         if not self.sharded:
             return named_params
         name_of = {id(p): n for n, p in named_params.items()}
-        return {f"{name_of[id(p)]}[{a}:{b}]": sp for bk in self.buckets for p, sp, a, b, _ in bk.shard_params}
+        return {f"{name_of[id(o.param)]}[{o.start}:{o.end}]": o.shard for bk in self.buckets for o in bk.owned}
 
     # --- reduction --------------------------------------------------------------------------
     def _on_grad(self, p: nn.Parameter) -> None:
@@ -170,8 +180,8 @@ class DataParallel:
         for bucket in self.buckets:
             lo, hi = bucket.shard_range
             mine = torch.zeros(hi - lo, dtype=torch.float32, device=bucket.grad_buf.device)
-            for _, sp, _, _, at in bucket.shard_params:
-                mine[at : at + sp.numel()] = optimizer.state[sp][key]
+            for o in bucket.owned:
+                mine[o.at : o.at + o.shard.numel()] = optimizer.state[o.shard][key]
             full = torch.empty_like(bucket.grad_buf)
             dist.all_gather_into_tensor(full, mine, group=self.mesh.dp_group)
             for p, start in zip(bucket.params, bucket.offsets):
@@ -181,5 +191,5 @@ class DataParallel:
     def scatter_state(self, optimizer: torch.optim.Optimizer, key: str, full: dict[int, torch.Tensor]) -> None:
         """ZeRO-1: copy this rank's slices of full-shaped Adam states into the optimizer."""
         for bucket in self.buckets:
-            for p, sp, a, b, _ in bucket.shard_params:
-                optimizer.state[sp][key].copy_(full[id(p)].reshape(-1)[a:b])
+            for o in bucket.owned:
+                optimizer.state[o.shard][key].copy_(full[id(o.param)].reshape(-1)[o.start : o.end])

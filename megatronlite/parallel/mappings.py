@@ -78,19 +78,6 @@ class _GatherFromTP(torch.autograd.Function):
         return _split(g, ctx.dim, ctx.group), None, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Keep this rank's slice along `dim` forward, all-gather the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _split(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
-
-
 class _GatherFromSP(torch.autograd.Function):
     """Sequence parallel: all-gather the sequence forward, reduce-scatter the gradient backward."""
 
@@ -127,10 +114,6 @@ def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def gather_from_tp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return x if _size(group) == 1 else _GatherFromTP.apply(x, dim, group)
-
-
-def scatter_to_tp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    return x if _size(group) == 1 else _ScatterToTP.apply(x, dim, group)
 
 
 def gather_from_sp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:

@@ -31,15 +31,9 @@ class Mesh:
     tp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
-    pp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's pipeline, stage order
-    dp_ranks: tuple[int, ...] = (0,)
     tp_ranks: tuple[int, ...] = (0,)
     # the ranks holding the first and last stage of this pipeline, for tied embeddings
     embedding_group: dist.ProcessGroup | None = None
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -105,8 +99,6 @@ def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
         pp_group=groups["pp"][0],
         dp_group=groups["dp"][0],
         tp_ranks=groups["tp"][1],
-        pp_ranks=groups["pp"][1],
-        dp_ranks=groups["dp"][1],
         embedding_group=embedding_group,
     )
 

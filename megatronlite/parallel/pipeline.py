@@ -10,6 +10,7 @@ to the same TP rank of the neighbouring stage over the PP group.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,8 +39,13 @@ def stage_layers(cfg: Config) -> list[list[int]]:
     return out
 
 
-def build_stages(cfg: Config, mesh: Mesh, options: RunOptions) -> list[tuple[int, GPTModel]]:
-    """This rank's (stage index, stage model) pairs."""
+class Stage(NamedTuple):
+    index: int  # in pipeline order, over all P x virtual stages
+    model: GPTModel
+
+
+def build_stages(cfg: Config, mesh: Mesh, options: RunOptions) -> list[Stage]:
+    """This rank's stages (one, or with virtual stages p, p + P, p + 2P, ...)."""
     layers = stage_layers(cfg)
     n_stages = len(layers)
     out = []
@@ -52,19 +58,20 @@ def build_stages(cfg: Config, mesh: Mesh, options: RunOptions) -> list[tuple[int
             post_process=stage_index == n_stages - 1,
             options=options,
         )
-        out.append((stage_index, model))
+        out.append(Stage(stage_index, model))
     return out
 
 
-class _ShardedLogits(nn.Module):
-    """The stage as torch's pipelining sees it: the last stage returns its vocabulary shard of the logits."""
+class _StageHidden(nn.Module):
+    """The stage as torch's pipelining sees it: hidden states in and out; the last stage's loss function
+    (`GPTModel.loss`, through the trainer) takes its normed output."""
 
     def __init__(self, model: GPTModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, gather_logits=False)
+        return self.model.hidden(x)
 
 
 class PipelineRunner:
@@ -72,7 +79,7 @@ class PipelineRunner:
 
     def __init__(
         self,
-        stages: list[tuple[int, GPTModel]],
+        stages: list[Stage],
         n_stages: int,
         mesh: Mesh,
         schedule: str,
@@ -82,7 +89,7 @@ class PipelineRunner:
     ) -> None:
         self.mesh = mesh
         pipe_stages = [
-            PipelineStage(_ShardedLogits(model), index, n_stages, device, group=mesh.pp_group)
+            PipelineStage(_StageHidden(model), index, n_stages, device, group=mesh.pp_group)
             for index, model in stages
         ]
         self.has_first = any(index == 0 for index, _ in stages)

@@ -26,7 +26,6 @@ from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
 from megatronlite.optim.loss_scale import LossScaler
 from megatronlite.optim.schedules import lr_at
-from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
@@ -63,7 +62,7 @@ class Trainer:
         t, p = cfg.train, cfg.parallel
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.num_micro = t.global_batch_size // (t.micro_batch_size * mesh.dp)
+        self.num_micro = config_mod.micro_batches(t, mesh.dp)
         self.options = run_options(cfg, device)
         self.stages = build_stages(cfg, mesh, self.options)
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -84,7 +83,7 @@ class Trainer:
         if mesh.pp > 1:
             n_stages = len(stage_layers(cfg))
             self.pipeline = PipelineRunner(
-                self.stages, n_stages, mesh, p.pipeline_schedule, self.num_micro, self._pipeline_loss, device
+                self.stages, n_stages, mesh, p.schedule, self.num_micro, self._pipeline_loss, device
             )
         self.step = 0
         self.consumed_samples = 0
@@ -131,12 +130,12 @@ class Trainer:
 
     def _micro_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.stages[0][1](tokens[:, :-1], tokens[:, 1:])
+            return self.stages[0].model(tokens[:, :-1], tokens[:, 1:])
 
-    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss of one micro-batch, pre-divided for accumulation (and scaled for fp16)."""
-        model = self.stages[-1][1]
-        loss = vocab_parallel_cross_entropy(logits, labels, model.cfg.vocab_size, self.mesh).mean() / self.num_micro
+    def _pipeline_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one micro-batch (the model's own loss path), pre-divided for accumulation
+        (and scaled for fp16)."""
+        loss = self.stages[-1].model.loss(hidden, labels) / self.num_micro
         return loss * self.scaler.scale if self.scaler else loss
 
     def _forward_backward(self, micro_batches: list[torch.Tensor], train: bool) -> torch.Tensor:
