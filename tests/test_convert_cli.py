@@ -17,7 +17,7 @@ from megatronlite import cli
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
 from megatronlite.config import ModelConfig
 from megatronlite.convert import Options, read
-from megatronlite.convert.checkpoint import run_config
+from megatronlite.convert.model_state import run_config
 from megatronlite.errors import UserError
 from megatronlite.untrusted import Placeholder
 from megatronlite.untrusted import load_torch_file as safe_load

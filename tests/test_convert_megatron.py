@@ -25,8 +25,8 @@ from megatronlite import load_model
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
 from megatronlite.config import ModelConfig
 from megatronlite.convert import Options, convert, read
-from megatronlite.convert.checkpoint import run_config
 from megatronlite.convert.dcp_store import stored_tensors
+from megatronlite.convert.model_state import run_config
 from megatronlite.errors import UserError
 
 VOCAB, LAYERS = 200, 4

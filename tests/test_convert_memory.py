@@ -21,7 +21,7 @@ import torch
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
 from megatronlite.config import ModelConfig
 from megatronlite.convert import Options, convert
-from megatronlite.convert.checkpoint import run_config
+from megatronlite.convert.model_state import run_config
 
 MODEL = ModelConfig(arch="llama", num_layers=16, hidden_size=256, num_heads=8, num_kv_heads=2, ffn_hidden_size=2048,
                     vocab_size=8000, max_seq_len=64)

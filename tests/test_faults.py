@@ -142,6 +142,39 @@ def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tmp_path, co
     assert [(r["restart"], r["resumed_at_step"]) for r in restarts] == [(1, 3)]
 
 
+@pytest.mark.slow
+def test_a_save_and_exit_request_saves_stops_and_resumes_exactly(tmp_path, corpus):
+    """Preemption without Slurm: the flag file the sbatch trap writes, dropped once the run trains. The workers
+    save the step they reached and exit 3; `checkpoint.load: auto` then finishes with the uninterrupted losses."""
+    steps = 200  # many times more than the steps run while the test notices the first one and writes the flag
+    sets = {"train.steps": steps, "checkpoint.interval": 0, "logging.interval": 1}
+    ref = tmp_path / "ref"
+    done = launch("configs/demo.yaml", ref, 2, tiny_overrides(corpus, ref, **sets))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    overrides = tiny_overrides(corpus, run, **sets)
+    proc = subprocess.Popen(launch_cmd(run, 2, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training(proc, run, 2)
+        (run / ".save_and_exit").touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    stopped = read_metrics(run)[-1]["step"]
+    assert stopped < steps, "the run ended before it saw the request"
+    assert f"saved step {stopped} and stopped on request" in err
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:07d}"
+    assert not (run / ".save_and_exit").exists()
+
+    done = launch("configs/demo.yaml", run, 2, overrides)  # demo.yaml has checkpoint.load: auto
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'} at step {stopped}" in done.stdout
+    got, want = read_metrics(run), read_metrics(ref)
+    assert [m["step"] for m in got] == list(range(1, steps + 1))
+    assert [m["loss"] for m in got] == [m["loss"] for m in want]  # bit for bit
+
+
 # --- NaN, inf and spikes ---------------------------------------------------------------------
 
 

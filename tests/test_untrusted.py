@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
 from megatronlite.config import ModelConfig
-from megatronlite.convert.checkpoint import run_config
+from megatronlite.convert.model_state import run_config
 from megatronlite.untrusted import DCP_METADATA_GLOBALS, read_dcp_metadata, unpickle
 
 MODEL = ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
