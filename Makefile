@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -rs
+
+# the inner loop: everything but the tests marked slow (multi-process jobs, anything over ~10 s)
+test-fast: install
+	$(PY) -m pytest -q -rs -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,8 @@ from helpers import launch, read_metrics, tiny_overrides
 
 from megatronlite.checkpoint import store
 
+pytestmark = pytest.mark.slow  # every test launches training jobs, or reads what they saved
+
 STEPS = 6
 LAYOUTS = {
     "1": (1, []),
@@ -19,6 +21,8 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "dp2-distopt": (2, ["parallel.distributed_optimizer=true"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "pp2-interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "pp2-gpipe": (2, ["parallel.pipeline=2", "parallel.pipeline_schedule=gpipe"]),
 }
 
 
@@ -66,14 +70,24 @@ def resume_from(step_dir, run):
 
 
 def assert_continues(metrics, reference, first_step):
+    """Losses and gradient norms of the resumed steps are the uninterrupted run's, to fp32 reduction order."""
     assert [m["step"] for m in metrics] == list(range(first_step, STEPS + 1))
     for got, want in zip(metrics, reference[first_step - 1 :]):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5), (got["step"], got["loss"], want["loss"])
+        assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-5), (got["step"], got["grad_norm"])
 
 
 @pytest.mark.parametrize(
     "source,target",
-    [("tp2xpp2", "1"), ("tp2xpp2", "pp2"), ("tp2xpp2", "tp2"), ("tp2xpp2", "dp2-distopt"), ("dp2-distopt", "tp2")],
+    [
+        ("tp2xpp2", "1"),
+        ("tp2xpp2", "pp2"),
+        ("tp2xpp2", "tp2"),
+        ("tp2xpp2", "dp2-distopt"),
+        ("dp2-distopt", "tp2"),
+        ("tp2xpp2", "pp2-interleaved"),
+        ("dp2-distopt", "pp2-gpipe"),
+    ],
 )
 def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):
     run = tmp_path / "run"
@@ -108,18 +122,17 @@ def test_async_save_equals_sync(tmp_path, corpus):
 def test_async_save_is_its_steps_state_while_training_goes_on(tmp_path, corpus):
     """An async save is written while the next steps change the weights: what it writes must still be the state
     of the step it names, bit for bit what a sync run saved at that step. slowsave holds step 2's writer back
-    so steps 3 and 4 surely train before it writes."""
+    for seconds; rank 0's output shows that steps 3 and 4 trained before the write was committed."""
     sets = {"train.steps": 6, "checkpoint.interval": 2, "checkpoint.keep": 0}
-    out = {}
-    for mode, fault in (("false", ""), ("true", "slowsave:2")):
-        env = {**os.environ, "MEGATRONLITE_FAULT": fault}
-        done = run_layout(tmp_path / mode, corpus, "dp2-distopt", env=env, **{"checkpoint.async": mode, **sets})
+    sync = run_layout(tmp_path / "false", corpus, "dp2-distopt", **{"checkpoint.async": "false", **sets})
+    env = {**os.environ, "MEGATRONLITE_FAULT": "slowsave:2"}
+    held = run_layout(tmp_path / "true", corpus, "dp2-distopt", env=env, **{"checkpoint.async": "true", **sets})
+    for done in (sync, held):
         assert done.returncode == 0, done.stderr[-3000:]
-        out[mode] = done.stdout
     # rank 0 prints these in this order only if steps 3 and 4 ran while step 2's write was pending
     events = ["checkpoint step 2: training blocked", "step 3/6 |", "step 4/6 |", "step_0000002 (async, written in"]
-    at = [out["true"].find(e) for e in events]
-    assert -1 not in at and at == sorted(at), out["true"][-3000:]
+    at = [held.stdout.find(e) for e in events]
+    assert -1 not in at and at == sorted(at), held.stdout[-3000:]
     names = ["step_0000002", "step_0000004", "step_0000006"]
     assert sorted(p.name for p in (tmp_path / "true" / "checkpoints").glob("step_*")) == names
     for name in names:

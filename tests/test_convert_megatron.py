@@ -142,10 +142,8 @@ def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-SCENARIOS = [("tp1", 1), pytest.param("tp2", 2, marks=pytest.mark.slow), pytest.param("pp2", 2, marks=pytest.mark.slow)]
-
-
-@pytest.mark.parametrize("scenario,nproc", SCENARIOS)
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario,nproc", [("tp1", 1), ("tp2", 2), ("pp2", 2)])
 def test_against_megatron_core(tmp_path, scenario, nproc):
     results = _run_workers(scenario, nproc, tmp_path)
     for arch in ARCHS:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
@@ -78,6 +79,7 @@ def _measure(out: Path) -> dict[str, int]:
     return _convert_all(MODEL, out)
 
 
+@pytest.mark.slow
 def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])

@@ -73,9 +73,30 @@ def assert_learns(done: subprocess.CompletedProcess, converted: Path, run: Path)
     return curve
 
 
+def transformers_first_loss(hf_dir: Path, run: Path) -> float:
+    """transformers' loss on the run's first batch (its micro-batches' mean token losses, averaged)."""
+    from megatronlite import config
+    from megatronlite.data.loader import BatchLoader
+    from megatronlite.data.run import build_run_data
+
+    cfg = config.load(run / "config.yaml")
+    t = cfg.train
+    batch = BatchLoader(build_run_data(cfg).train, t.micro_batch_size, t.global_batch_size, 0, 1).batch_at(0)
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [
+            torch.nn.functional.cross_entropy(model(tokens[:, :-1]).logits.flatten(0, 1), tokens[:, 1:].flatten())
+            for tokens in batch
+        ]
+    return torch.stack(losses).mean().item()
+
+
+@pytest.mark.slow
 def test_converted_model_trains_in_one_process(tmp_path, converted, data):
     run = tmp_path / "run"
-    assert_learns(train([sys.executable, "-m", "megatronlite"], converted, run, data), converted, run)
+    curve = assert_learns(train([sys.executable, "-m", "megatronlite"], converted, run, data), converted, run)
+    # the weights reached the parameters: step 1's loss is transformers' loss on the same batch
+    assert curve[0] == pytest.approx(transformers_first_loss(converted.parent / "hf", run), rel=1e-5)
     # the run's saved config names the checkpoint it started from: the run stays loadable without it
     moved = converted.with_name("moved")
     converted.rename(moved)

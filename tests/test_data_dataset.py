@@ -1,10 +1,11 @@
 """GPT samples: seq_len+1 tokens overlapping by one, megatron-core's sample index, blending, caching, errors."""
 
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from megatronlite.data import cache
 from megatronlite.data.blending import normalize, source_sizes
@@ -114,7 +115,7 @@ def test_blend_source_sizes_match_megatron_core():
     assert [[source_sizes(weights, size)[k] for size in sizes] for k in range(3)] == theirs
 
 
-def test_concurrent_builders_build_once_and_the_others_wait(tmp_path):
+def test_concurrent_builders_build_once_and_the_others_wait(tmp_path, monkeypatch):
     """Ranks starting together: one takes the lock and builds, the rest wait and then read its files."""
     sources = [{"path": corpus(tmp_path / "c")}]
     with ThreadPoolExecutor(4) as pool:
@@ -123,15 +124,25 @@ def test_concurrent_builders_build_once_and_the_others_wait(tmp_path):
     for train, _ in results[1:]:
         np.testing.assert_array_equal(train.shuffle_index, results[0][0].shuffle_index)
 
-    calls, out = [], tmp_path / "slow.npy"
+    # the builder holds the lock until every caller has come to it, so the other two must wait on it
+    calls, at_lock, arrived, out = [], [], threading.Condition(), tmp_path / "once.npy"
 
-    def slow() -> None:
+    def counted_lock(path: str) -> FileLock:
+        with arrived:
+            at_lock.append(path)
+            arrived.notify_all()
+        return FileLock(path)
+
+    def build_after_all_arrive() -> None:
         calls.append(1)
-        time.sleep(0.2)  # long enough for every other caller to reach the lock
+        with arrived:
+            assert arrived.wait_for(lambda: len(at_lock) == 3, timeout=60), f"{len(at_lock)} of 3 callers at the lock"
         cache.save_npy(out, np.arange(3))
 
+    monkeypatch.setattr(cache, "FileLock", counted_lock)
     with ThreadPoolExecutor(3) as pool:
-        assert sorted(pool.map(lambda _: cache.build_once([out], slow), range(3))) == [False, False, True]
+        built = sorted(pool.map(lambda _: cache.build_once([out], build_after_all_arrive), range(3)))
+    assert built == [False, False, True]
     assert len(calls) == 1
 
 

@@ -69,6 +69,7 @@ def test_train_rejects_tiny_vocab(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_preprocess_with_a_tokenizer_json_then_train(tmp_path, trained):
     """The whole path with a trained tokenizer: `preprocess --tokenizer PATH --json-key` on .jsonl and
     .txt writes its ids (read back by megatron-core), and `train` runs on them with that tokenizer."""

@@ -90,6 +90,7 @@ def _tp_worker(rank, world, store, impls):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks(tmp_path):
     """On CPU with gloo; the TP logic lives in the backend-independent driver, so CPU covers it."""
     impls = ["torch"] + (["triton"] if triton_problem("cpu") is None else [])

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import free_port, tiny_overrides
 
 
+@pytest.mark.slow
 def test_worker_failure_names_rank_and_stops_job(tmp_path, corpus):
     run = tmp_path / "run"
     cmd = [

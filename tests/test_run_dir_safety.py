@@ -88,6 +88,7 @@ def test_second_trainer_is_refused_naming_the_holder(tmp_path, capsys, corpus, h
     RunLock(run).release()  # free again once the holder is gone
 
 
+@pytest.mark.slow
 def test_multi_process_job_is_refused_on_every_rank(tmp_path, corpus, holder):
     """Rank 0 is refused; rank 1 learns it from the all-reduce instead of hanging in the mesh's collectives."""
     run = tmp_path / "run"

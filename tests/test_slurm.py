@@ -48,6 +48,7 @@ def job_id(stdout: str) -> str:
     return stdout.split("submitted job ", 1)[1].split(":", 1)[0]
 
 
+@pytest.mark.slow
 def test_submit_wait_trains_on_two_workers(slurm, tmp_path, corpus):
     run = tmp_path / "run"
     done = submit("configs/demo.yaml", run, tiny_overrides(corpus, run), "--nproc-per-node", "2", "--wait")
@@ -59,6 +60,7 @@ def test_submit_wait_trains_on_two_workers(slurm, tmp_path, corpus):
     assert "on 2 worker(s) (tp=1 pp=1 dp=2)" in log
 
 
+@pytest.mark.slow
 def test_wait_reports_a_failed_job_with_its_log(slurm, tmp_path, corpus):
     run = tmp_path / "run"
     env = {**os.environ, "MEGATRONLITE_FAULT": "step:3"}  # sbatch passes the environment on to the job
@@ -68,6 +70,7 @@ def test_wait_reports_a_failed_job_with_its_log(slurm, tmp_path, corpus):
     assert "injected fault at step 3 on rank 0" in done.stderr  # from the tail of the job's log
 
 
+@pytest.mark.slow
 def test_srun_launcher_runs_one_task_per_worker(slurm, tmp_path, corpus):
     run = tmp_path / "run"
     overrides = tiny_overrides(corpus, run, **{"train.steps": 4})
@@ -88,6 +91,7 @@ def _record(job: str) -> dict:
     return slurmctl.job_records(job)[0]
 
 
+@pytest.mark.slow
 def test_warning_signal_saves_requeues_and_resumes(slurm, tmp_path, corpus):
     """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the trainer saves
     and stops, the job requeues itself and the second run continues from the saved step to the end."""
@@ -100,9 +104,10 @@ def test_warning_signal_saves_requeues_and_resumes(slurm, tmp_path, corpus):
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, "training to start")
     _slurm("scancel", "--signal=USR1", "--batch", job)
     _wait_for(lambda: _record(job).get("Restarts") == "1", "the job to requeue itself")
-    # Slurm holds a requeued job back for two minutes; start it as soon as the first run has left the node
+    # Slurm holds a requeued job back for two minutes; start it as soon as the first run has left the node. The
+    # hold (Reason=BeginTime) is set a moment after the requeue shows: moving the start time before it is lost.
     _wait_for(lambda: _slurm("sinfo", "--noheader", "--Node", "--format=%t").rstrip("*") == "idle", "an idle node")
-    time.sleep(2)
+    _wait_for(lambda: _record(job).get("Reason") == "BeginTime", "the requeued job to be held until its begin time")
     _slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
     final = slurmctl.wait(job, poll_s=1.0)[0]
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", final
@@ -125,6 +130,7 @@ def test_rejected_submission_shows_slurm_reason(slurm, tmp_path, corpus):
     ]
 
 
+@pytest.mark.slow
 def test_sweep_as_job_array(slurm, tmp_path, corpus):
     base = tmp_path / "base.yaml"
     base.write_text((REPO / "configs" / "demo.yaml").read_text())

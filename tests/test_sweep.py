@@ -1,13 +1,17 @@
 """Sweeps: expanding grid and random parameters, checking them, running trials locally, the report."""
 
+import contextlib
 import csv
+import io
+import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import error_of, tiny_overrides
+from helpers import error_of, read_metrics, tiny_overrides
 
 from megatronlite.cli import main
 from megatronlite.errors import UserError
@@ -93,17 +97,29 @@ def test_dry_run_lists_trials_and_writes_nothing(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_local_sweep_runs_reports_and_skips_done_trials(capsys, tmp_path, corpus):
-    overrides = tiny_overrides(
-        corpus, tmp_path / "x", **{"train.steps": 6, "train.eval_interval": 3, "train.eval_iters": 1}
-    )
-    path = write_sweep(tmp_path, {"overrides": overrides, "grid": {"optim.lr": [1e-3, 4e-3]}})
-    out = tmp_path / "out"
-    main(["sweep", str(path), "--out", str(out), "--max-parallel", "2"])
-    printed = capsys.readouterr().out
-    assert "| trial | optim.lr | status | final_loss | final_eval_loss | best_eval_loss | tokens_per_sec |" in printed
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, corpus):
+    """One small sweep run locally, two trials at a time, shared by the tests below: (sweep file, out, stdout)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    overrides = tiny_overrides(corpus, tmp / "x", **{"train.steps": 6, "train.eval_interval": 3, "train.eval_iters": 1})
+    path = write_sweep(tmp, {"overrides": overrides, "grid": {"optim.lr": [1e-3, 4e-3]}})
+    out = tmp / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["sweep", str(path), "--out", str(out), "--max-parallel", "2"])
+    return path, out, printed.getvalue()
+
+
+def summary_rows(out: Path) -> list[dict]:
     with open(out / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_reports_and_skips_done_trials(capsys, local_sweep):
+    path, out, printed = local_sweep
+    assert "| trial | optim.lr | status | final_loss | final_eval_loss | best_eval_loss | tokens_per_sec |" in printed
+    rows = summary_rows(out)
     assert [r["status"] for r in rows] == ["done", "done"] and [r["optim.lr"] for r in rows] == ["0.001", "0.004"]
     for r in rows:
         assert float(r["best_eval_loss"]) <= float(r["final_eval_loss"]) and float(r["tokens_per_sec"]) > 0
@@ -116,3 +132,49 @@ def test_local_sweep_runs_reports_and_skips_done_trials(capsys, tmp_path, corpus
     main(["sweep", str(path), "--out", str(out)])
     assert "2 trial(s), 2 already done" in capsys.readouterr().out
     assert logs == {r["trial"]: (out / r["trial"] / "train.log").stat().st_size for r in rows}  # nothing ran
+
+
+def markdown_rows(path: Path) -> dict[str, dict]:
+    """summary.md's table as {trial: {column: cell}}."""
+    header, _, *body = [line.strip("|").split("|") for line in path.read_text().splitlines() if line.startswith("|")]
+    rows = [dict(zip((c.strip() for c in header), (c.strip() for c in cells))) for cells in body]
+    return {r["trial"]: r for r in rows}
+
+
+@pytest.mark.slow
+def test_report_values_are_what_the_trials_logged(local_sweep):
+    """Each row of summary.csv and summary.md against its trial's own metrics.jsonl: the last step's loss, the
+    last and the lowest eval loss, and tokens/s as the median over the logged steps (step 1 pays for start-up)."""
+    _, out, _ = local_sweep
+    table = markdown_rows(out / "summary.md")
+    for r in summary_rows(out):
+        metrics = read_metrics(out / r["trial"])
+        assert [m["step"] for m in metrics] == list(range(1, 7))
+        evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+        assert len(evals) == 2 and evals[0] != evals[1]
+        want = {
+            "final_loss": metrics[-1]["loss"],
+            "final_eval_loss": evals[-1],
+            "best_eval_loss": min(evals),
+            "tokens_per_sec": statistics.median(m["tokens_per_sec"] for m in metrics),
+        }
+        assert {k: float(r[k]) for k in want} == want, r["trial"]
+        assert {k: table[r["trial"]][k] for k in want} == {k: f"{v:.4g}" for k, v in want.items()}, r["trial"]
+
+
+def test_report_takes_the_lowest_eval_loss_and_the_median_speed(tmp_path):
+    """The trained trials' eval losses only fall, so this trial's metrics.jsonl is written by hand: its lowest eval
+    loss is not its last, and its slow first step does not move the median tokens/s."""
+    path = write_sweep(tmp_path, {"overrides": ["train.steps=3"], "grid": {"optim.lr": [1e-3]}})
+    trial_dir = tmp_path / "out" / sweep_spec.load(path).trials[0].id
+    trial_dir.mkdir(parents=True)
+    records = [
+        {"step": 1, "loss": 5.0, "tokens_per_sec": 10.0},
+        {"step": 2, "loss": 4.0, "tokens_per_sec": 1000.0, "eval_loss": 3.5},
+        {"step": 3, "loss": 4.5, "tokens_per_sec": 1200.0, "eval_loss": 3.75},
+    ]
+    (trial_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    main(["sweep", str(path), "--out", str(tmp_path / "out"), "--report"])
+    [row] = summary_rows(tmp_path / "out")
+    want = {"final_loss": 4.5, "final_eval_loss": 3.75, "best_eval_loss": 3.5, "tokens_per_sec": 1000.0}
+    assert row["status"] == "done" and {k: float(row[k]) for k in want} == want

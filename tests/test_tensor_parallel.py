@@ -101,6 +101,7 @@ def _ref_grads_column(x, fc, fr):
     return wa.grad, wb.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_tp_layers_match_full_layers(sequence_parallel):
     ctx = mp.get_context("spawn")

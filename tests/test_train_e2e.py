@@ -1,14 +1,18 @@
 """End-to-end: train from the CLI, resume exactly, generate, load_model."""
 
 import importlib.util
+import json
+import string
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import resume_from, tiny_overrides, train
+from helpers import final_weights, resume_from, tiny_overrides, train
 
 from megatronlite import config, load_model
+from megatronlite.cli import main
+from megatronlite.data.preprocess import preprocess
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -48,6 +52,7 @@ def test_retention_keeps_last_k(tmp_path, corpus):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000006", "step_0000008"]
 
 
+@pytest.mark.slow
 def test_generate_and_load_model(tmp_path, corpus):
     run = tmp_path / "run"
     train(run, tiny_overrides(corpus, run, **{"train.steps": 4}))
@@ -65,6 +70,42 @@ def test_generate_and_load_model(tmp_path, corpus):
         assert out.stdout.startswith("def ") and len(out.stdout) > len("def ")
 
 
+def alphabet_corpus(out) -> str:
+    """Documents of the alphabet, repeated from every starting letter: a tiny model learns it in a few steps."""
+    letters = string.ascii_lowercase
+    with open(out / "docs.jsonl", "w") as f:
+        for i in range(100):
+            f.write(json.dumps({"text": letters[i % 26 :] + letters * 8}) + "\n")
+    return preprocess([str(out / "docs.jsonl")], str(out / "abc"), append_eod=True, progress=False)[0]
+
+
+def test_greedy_generate_is_argmax_decoding_of_the_trained_model(tmp_path, capsys):
+    """After training, `generate --temperature 0` must be step-by-step argmax over load_model's logits, the context
+    cut to the model's last max_seq_len tokens, and load_model must hold the checkpoint's weights. A model that
+    has learnt the alphabet makes the answer one an untrained model or a wrong context would not give."""
+    run = tmp_path / "run"
+    train(run, tiny_overrides(alphabet_corpus(tmp_path), run, **{"train.steps": 10}))
+    model = load_model(run)
+    stored = final_weights(run)
+    for name, param in model.named_parameters():  # fused [gate; up] and vocabulary padding rows are the model's
+        want = torch.cat([stored.pop(k) for k in (name, f"{name}.gate", f"{name}.up") if k in stored])
+        assert param.shape[1:] == want.shape[1:] and torch.equal(param[: len(want)], want), name
+    assert not stored, f"weights the model lacks: {sorted(stored)}"
+
+    prompt, eod, new_tokens = "abc", 256, 100  # more than max_seq_len (64): the context slides
+    ids = list(prompt.encode())
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = int(model(torch.tensor([ids[-model.cfg.max_seq_len :]]))[0, -1].argmax())
+            if nxt == eod:
+                break
+            ids.append(nxt)
+    assert bytes(ids).startswith(b"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz")
+    capsys.readouterr()  # the training's output
+    main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--temperature", "0"])
+    assert capsys.readouterr().out.encode() == bytes(ids) + b"\n"
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, corpus, precision):
     run = tmp_path / "run"
@@ -80,7 +121,7 @@ def test_mixed_precision_trains(tmp_path, corpus, precision):
         "optim.impl=triton",
         "optim.impl=torch",
         "train.recompute=selective",
-        "train.kernels={rms_norm: triton, swiglu: triton, rotary: triton}",
+        pytest.param("train.kernels={rms_norm: triton, swiglu: triton, rotary: triton}", marks=pytest.mark.slow),
         pytest.param("train.compile=true", marks=pytest.mark.slow),
     ],
 )

@@ -146,7 +146,7 @@ class Trainer:
                 total = self.pipeline.run(tokens[:, :-1], tokens[:, 1:], train)
             if total is None:
                 return torch.zeros((), device=self.device)
-            return total / self.scaler.scale if self.scaler and train else total
+            return total / self.scaler.scale if self.scaler else total  # the loss function scaled it, eval too
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
             loss = self._micro_loss(tokens) / self.num_micro

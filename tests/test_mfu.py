@@ -1,0 +1,57 @@
+"""MFU against the README's definition: FLOPs per token recounted from the model's own weights, over a peak."""
+
+import pytest
+import torch
+
+from megatronlite.config import ModelConfig
+from megatronlite.models.counting import flops_per_token
+from megatronlite.models.gpt import GPTModel
+from megatronlite.train.metrics import mfu, peak_flops
+
+SEQ = 48
+CONFIGS = {
+    "llama-gqa": ModelConfig(
+        arch="llama", num_layers=3, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=96
+    ),
+    "gpt2-tied": ModelConfig(
+        arch="gpt2", num_layers=2, hidden_size=48, num_heads=3, ffn_hidden_size=80, max_seq_len=SEQ
+    ),
+}
+
+
+def readme_flops(model: GPTModel, seq_len: int) -> int:
+    """6 x (matmul parameters, output layer included) + 12 x layers x seq_len x hidden, from the weights' shapes.
+
+    The matmuls are the layers' 2-D weights (biases and norms are not multiplies) and the output layer over the
+    real vocabulary, whether or not it is tied to the embedding (the product is computed either way)."""
+    params = dict(model.named_parameters())
+    layer_matmuls = sum(p.numel() for name, p in params.items() if name.startswith("layers.") and p.ndim == 2)
+    vocab, hidden = model.cfg.vocab_size, params["embedding.word.weight"].shape[1]
+    return 6 * (layer_matmuls + vocab * hidden) + 12 * len(model.layers) * seq_len * hidden
+
+
+@pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
+def test_flops_per_token_is_the_readme_formula(cfg):
+    """counting.py works from the config; the model's real weights must give the same count."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    assert flops_per_token(cfg, SEQ) == readme_flops(model, SEQ)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12)])
+def test_mfu_is_model_flops_over_the_peak(monkeypatch, name, peak):
+    """The table's peak for the device (its first matching entry: a PCIe H100 is not an SXM one), and
+    MFU = tokens/s x FLOPs per token / peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    flops = flops_per_token(CONFIGS["llama-gqa"], SEQ)
+    assert mfu(250_000.0, flops, peak) == pytest.approx(250_000.0 * flops / peak, rel=1e-12)
+
+
+def test_an_unknown_device_has_no_mfu(monkeypatch):
+    """A guessed peak would make the number meaningless: None, with a warning, and so no MFU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    with pytest.warns(UserWarning, match="no peak FLOP/s known for GPU 'Some Future GPU'"):
+        peak = peak_flops(torch.device("cuda", 0))
+    assert peak is None and mfu(12_345.0, 1_000_000, peak) is None
+    assert peak_flops(torch.device("cpu")) is None
