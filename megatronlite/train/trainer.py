@@ -223,8 +223,8 @@ class Trainer:
     def _not_a_spike(self, step: int, loss: float) -> bool:
         """True for a finite step whose loss is no spike; a spike stops the run or raises LossSpike to rewind."""
         if self.spikes.is_spike(loss):
-            spike = f"step {step}: loss spike ({loss:.4g} > {self.cfg.train.loss_spike_factor} x recent mean " \
-                f"{self.spikes.reference():.4g})"
+            factor, mean = self.cfg.train.loss_spike_factor, self.spikes.reference()
+            spike = f"step {step}: loss spike ({loss:.4g} > {factor} x recent mean {mean:.4g})"
             if self.cfg.train.on_loss_spike == "stop":
                 raise TrainingStopped(f"{spike}; stopped before the optimizer step (train.on_loss_spike: stop)")
             raise LossSpike(spike)
