@@ -15,6 +15,16 @@ from megatronlite.cli import main
 from megatronlite.data.preprocess import preprocess
 
 
+def test_rerunning_a_finished_run_says_there_is_nothing_to_do(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus, run, **{"train.steps": 4})
+    first = train(run, sets)
+    capsys.readouterr()
+    assert train(run, sets) == first  # nothing trained, nothing logged again
+    out = capsys.readouterr().out
+    assert f"nothing to do: {run} is at step 4 and train.steps is 4" in out, out
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus, arch):
     run = tmp_path / "run"

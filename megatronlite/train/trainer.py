@@ -283,6 +283,13 @@ class Trainer:
         """
         cfg, mesh = self.cfg, self.mesh
         checkpointing.maybe_resume(self)
+        if self.step >= cfg.train.steps:  # a finished run started again (a re-run, a reused run directory)
+            if mesh.rank == 0:
+                print_line(
+                    f"megatronlite: nothing to do: {self.run_dir} is at step {self.step} and train.steps is "
+                    f"{cfg.train.steps} (raise train.steps to train further, or use another --run-dir)"
+                )
+            return
         if restart_count() and mesh.rank == 0:
             record_restart(self.run_dir, self.step)
             print_line(f"restart {restart_count()}: going on from step {self.step}")
