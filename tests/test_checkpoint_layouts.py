@@ -97,6 +97,33 @@ def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source
     assert_continues(read_metrics(run), uninterrupted, 4)
 
 
+@pytest.fixture(scope="module")
+def gpt2_runs(tmp_path_factory, corpus):
+    """gpt2 (tied embeddings): one process's metrics, and step-3 checkpoints of tp2 x pp2 and of dp2 with ZeRO-1."""
+    ref = tmp_path_factory.mktemp("gpt2-ref") / "run"
+    done = run_layout(ref, corpus, "1", arch="gpt2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = {}
+    for layout in ("tp2xpp2", "dp2-distopt"):
+        run = tmp_path_factory.mktemp(f"gpt2-src-{layout}") / "run"
+        done = run_layout(run, corpus, layout, arch="gpt2")
+        assert done.returncode == 0, done.stderr[-3000:]
+        saved[layout] = run / "checkpoints" / "step_0000003"
+    return read_metrics(ref), saved
+
+
+@pytest.mark.parametrize("source,target", [("tp2xpp2", "1"), ("tp2xpp2", "dp2-distopt"), ("dp2-distopt", "pp2")])
+def test_gpt2_resumes_in_another_layout(tmp_path, corpus, gpt2_runs, source, target):
+    """The tied flavour through save and resume across layouts: the embedding's copy on the last stage and its
+    Adam states are split from, and joined into, the one stored tensor."""
+    uninterrupted, saved = gpt2_runs
+    run = tmp_path / "run"
+    resume_from(saved[source], run)
+    done = run_layout(run, corpus, target, arch="gpt2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_continues(read_metrics(run), uninterrupted, 4)
+
+
 def all_tensors(step_dir):
     shapes = store.stored_shapes(step_dir)
     out = {k: torch.empty(s) for k, s in shapes.items() if not k.startswith("rng.")}
