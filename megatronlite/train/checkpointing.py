@@ -103,13 +103,15 @@ class Checkpointer:
         self.pending: Future | None = None
         self.writer: ThreadPoolExecutor | None = None
         self.stager: PieceStager | None = None
-        pieces = trainer.state_tensors(True, trainer.optimizer_states())
-        self.needed = _global_bytes(pieces) if trainer.cfg.checkpoint.save else 0
+        # Adam's states have their parameter's shape and (fp32 master) dtype: the parameters stand in for them,
+        # so sizing a checkpoint needs no gather of ZeRO-sharded states
+        stand_ins = {n: {"exp_avg": p, "exp_avg_sq": p} for n, p in trainer.params.items()}
+        self.needed = _global_bytes(trainer.state_tensors(True, stand_ins)) if trainer.cfg.checkpoint.save else 0
         if self.is_async:
             self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
             # one stager for the whole run, its CPU buffers allocated now: saves only copy into them
             self.stager = PieceStager(pin_memory=trainer.device.type == "cuda")
-            self.stager.reserve(pieces)
+            self.stager.reserve(trainer.state_tensors(True, trainer.optimizer_states()))
 
     def save(self) -> None:
         trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
