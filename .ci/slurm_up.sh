@@ -40,6 +40,9 @@ ClusterName=megatronlite
 SlurmctldHost=$HOST
 SlurmUser=root
 AuthType=auth/munge
+# a step credential lives 20 s (default 120): Slurm holds a requeued job back that long (cred_expire + 1),
+# so the requeue test waits seconds, not minutes, and never starts the job while its old credential is revoked
+AuthInfo=cred_expire=20
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
