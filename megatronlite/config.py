@@ -66,6 +66,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    context: int = 1  # CP: each sequence split over this many ranks (Megatron's --context-parallel-size)
+    context_attention: str = "ring"  # ring (K/V blocks passed around, overlapped) | allgather (all K/V at once)
     virtual_pipeline: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
@@ -163,6 +165,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("llama", "gpt2"),
+    "parallel.context_attention": ("ring", "allgather"),
     "parallel.pipeline_schedule": (None, "1f1b", "interleaved", "gpipe", "zero_bubble"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -359,7 +362,7 @@ def _fraction(value: float, key: str, include_one: bool = False) -> None:
 _POSITIVE = {
     "model": "num_layers hidden_size num_heads num_kv_heads ffn_hidden_size vocab_size max_seq_len norm_eps "
     "rope_theta init_std make_vocab_size_divisible_by",
-    "parallel": "tensor pipeline virtual_pipeline bucket_mb timeout_minutes",
+    "parallel": "tensor pipeline context virtual_pipeline bucket_mb timeout_minutes",
     "train": "steps micro_batch_size global_batch_size seq_len eval_iters",
     "optim": "lr eps initial_loss_scale",
     "logging": "interval",
@@ -458,12 +461,13 @@ def validate_wandb(settings: dict | None) -> None:
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:
-    """Check the TP x PP x DP layout for `world_size` workers; return the DP size."""
+    """Check the TP x PP x CP x DP layout for `world_size` workers; return the DP size."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
-    if world_size % (p.tensor * p.pipeline):
+    model_ranks = p.tensor * p.pipeline * p.context
+    if world_size % model_ranks:
         raise UserError(
-            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
-            f"({p.tensor} x {p.pipeline}); use a world size that is a multiple of {p.tensor * p.pipeline}"
+            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
+            f"({p.tensor} x {p.pipeline} x {p.context}); use a world size that is a multiple of {model_ranks}"
         )
     if m.num_heads % p.tensor or m.kv_heads % p.tensor:
         ok = [d for d in range(1, m.kv_heads + 1) if m.kv_heads % d == 0 and m.num_heads % d == 0]
@@ -492,9 +496,17 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline_schedule interleaved or "
             f"zero_bubble (or leave it unset), not {p.schedule}"
         )
-    if p.sequence_parallel and t.seq_len % p.tensor:
-        raise UserError(f"sequence parallel needs train.seq_len ({t.seq_len}) divisible by parallel.tensor")
-    dp = world_size // (p.tensor * p.pipeline)
+    if p.context > 1 and t.seq_len % (2 * p.context):
+        raise UserError(
+            f"context parallelism splits each sequence into 2 x parallel.context ({2 * p.context}) equal chunks: "
+            f"train.seq_len ({t.seq_len}) must be divisible by {2 * p.context}"
+        )
+    if p.sequence_parallel and (t.seq_len // p.context) % p.tensor:
+        raise UserError(
+            f"sequence parallel needs each rank's sequence (train.seq_len / parallel.context = "
+            f"{t.seq_len // p.context}) divisible by parallel.tensor ({p.tensor})"
+        )
+    dp = world_size // model_ranks
     n_micro = micro_batches(t, dp)
     if p.schedule in ("interleaved", "zero_bubble") and p.pipeline > 1 and n_micro % p.pipeline:
         raise UserError(

@@ -22,6 +22,18 @@ LAYOUTS = {
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2xdp2": (4, ["parallel.tensor=2"]),
     "pp2xdp2": (4, ["parallel.pipeline=2"]),
+    # context parallelism: each sequence in 2 x cp load-balanced chunks, exact attention across them
+    "cp2": (2, ["parallel.context=2"]),
+    "cp2-allgather": (2, ["parallel.context=2", "parallel.context_attention=allgather"]),
+    "cp2-recompute-fused-ce": (
+        2,
+        ["parallel.context=2", "train.recompute=selective", "train.kernels={linear_cross_entropy: torch}"],
+    ),
+    "cp2xtp2-sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "cp2xpp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
+    "cp2xpp2-interleaved": (4, ["parallel.context=2", "parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "cp2xdp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
+    "cp4": (4, ["parallel.context=4"]),
     "tp2xpp2xdp2": (
         8,
         [
@@ -57,6 +69,11 @@ TOLERANCE = {  # precision: (loss and eval loss rel, grad norm rel, weights atol
     "fp16": (5e-3, 2e-2, 5e-3),
 }
 PRECISION_LAYOUTS = {  # multi-process runs in mixed precision, each against one process in the same precision
+    "cp2xtp2-sp-bf16": (
+        4,
+        ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "train.precision=bf16"],
+    ),
+    "cp2-fp16": (2, ["parallel.context=2", "train.precision=fp16"]),
     "tp2-sp-bf16": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.precision=bf16"]),
     "pp2xdp2-distopt-fp16": (
         4,

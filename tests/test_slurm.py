@@ -57,7 +57,7 @@ def test_submit_wait_trains_on_two_workers(slurm, tmp_path, corpus):
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 9))
     assert (run / "checkpoints" / "latest").read_text() == "step_0000008"
     log = (run / f"slurm-{job_id(done.stdout)}.out").read_text()
-    assert "on 2 worker(s) (tp=1 pp=1 dp=2)" in log
+    assert "on 2 worker(s) (tp=1 pp=1 cp=1 dp=2)" in log
 
 
 @pytest.mark.slow

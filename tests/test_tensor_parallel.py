@@ -118,9 +118,10 @@ def test_tp_layers_match_full_layers(sequence_parallel):
     assert all(p.exitcode == 0 for p in procs) and not messages, messages
 
 
-def test_rank_grid_tp_fastest():
-    grid = rank_grid(8, tp=2, pp=2)
-    assert grid.shape == (2, 2, 2)
-    assert grid[0, 0].tolist() == [0, 1]  # a TP group: consecutive ranks, one node
-    assert grid[0, :, 0].tolist() == [0, 2]  # a pipeline
-    assert grid[:, 0, 0].tolist() == [0, 4]  # a DP group
+def test_rank_grid_tp_then_cp_innermost():
+    grid = rank_grid(16, tp=2, pp=2, cp=2)  # dims: pp, dp, cp, tp
+    assert grid.shape == (2, 2, 2, 2)
+    assert grid[0, 0, 0].tolist() == [0, 1]  # a TP group: consecutive ranks, one node
+    assert grid[0, 0, :, 0].tolist() == [0, 2]  # a CP group: next innermost
+    assert grid[0, :, 0, 0].tolist() == [0, 4]  # a DP group
+    assert grid[:, 0, 0, 0].tolist() == [0, 8]  # a pipeline: outermost

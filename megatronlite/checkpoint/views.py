@@ -43,7 +43,7 @@ def pieces_of(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> d
         if hi > lo:  # a rank holding only padding has no chunk
             offset, shape = [0] * tensor.ndim, list(spec.global_shape)
             offset[spec.dim], shape[spec.dim] = lo, hi - lo
-            chunks.append((mesh.tp_ranks[r], tuple(offset), tuple(shape)))
+            chunks.append((mesh.role("tensor").ranks[r], tuple(offset), tuple(shape)))
     start, end = spec.local_rows(mesh.tp_rank, mesh.tp)
     if end <= start:
         return out

@@ -24,6 +24,7 @@ from megatronlite.config import ModelConfig
 from megatronlite.kernels import OPS
 from megatronlite.kernels.dispatch import backend_function
 from megatronlite.kernels.reference import swiglu_halves
+from megatronlite.parallel.context import context_attention, local_positions
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatronlite.parallel.mesh import Mesh
@@ -75,9 +76,19 @@ class Attention(nn.Module):
     (Megatron's layout), so a TP rank's contiguous slice holds whole groups.
     """
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, backends: Backends, selective: bool):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mesh: Mesh,
+        sequence_parallel: bool,
+        backends: Backends,
+        selective: bool,
+        context_attention: str = "ring",
+    ):
         super().__init__()
         self.cfg, self.selective = cfg, selective
+        self.context = mesh.role("context")  # CP: this rank holds two chunks of each sequence
+        self.context_attention = context_attention
         self.apply_rotary = backend_function("rotary", backends["rotary"])
         self.groups = cfg.kv_heads // mesh.tp
         self.q_per_group = cfg.num_heads // cfg.kv_heads
@@ -106,6 +117,8 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.context.size > 1:
+            return context_attention(q, k, v, self.context.pg, self.context_attention)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
 
 
@@ -140,11 +153,24 @@ class MLP(nn.Module):
         return self.fc2(y)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage runs, not what it computes: the numbers are the same for every choice here."""
+
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective (the attention core) | full (whole layers)
+    recompute_layers: int = 0  # full: recompute this stage's first N layers (0: all of them)
+    kernels: Backends = field(default_factory=lambda: dict.fromkeys(OPS, "torch"))  # see trainer.run_options
+    fused_cross_entropy: bool = False  # output layer + loss in token chunks, never the full logits
+    context_attention: str = "ring"  # CP > 1: ring | allgather (parallel.context_attention)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, backends: Backends, selective: bool):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, options: RunOptions) -> None:
         super().__init__()
+        backends, selective = options.kernels, options.recompute == "selective"
         self.attn_norm = Norm(cfg, sequence_parallel, backends)
-        self.attention = Attention(cfg, mesh, sequence_parallel, backends, selective)
+        self.attention = Attention(cfg, mesh, sequence_parallel, backends, selective, options.context_attention)
         self.mlp_norm = Norm(cfg, sequence_parallel, backends)
         self.mlp = MLP(cfg, mesh, sequence_parallel, backends)
 
@@ -163,23 +189,13 @@ class Embedding(nn.Module):
             shape = (cfg.max_seq_len, cfg.hidden_size)
             self.position = _param(shape, ShardSpec(shape, sequence_parallel=sequence_parallel))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`positions`: the true positions of `ids` (this CP rank's chunks of the sequence)."""
         x = self.word(ids)  # [b, s / TP under sequence parallelism, h]
         if self.position is not None:
             start = self.mesh.tp_rank * x.shape[1] if self.sequence_parallel else 0
-            x = x + self.position[start : start + x.shape[1]]
+            x = x + self.position[positions[start : start + x.shape[1]]]
         return x
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a stage runs, not what it computes: the numbers are the same for every choice here."""
-
-    sequence_parallel: bool = False
-    recompute: str = "none"  # none | selective (the attention core) | full (whole layers)
-    recompute_layers: int = 0  # full: recompute this stage's first N layers (0: all of them)
-    kernels: Backends = field(default_factory=lambda: dict.fromkeys(OPS, "torch"))  # see trainer.run_options
-    fused_cross_entropy: bool = False  # output layer + loss in token chunks, never the full logits
 
 
 class GPTModel(nn.Module):
@@ -202,9 +218,9 @@ class GPTModel(nn.Module):
         self.padded_vocab = cfg.padded_vocab_size(mesh.tp)
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else layer_ids
         self.pre_process, self.post_process = pre_process, post_process
-        selective, k = options.recompute == "selective", options.kernels
+        k = options.kernels
         self.embedding = Embedding(cfg, mesh, self.padded_vocab, sp) if pre_process else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp, k, selective) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp, options) for i in layer_ids})
         n_full = (options.recompute_layers or len(layer_ids)) if options.recompute == "full" else 0
         self.recomputed = set(list(self.layers)[:n_full])
         self.final_norm = Norm(cfg, sp, k) if post_process else None
@@ -220,13 +236,19 @@ class GPTModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.output.weight if self.output is not None else self.embedding.word.weight
 
-    def rotary(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin at `positions` (a table cached up to the longest position seen)."""
         if self.cfg.arch != "llama":
             return None
-        cached = self._rotary
-        if cached is None or cached[0].shape[0] < seq_len or cached[0].device != device:
-            cached = self._rotary = rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
-        return cached[0][:seq_len], cached[1][:seq_len]
+        cached, length = self._rotary, int(positions.max()) + 1
+        if cached is None or cached[0].shape[0] < length or cached[0].device != positions.device:
+            cached = self._rotary = rotary_tables(self.cfg.head_dim, length, self.cfg.rope_theta, positions.device)
+        return cached[0][positions], cached[1][positions]
+
+    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """The true positions of this rank's `local_len` tokens: contiguous, or under CP its two chunks'."""
+        context = self.mesh.role("context")
+        return local_positions(local_len, context.rank, context.size, device)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
@@ -241,10 +263,11 @@ class GPTModel(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The stage without the output layer: what a pipeline stage sends on (the last stage's is normed)."""
+        local_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel and not self.pre_process else 1)
+        positions = self.positions(local_len, x.device)
         if self.pre_process:
-            x = self.embedding(x)
-        seq_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel else 1)
-        rotary = self.rotary(seq_len, x.device)
+            x = self.embedding(x, positions)
+        rotary = self.rotary(positions)
         for name, layer in self.layers.items():
             if name in self.recomputed and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rotary, use_reentrant=False)

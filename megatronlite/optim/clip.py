@@ -3,7 +3,7 @@
 A TP-sharded parameter contributes its shard on every TP rank; a parameter replicated over TP
 (norms, row-parallel biases) counts on TP rank 0 only; a tied output layer copy on the last
 stage is skipped (its gradient was added to the embedding's). The squares are summed over the
-TP and PP groups (and the DP group when gradients are DP-sharded).
+TP and PP groups (and the grad group, dp x cp, when gradients are ZeRO-sharded over it).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def global_grad_norm(grads: list[torch.Tensor], mesh: Mesh, device: torch.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
         total = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    groups = [mesh.tp_group, mesh.pp_group] + ([mesh.dp_group] if dp_sharded else [])
-    for group, size in zip(groups, (mesh.tp, mesh.pp, mesh.dp)):
-        if size > 1:
-            dist.all_reduce(total, group=group)
+    roles = ["tensor", "pipeline"] + (["grad"] if dp_sharded else [])
+    for group in (mesh.role(r) for r in roles):
+        if group.size > 1:
+            dist.all_reduce(total, group=group.pg)
     return total.sqrt().item()
 
 

@@ -1,5 +1,8 @@
 """Data parallelism: gradients in contiguous buckets, reduced over DP while backward still runs.
 
+"DP" here is the mesh's `grad` role: the ranks holding the same parameters and different tokens
+(the DP axis, and the CP axis when sequences are split), so gradients are averaged over dp x cp.
+
 Every parameter and its gradient live in flat per-bucket buffers (`p.data` and `p.grad` are
 views), filled in reverse registration order, which is roughly the order backward produces
 gradients. A post-accumulate-grad hook counts the gradients each bucket has received; when a
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.mesh import Group
 
 
 @dataclass
@@ -56,13 +59,13 @@ class DataParallel:
     def __init__(
         self,
         named_params: dict[str, nn.Parameter],
-        mesh: Mesh,
+        group: Group,
         n_micro: int,
         distributed_optimizer: bool,
         bucket_mb: float,
         late_names: set[str],
     ) -> None:
-        self.mesh, self.n_micro, self.sharded = mesh, n_micro, distributed_optimizer and mesh.dp > 1
+        self.group, self.n_micro, self.sharded = group, n_micro, distributed_optimizer and group.size > 1
         self.buckets: list[Bucket] = []
         names = list(named_params)[::-1]
         groups, current, size = [], [], 0
@@ -88,7 +91,7 @@ class DataParallel:
 
     def _make_bucket(self, params: list[nn.Parameter], late: bool) -> Bucket:
         numel = sum(p.numel() for p in params)
-        dp = self.mesh.dp
+        dp = self.group.size
         padded = -(-numel // dp) * dp if self.sharded else numel
         ref = params[0]
         param_buf = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
@@ -104,7 +107,7 @@ class DataParallel:
         bucket = Bucket(params, offsets, param_buf, grad_buf, expected=len(params) * self.n_micro, late=late)
         if self.sharded:
             per = padded // dp
-            lo, hi = self.mesh.dp_rank * per, (self.mesh.dp_rank + 1) * per
+            lo, hi = self.group.rank * per, (self.group.rank + 1) * per
             bucket.shard_range = (lo, hi)
             bucket.grad_shard = torch.zeros(per, dtype=torch.float32, device=ref.device)
             for p, start in zip(params, offsets):
@@ -132,14 +135,14 @@ class DataParallel:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
-        if self.mesh.dp == 1:
+        if self.group.size == 1:
             return
         if self.sharded:
             bucket.handle = dist.reduce_scatter_tensor(
-                bucket.grad_shard, bucket.grad_buf, group=self.mesh.dp_group, async_op=True
+                bucket.grad_shard, bucket.grad_buf, group=self.group.pg, async_op=True
             )
         else:
-            bucket.handle = dist.all_reduce(bucket.grad_buf, group=self.mesh.dp_group, async_op=True)
+            bucket.handle = dist.all_reduce(bucket.grad_buf, group=self.group.pg, async_op=True)
 
     def finish(self, pre_reduce_late) -> None:
         """Wait for every bucket; sum the late gradients over their other groups, then reduce them.
@@ -155,8 +158,8 @@ class DataParallel:
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
-            if self.mesh.dp > 1:
-                (bucket.grad_shard if self.sharded else bucket.grad_buf).div_(self.mesh.dp)
+            if self.group.size > 1:
+                (bucket.grad_shard if self.sharded else bucket.grad_buf).div_(self.group.size)
             bucket.received = 0
 
     def gather_params(self) -> None:
@@ -165,7 +168,7 @@ class DataParallel:
             return
         for bucket in self.buckets:
             lo, hi = bucket.shard_range
-            dist.all_gather_into_tensor(bucket.param_buf, bucket.param_buf[lo:hi].clone(), group=self.mesh.dp_group)
+            dist.all_gather_into_tensor(bucket.param_buf, bucket.param_buf[lo:hi].clone(), group=self.group.pg)
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
@@ -183,7 +186,7 @@ class DataParallel:
             for o in bucket.owned:
                 mine[o.at : o.at + o.shard.numel()] = optimizer.state[o.shard][key]
             full = torch.empty_like(bucket.grad_buf)
-            dist.all_gather_into_tensor(full, mine, group=self.mesh.dp_group)
+            dist.all_gather_into_tensor(full, mine, group=self.group.pg)
             for p, start in zip(bucket.params, bucket.offsets):
                 out[id(p)] = full[start : start + p.numel()].view_as(p)
         return out

@@ -1,39 +1,104 @@
-"""The rank grid dp x pp x tp and its process groups.
+"""The rank grid with named axes, and the process groups code asks for by role.
 
-Ranks are laid out as `arange(world).view(dp, pp, tp)`: TP varies fastest so a TP group sits
-inside one node, then PP, then DP. Every rank creates every group (torch.distributed requires
-all ranks to take part in each `new_group` call) and keeps the ones it belongs to. One process
-without torch.distributed is the trivial mesh: every group is None and every size is 1.
+Ranks are laid out as `arange(world).view(pp, dp, cp, tp)` (AXES, outermost first): TP varies
+fastest so a TP group sits inside one node, CP next (its ring exchange is the next-heaviest
+traffic), then DP, then PP (only activations cross stages). The grid is a torch `DeviceMesh`
+built over groups made here (so every group has the configured collective timeout, which
+`init_device_mesh` would not give it).
+
+Code asks for a role, never for an axis it merely happens to need today:
+
+    tensor    the TP group: the TP layers' collectives, the vocabulary-parallel loss
+    pipeline  the PP group: activations between stages
+    context   the CP group: attention's K/V exchange over one sequence's chunks
+    batch     which share of the global batch this rank reads (the DP axis)
+    grad      gradients are averaged over it, and ZeRO shards span it (dp x cp)
+    loss      the loss and token counts are averaged over it (dp x cp)
+
+A new axis (`ep`, a sharded-DP axis) is a new name in AXES and in the roles that span it;
+callers do not change. One process without torch.distributed is the trivial mesh: every group
+is None and every size is 1.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from megatronlite.config import Config, validate_layout
 
+AXES = ("pp", "dp", "cp", "tp")
+ROLES = {
+    "tensor": ("tp",),
+    "pipeline": ("pp",),
+    "context": ("cp",),
+    "batch": ("dp",),
+    "grad": ("dp", "cp"),
+    "loss": ("dp", "cp"),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """The ranks that differ from this one only along some axes: their process group, its size, and
+    this rank's index in it (the group's own rank order: the grid's, row-major over those axes)."""
+
+    size: int = 1
+    rank: int = 0
+    ranks: tuple[int, ...] = (0,)
+    pg: dist.ProcessGroup | None = None
+
 
 @dataclass(frozen=True)
 class Mesh:
     world_size: int = 1
     rank: int = 0
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    tp_rank: int = 0
-    pp_rank: int = 0
-    dp_rank: int = 0
-    tp_group: dist.ProcessGroup | None = None
-    pp_group: dist.ProcessGroup | None = None
-    dp_group: dist.ProcessGroup | None = None
-    tp_ranks: tuple[int, ...] = (0,)
+    roles: dict[str, Group] = field(default_factory=lambda: {role: Group() for role in ROLES})
     # the ranks holding the first and last stage of this pipeline, for tied embeddings
     embedding_group: dist.ProcessGroup | None = None
+    device_mesh: object | None = None  # torch's DeviceMesh over AXES (None for one process)
+
+    def role(self, name: str) -> Group:
+        return self.roles[name]
+
+    # the roles every layer uses, by their usual names
+    @property
+    def tp(self) -> int:
+        return self.roles["tensor"].size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.roles["tensor"].rank
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self.roles["tensor"].pg
+
+    @property
+    def pp(self) -> int:
+        return self.roles["pipeline"].size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.roles["pipeline"].rank
+
+    @property
+    def cp(self) -> int:
+        return self.roles["context"].size
+
+    @property
+    def cp_rank(self) -> int:
+        return self.roles["context"].rank
+
+    @property
+    def dp(self) -> int:
+        """The number of model replicas reading different data (the batch role's size)."""
+        return self.roles["batch"].size
 
     @property
     def is_last_stage(self) -> bool:
@@ -41,12 +106,13 @@ class Mesh:
 
     @property
     def is_logging_rank(self) -> bool:
-        """The rank that writes metrics: the last stage (it has the loss) of DP 0, TP 0."""
-        return self.dp_rank == 0 and self.tp_rank == 0 and self.is_last_stage
+        """The rank that writes metrics: the last stage (it has the loss) of the first rank of every other role."""
+        return self.is_last_stage and self.roles["loss"].rank == 0 and self.tp_rank == 0
 
 
-def rank_grid(world_size: int, tp: int, pp: int) -> torch.Tensor:
-    return torch.arange(world_size).view(world_size // (tp * pp), pp, tp)
+def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> torch.Tensor:
+    """Global ranks by coordinate, dims in AXES order."""
+    return torch.arange(world_size).view(pp, world_size // (tp * pp * cp), cp, tp)
 
 
 def collective_timeout(minutes: float) -> datetime.timedelta:
@@ -61,45 +127,50 @@ def new_group(cfg: Config, ranks: list[int] | None = None, backend: str | None =
     return dist.new_group(ranks, timeout=collective_timeout(cfg.parallel.timeout_minutes), backend=backend)
 
 
-def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
-    """Validate the layout for `world_size` and create this rank's process groups."""
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    dp = validate_layout(cfg, world_size)
+def _lines(grid: torch.Tensor, axes: tuple[str, ...]) -> list[list[int]]:
+    """Every group of ranks that differ only along `axes` (each in the grid's row-major order over them)."""
+    dims = [AXES.index(a) for a in axes]
+    rest = [d for d in range(grid.ndim) if d not in dims]
+    return grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims)).tolist()
+
+
+def build_mesh(cfg: Config, world_size: int, rank: int, device_type: str = "cpu") -> Mesh:
+    """Validate the layout for `world_size` and create this rank's process groups, one per role.
+
+    Roles spanning the same axes of size > 1 share one group (with CP = 1, `grad` is the DP group)."""
+    validate_layout(cfg, world_size)
     if world_size == 1:
         return Mesh()
-    grid = rank_grid(world_size, tp, pp)
-    d, p, t = (int(i) for i in (grid == rank).nonzero()[0])
-    groups = {}
-    # each "axis" group: the ranks that differ only in that coordinate
-    for axis, lines in (
-        ("tp", grid.reshape(-1, tp)),
-        ("pp", grid.permute(0, 2, 1).reshape(-1, pp)),
-        ("dp", grid.permute(1, 2, 0).reshape(-1, dp)),
-    ):
-        for line in lines.tolist():
-            group = new_group(cfg, line)
+    p = cfg.parallel
+    grid = rank_grid(world_size, p.tensor, p.pipeline, p.context)
+    sizes = dict(zip(AXES, grid.shape))
+
+    def spanned(axes: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(a for a in axes if sizes[a] > 1)
+
+    made: dict[tuple[str, ...], Group] = {}
+    for axes in dict.fromkeys([spanned((a,)) for a in AXES] + [spanned(r) for r in ROLES.values()]):
+        for line in _lines(grid, axes):
+            group = new_group(cfg, line)  # every rank takes part in creating every group
             if rank in line:
-                groups[axis] = (group, tuple(line))
+                made[axes] = Group(len(line), line.index(rank), tuple(line), group)
     embedding_group = None
-    for line in grid.permute(0, 2, 1).reshape(-1, pp).tolist():
+    for line in _lines(grid, ("pp",)):
         ends = sorted({line[0], line[-1]})
         group = new_group(cfg, ends) if len(ends) > 1 else None
         if rank in ends and rank in line:
             embedding_group = group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device_mesh = DeviceMesh.from_group(
+        [made[spanned((a,))].pg for a in AXES], device_type, mesh=grid, mesh_dim_names=AXES
+    )
     return Mesh(
         world_size=world_size,
         rank=rank,
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        tp_rank=t,
-        pp_rank=p,
-        dp_rank=d,
-        tp_group=groups["tp"][0],
-        pp_group=groups["pp"][0],
-        dp_group=groups["dp"][0],
-        tp_ranks=groups["tp"][1],
+        roles={role: made[spanned(axes)] for role, axes in ROLES.items()},
         embedding_group=embedding_group,
+        device_mesh=device_mesh,
     )
 
 

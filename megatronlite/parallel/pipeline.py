@@ -89,7 +89,7 @@ class PipelineRunner:
     ) -> None:
         self.mesh = mesh
         pipe_stages = [
-            PipelineStage(_StageHidden(model), index, n_stages, device, group=mesh.pp_group)
+            PipelineStage(_StageHidden(model), index, n_stages, device, group=mesh.role("pipeline").pg)
             for index, model in stages
         ]
         self.has_first = any(index == 0 for index, _ in stages)

@@ -62,6 +62,7 @@ def layout_of(trainer) -> dict:
     return {
         "tensor": mesh.tp,
         "pipeline": mesh.pp,
+        "context": mesh.cp,
         "data": mesh.dp,
         "world_size": mesh.world_size,
         "device": trainer.device.type,

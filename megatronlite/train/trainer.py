@@ -26,6 +26,7 @@ from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
 from megatronlite.optim.loss_scale import LossScaler
 from megatronlite.optim.schedules import lr_at
+from megatronlite.parallel.context import split_sequence
 from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
@@ -53,6 +54,7 @@ def run_options(cfg: Config, device: torch.device) -> RunOptions:
         kernels=resolved,
         # auto takes the chunked loss only where it is the fast path (triton); naming a backend takes it anyway
         fused_cross_entropy=resolved["linear_cross_entropy"] == "triton" or named != "auto",
+        context_attention=cfg.parallel.context_attention,
     )
 
 
@@ -75,7 +77,7 @@ class Trainer:
                     block.compile()
         self.late_sync = self._late_sync_params()
         self.dp = DataParallel(
-            self.params, mesh, self.num_micro, p.distributed_optimizer, p.bucket_mb, set(self.late_sync)
+            self.params, mesh.role("grad"), self.num_micro, p.distributed_optimizer, p.bucket_mb, set(self.late_sync)
         )
         self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
         self.scaler = LossScaler(cfg.optim.initial_loss_scale) if t.precision == "fp16" else None
@@ -117,8 +119,9 @@ class Trainer:
 
     def _loader(self, dataset, consumed: int) -> BatchLoader:
         t = self.cfg.train
+        batch = self.mesh.role("batch")
         return BatchLoader(
-            dataset, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp, consumed, self.device
+            dataset, t.micro_batch_size, t.global_batch_size, batch.rank, batch.size, consumed, self.device
         )
 
     # --- one step ---------------------------------------------------------------------------
@@ -128,9 +131,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _micro_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.stages[0].model(tokens[:, :-1], tokens[:, 1:])
+    def _inputs_and_labels(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block of [batch, seq + 1] tokens -> inputs and next-token labels; under CP this rank's two chunks."""
+        context = self.mesh.role("context")
+        return tuple(split_sequence(t, 1, context.rank, context.size) for t in (tokens[:, :-1], tokens[:, 1:]))
 
     def _pipeline_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch (the model's own loss path), pre-divided for accumulation
@@ -141,30 +145,34 @@ class Trainer:
     def _forward_backward(self, micro_batches: list[torch.Tensor], train: bool) -> torch.Tensor:
         """The sum over micro-batches of loss / num_micro (meaningful on the last stage)."""
         if self.pipeline is not None:
-            tokens = torch.cat(micro_batches)
+            inputs, labels = self._inputs_and_labels(torch.cat(micro_batches))
             with self._autocast():
-                total = self.pipeline.run(tokens[:, :-1], tokens[:, 1:], train)
+                total = self.pipeline.run(inputs, labels, train)
             if total is None:
                 return torch.zeros((), device=self.device)
             return total / self.scaler.scale if self.scaler else total  # the loss function scaled it, eval too
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
-            loss = self._micro_loss(tokens) / self.num_micro
+            with self._autocast():
+                loss = self.stages[0].model(*self._inputs_and_labels(tokens))
+            loss = loss / self.num_micro
             if train:
                 (loss * self.scaler.scale if self.scaler else loss).backward()
             total += loss.detach()
         return total
 
     def _global_mean(self, value: torch.Tensor) -> tuple[float, bool]:
-        """(Every rank.) The DP mean of the last stage's `value`, and whether it is finite on every rank.
+        """(Every rank.) The mean of the last stage's `value` over the loss role (dp x cp), and whether it is
+        finite on every rank.
 
-        One all-reduce over the world: the last stage's TP rank 0 of each DP replica contributes its value,
-        every rank a flag, so every rank learns the mean (for guards) and the verdict."""
+        One all-reduce over the world: the last stage's TP rank 0 of each (dp, cp) coordinate contributes its
+        value, every rank a flag, so every rank learns the mean (for guards) and the verdict. Every CP rank
+        holds as many tokens, so the mean of their means is the sequence's mean."""
         own = self.mesh.is_last_stage and self.mesh.tp_rank == 0
         both = torch.stack([value.float() if own else torch.zeros((), device=self.device), (~value.isfinite()).float()])
         if self.mesh.world_size > 1:
             dist.all_reduce(both)
-        return (both[0] / self.mesh.dp).item(), both[1].item() == 0
+        return (both[0] / self.mesh.role("loss").size).item(), both[1].item() == 0
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
         """Forward and backward every micro-batch, sync and clip gradients, step. Returns (loss, grad norm).
@@ -299,7 +307,7 @@ class Trainer:
         if mesh.rank == 0:
             print_line(
                 f"megatronlite: {cfg.name} on {mesh.world_size} worker(s) "
-                f"(tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}), device {self.device}, "
+                f"(tp={mesh.tp} pp={mesh.pp} cp={mesh.cp} dp={mesh.dp}), device {self.device}, "
                 f"precision {cfg.train.precision}, optimizer {self.optim_impl}, from step {self.step}"
             )
             print_line(kernels.summary(self.options.kernels, self.device))

@@ -1,0 +1,144 @@
+"""Context parallelism: the sequence split helpers, and ring / all-gather attention on gloo processes
+against plain causal attention on the whole sequence, forward and backward."""
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import free_port
+
+from megatronlite.parallel.context import (
+    chunk_ids,
+    context_attention,
+    local_positions,
+    split_sequence,
+    unsplit_sequence,
+)
+
+CHUNK = 3  # tokens per chunk: odd, so an off-by-one in the chunk arithmetic shows
+SHAPES = [(2, 4, 2, 8), (1, 6, 3, 4), (2, 3, 3, 8)]  # (batch, q heads, kv heads, head dim)
+FP32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=2e-2, atol=2e-2)
+
+
+def test_chunk_ids():
+    assert chunk_ids(0, 1) == (0, 1)
+    assert [chunk_ids(r, 2) for r in range(2)] == [(0, 3), (1, 2)]
+    assert [chunk_ids(r, 4) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    with pytest.raises(ValueError, match="cp_rank"):
+        chunk_ids(2, 2)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_split_unsplit_and_positions(cp):
+    seq = 2 * cp * CHUNK
+    x = torch.randn(2, seq, 5)
+    parts = [split_sequence(x, 1, r, cp) for r in range(cp)]
+    assert all(p.shape == (2, seq // cp, 5) for p in parts)
+    assert torch.equal(unsplit_sequence(parts, 1), x)
+    positions = [local_positions(seq // cp, r, cp, "cpu") for r in range(cp)]
+    for r in range(cp):
+        assert torch.equal(positions[r], split_sequence(torch.arange(seq), 0, r, cp))
+        assert torch.equal(x[:, positions[r]], parts[r])
+    assert torch.equal(torch.cat(positions).sort().values, torch.arange(seq))
+
+
+def test_bad_lengths_raise():
+    with pytest.raises(ValueError, match="divisible by 2 \\* context parallel size = 4"):
+        split_sequence(torch.zeros(2, 6), 1, 0, 2)
+    with pytest.raises(ValueError, match="must be even"):
+        local_positions(5, 0, 2)
+
+
+def test_one_rank_is_plain_causal_attention():
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for impl in ("ring", "allgather"):
+        torch.testing.assert_close(context_attention(q, k, v, None, impl=impl), expected)
+    with pytest.raises(ValueError, match="one of ring, allgather; got 'flash'"):
+        context_attention(q, k, v, None, impl="flash")
+
+
+def _reference(q, k, v, dout):
+    """Causal attention on the whole sequence in fp64: (out, dq, dk, dv)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    out.backward(dout.double())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check(group, impl, shape, dtype, tol, seed):
+    """This rank's output and gradients equal its split of the whole-sequence reference."""
+    cp, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+    b, hq, hkv, d = shape
+    seq = 2 * cp * CHUNK
+    gen = torch.Generator().manual_seed(seed)  # the same full tensors on every rank
+    q, dout = (torch.randn(b, hq, seq, d, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(b, hkv, seq, d, generator=gen).to(dtype) for _ in range(2))
+    expected = _reference(q, k, v, dout)
+    local = [split_sequence(t, 2, cp_rank, cp).clone().requires_grad_() for t in (q, k, v)]
+    out = context_attention(*local, group, impl=impl)
+    out.backward(split_sequence(dout, 2, cp_rank, cp))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in local)), expected):
+        assert got.dtype == dtype, (name, got.dtype)
+        case = f"{impl} cp={cp} shape={shape} {dtype}: {name}"
+        torch.testing.assert_close(
+            got.double(), split_sequence(want, 2, cp_rank, cp), **tol, msg=lambda m, case=case: f"{case}\n{m}"
+        )
+
+
+def _worker(rank, world, port, cp, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        if cp == world:
+            group = dist.group.WORLD
+        else:  # interleaved groups ({0, 2}, {1, 3}): group ranks differ from global ranks
+            n_groups = world // cp
+            group, _ = dist.new_subgroups_by_enumeration([list(range(i, world, n_groups)) for i in range(n_groups)])
+        for impl in ("ring", "allgather"):
+            for seed, shape in enumerate(SHAPES):
+                _check(group, impl, shape, torch.float32, FP32, seed)
+            _check(group, impl, SHAPES[0], torch.bfloat16, BF16, seed=len(SHAPES))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, cp):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cp, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert all(p.exitcode == 0 for p in procs) and not messages, messages or [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: ~10 s of start-up
+def test_context_attention_matches_full_attention(cp):
+    """Both impls, fp32 (GQA, head counts not powers of two, batch > 1) and bf16."""
+    _spawn(cp, cp)
+
+
+@pytest.mark.slow
+def test_context_attention_on_subgroups():
+    """CP = 2 inside a world of 4: the ring's peers are group ranks mapped to global ranks."""
+    _spawn(4, 2)
