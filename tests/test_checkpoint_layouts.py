@@ -27,6 +27,8 @@ LAYOUTS = {
         4,
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zero_bubble"],
     ),
+    "cp2xtp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
+    "cp2xdp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
 }
 
 
@@ -100,6 +102,8 @@ def assert_continues(run, reference, first_step):
         ("tp2xpp2", "pp2-interleaved"),
         ("dp2-distopt", "pp2-gpipe"),
         ("tp2xpp2", "pp2xdp2-zero-bubble"),
+        ("tp2xpp2", "cp2xtp2"),
+        ("tp2xpp2", "cp2xdp2-distopt"),  # ZeRO shards over dp x cp
     ],
 )
 def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):

@@ -99,6 +99,19 @@ def test_layout_validation():
         config.validate_layout(_with(virtual, pipeline_schedule="gpipe"), 2)
 
 
+def test_context_parallel_layout_validation():
+    cfg = config.from_dict({"train": {"global_batch_size": 8, "seq_len": 48}, "model": {"max_seq_len": 64}})
+    with pytest.raises(UserError, match=r"world size 6 is not divisible by .* x parallel.context \(1 x 1 x 4\)"):
+        config.validate_layout(_with(cfg, context=4), 6)
+    with pytest.raises(UserError, match=r"2 x parallel.context \(10\) equal chunks: train.seq_len \(48\) .* by 10"):
+        config.validate_layout(_with(cfg, context=5), 5)
+    with pytest.raises(UserError, match=r"sequence \(train.seq_len / parallel.context = 12\) divisible by .* \(8\)"):
+        config.validate_layout(_with(cfg, context=4, tensor=8, sequence_parallel=True), 32)
+    assert config.validate_layout(_with(cfg, context=4), 8) == 2  # DP = world / (tp x pp x cp)
+    with pytest.raises(UserError, match=r"'parallel.context_attention' = 'ulysses'; valid values: ring, allgather"):
+        config.validate(_with(cfg, context_attention="ulysses"))
+
+
 def _with(cfg, **parallel):
     import dataclasses
 

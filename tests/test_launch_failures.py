@@ -54,6 +54,7 @@ def test_launch_rejects_bad_layout_before_spawning(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "megatronlite: error: world size 3 is not divisible by parallel.tensor x parallel.pipeline (2 x 1); "
+        "megatronlite: error: world size 3 is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
+        "(2 x 1 x 1); "
         "use a world size that is a multiple of 2"
     ]

@@ -23,7 +23,6 @@ def dry_run(capsys, *flags: str) -> str:
     return capsys.readouterr().out
 
 
-
 def sbatch_lines(script: str) -> list[str]:
     return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
 
@@ -121,7 +120,7 @@ def test_own_template(capsys, tmp_path):
     [
         (
             ["--nproc-per-node", "3", "--set", "parallel.tensor=2"],
-            "world size 3 is not divisible by parallel.tensor x parallel.pipeline (2 x 1)",
+            "world size 3 is not divisible by parallel.tensor x parallel.pipeline x parallel.context (2 x 1 x 1)",
         ),
         (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
         (["--nodes", "0"], "--nodes must be >= 1, got 0"),
