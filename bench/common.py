@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 
-def run_under_torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """`script args` as `nproc` gloo workers on this machine (a port derived from our pid)."""
+def run_under_torchrun(
+    script: str, args: list[str], nproc: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`script args` as `nproc` gloo workers on this machine (a port derived from our pid), `env` added to ours."""
     cmd = [
         sys.executable,
         "-m",
@@ -18,7 +20,8 @@ def run_under_torchrun(script: str, args: list[str], nproc: int = 2) -> subproce
         script,
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
 def emit(text: str, markdown: str | None) -> None:

@@ -5,12 +5,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import final_weights, launch, read_metrics, tiny_overrides
 
 from megatronlite.checkpoint import store
+from megatronlite.untrusted import read_dcp_metadata
 
 pytestmark = pytest.mark.slow  # every test launches training jobs, or reads what they saved
 
@@ -20,6 +22,9 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pipeline=2"]),
     "tp2": (2, ["parallel.tensor=2"]),
     "dp2-distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "dp4-distopt": (4, ["parallel.distributed_optimizer=true"]),
+    "tp2xdp2-distopt": (4, ["parallel.tensor=2", "parallel.distributed_optimizer=true"]),
+    "pp2xdp2-distopt": (4, ["parallel.pipeline=2", "parallel.distributed_optimizer=true"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "pp2-interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "pp2-gpipe": (2, ["parallel.pipeline=2", "parallel.pipeline_schedule=gpipe"]),
@@ -59,9 +64,9 @@ def uninterrupted(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, corpus):
-    """Step-3 checkpoints written by tp2 x pp2 and by dp2 with the distributed optimizer."""
+    """Step-3 checkpoints written by tp2 x pp2, and with the distributed optimizer by dp2 and tp2 x dp2."""
     out = {}
-    for layout in ("tp2xpp2", "dp2-distopt"):
+    for layout in ("tp2xpp2", "dp2-distopt", "tp2xdp2-distopt"):
         run = tmp_path_factory.mktemp(f"src-{layout}") / "run"
         done = run_layout(run, corpus, layout)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -99,6 +104,9 @@ def assert_continues(run, reference, first_step):
         ("tp2xpp2", "tp2"),
         ("tp2xpp2", "dp2-distopt"),
         ("dp2-distopt", "tp2"),
+        ("dp2-distopt", "dp4-distopt"),
+        ("tp2xdp2-distopt", "tp2"),
+        ("tp2xpp2", "tp2xdp2-distopt"),
         ("tp2xpp2", "pp2-interleaved"),
         ("dp2-distopt", "pp2-gpipe"),
         ("tp2xpp2", "pp2xdp2-zero-bubble"),
@@ -129,10 +137,13 @@ def gpt2_runs(tmp_path_factory, corpus):
     return (read_metrics(ref), final_weights(ref)), saved
 
 
-@pytest.mark.parametrize("source,target", [("tp2xpp2", "1"), ("tp2xpp2", "dp2-distopt"), ("dp2-distopt", "pp2")])
+@pytest.mark.parametrize(
+    "source,target",
+    [("tp2xpp2", "1"), ("tp2xpp2", "dp2-distopt"), ("dp2-distopt", "pp2"), ("tp2xpp2", "pp2xdp2-distopt")],
+)
 def test_gpt2_resumes_in_another_layout(tmp_path, corpus, gpt2_runs, source, target):
     """The tied flavour through save and resume across layouts: the embedding's copy on the last stage and its
-    Adam states are split from, and joined into, the one stored tensor."""
+    Adam states (with ZeRO-1, their slices) are split from, and joined into, the one stored tensor."""
     uninterrupted, saved = gpt2_runs
     run = tmp_path / "run"
     resume_from(saved[source], run)
@@ -252,6 +263,68 @@ def test_metadata_never_unpickles_arbitrary_objects(tmp_path, saved):
         store.stored_shapes(evil)
 
 
+def write_through_sharded_tensors(src: Path, dst: Path) -> None:
+    """(A process of its own, a world of one.) Rewrite checkpoint `src` as megatronlite wrote checkpoints before
+    it had a DCP planner of its own: a tensor stored in chunks as a ShardedTensor with those chunks, built with
+    torch's private constructor, any other tensor plain."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    state = {}
+    for key, md in read_dcp_metadata(src).state_dict_metadata.items():
+        full = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
+        store.read_shards(src, full)
+        if len(md.chunks) == 1:
+            state[key] = full[key]
+            continue
+        shards = []
+        for chunk in md.chunks:
+            box = full[key]
+            for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes)):
+                box = box.narrow(dim, start, length)
+            shards.append(Shard(box.clone(), ShardMetadata(list(chunk.offsets), list(chunk.sizes), "rank:0/cpu")))
+        properties = TensorProperties(dtype=md.properties.dtype)
+        global_md = ShardedTensorMetadata([shard.metadata for shard in shards], md.size, properties)
+        state[key] = ShardedTensor._init_from_local_shards_and_global_metadata(shards, global_md)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dst)))
+    for name in ("meta.json", "config.yaml"):
+        shutil.copy(src / name, dst / name)
+    dist.destroy_process_group()
+
+
+def _chunks(md) -> list[tuple]:
+    return sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+
+
+def test_checkpoints_written_through_sharded_tensors_still_load(tmp_path, corpus, uninterrupted, saved):
+    """Earlier versions stored partial tensors as ShardedTensors: the same kind of DCP metadata (tensors in
+    chunks) as our planner writes, so such a checkpoint resumes, here into ZeRO-1 slices."""
+    sharded = pytest.importorskip("torch.distributed._shard.sharded_tensor")
+    if not hasattr(sharded.ShardedTensor, "_init_from_local_shards_and_global_metadata"):
+        pytest.skip("this torch cannot build the ShardedTensors earlier versions saved")
+    src, old = saved["tp2xpp2"], tmp_path / "old" / saved["tp2xpp2"].name
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, __file__, str(src), str(old)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = (read_dcp_metadata(d).state_dict_metadata for d in (src, old))
+    assert ours.keys() == theirs.keys()
+    assert any(len(md.chunks) > 1 for md in ours.values())
+    for key, md in ours.items():
+        assert type(theirs[key]) is type(md) and theirs[key].size == md.size, key
+        assert _chunks(theirs[key]) == _chunks(md), key
+    run = tmp_path / "run"
+    resume_from(old, run)
+    done = run_layout(run, corpus, "dp2-distopt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_continues(run, uninterrupted, 4)
+
+
 SAME_LAYOUT_RESUMES = [
     (arch, layout) for arch in ("llama", "gpt2") for layout in ("pp2-interleaved", "pp2-gpipe", "pp2xdp2-zero-bubble")
 ] + [("llama", "pp2"), ("gpt2", "pp2"), ("gpt2", "tp2xpp2")]
@@ -277,3 +350,7 @@ def test_every_schedule_resumes_bit_exact(tmp_path, corpus, arch, layout):
     assert final.keys() == expected.keys()
     for key, value in expected.items():  # weights and Adam states, bit for bit
         assert torch.equal(final[key], value), key
+
+
+if __name__ == "__main__":
+    write_through_sharded_tensors(Path(sys.argv[1]), Path(sys.argv[2]))

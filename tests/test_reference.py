@@ -85,7 +85,7 @@ def write_initial_weights(cfg: config_mod.Config, out: Path) -> Path:
     model = GPTModel(cfg.model)
     init_parameters(model, cfg.model, cfg.train.seed)
     pieces = model_pieces(dict(model.named_parameters()), model.mesh, for_save=True)
-    write_checkpoint(out, cfg, ((k.removeprefix("model."), p.local) for k, p in pieces.items()))
+    write_checkpoint(out, cfg, ((p.key.removeprefix("model."), p.local) for p in pieces))
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 
 from megatronlite import config as config_mod
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import model_pieces, to_dcp
+from megatronlite.checkpoint.views import model_pieces
 from megatronlite.config import Config
 from megatronlite.models.gpt import GPTModel
 from megatronlite.parallel.mesh import Mesh
@@ -30,7 +30,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel
     cfg = load_config(step_dir)
     model = GPTModel(cfg.model)
     pieces = model_pieces(dict(model.named_parameters()), Mesh(), for_save=False)
-    store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
-    store.read_shards(step_dir, to_dcp(pieces, Mesh()))
+    store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
+    store.read_shards(step_dir, {}, pieces)
     model.run_config = cfg
     return model.to(device).eval()

@@ -15,11 +15,14 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from megatronlite.checkpoint.planner import PieceLoadPlanner, PieceSavePlanner
+from megatronlite.checkpoint.views import GlobalPiece
 from megatronlite.errors import UserError
 from megatronlite.untrusted import SafeReader, read_dcp_metadata
 
@@ -78,9 +81,12 @@ def prepare(root: Path, step: int) -> Path:
     return tmp
 
 
-def write_shards(tmp: Path, tensors: dict[str, torch.Tensor], process_group=None) -> None:
-    """(Every rank.) Write this rank's tensors into the temporary directory through DCP."""
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=process_group)
+def write_shards(
+    tmp: Path, tensors: dict[str, torch.Tensor], pieces: Sequence[GlobalPiece] = (), process_group=None
+) -> None:
+    """(Every rank.) Write this rank's plain tensors and global pieces into the temporary directory through DCP."""
+    writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+    dcp.save(tensors, storage_writer=writer, planner=PieceSavePlanner(pieces), process_group=process_group)
 
 
 def commit(root: Path, step: int, meta: dict, config_yaml: str, keep: int, keep_every: int) -> Path:
@@ -184,6 +190,9 @@ def check_shapes(step_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:
         raise UserError(f"checkpoint {step_dir} does not match the model config: {shown}")
 
 
-def read_shards(step_dir: Path, tensors: dict[str, torch.Tensor], process_group=None) -> None:
-    """Load stored tensors in place into `tensors` (views of this rank's memory)."""
-    dcp.load(tensors, storage_reader=SafeReader(str(step_dir)), process_group=process_group)
+def read_shards(
+    step_dir: Path, tensors: dict[str, torch.Tensor], pieces: Sequence[GlobalPiece] = (), process_group=None
+) -> None:
+    """Load stored tensors in place into the plain `tensors` (whole global tensors) and the global pieces' views."""
+    reader = SafeReader(str(step_dir))
+    dcp.load(tensors, storage_reader=reader, planner=PieceLoadPlanner(pieces), process_group=process_group)

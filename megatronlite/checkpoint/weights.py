@@ -38,7 +38,7 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = GPTModel(cfg.model)
     pieces = model_pieces(dict(model.named_parameters()), Mesh(), for_save=True)
-    return {k.removeprefix("model."): v.global_shape for k, v in pieces.items()}
+    return {p.key.removeprefix("model."): p.global_shape for p in pieces}
 
 
 def read_tensors(step_dir: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -141,6 +141,6 @@ def build_model(ckpt: Checkpoint) -> GPTModel:
     model = GPTModel(ckpt.cfg.model)
     for p in model.parameters():
         p.zero_()  # padding rows stay zero
-    for key, piece in model_pieces(dict(model.named_parameters()), Mesh(), for_save=False).items():
-        piece.local.copy_(ckpt.get(key.removeprefix("model.")))
+    for piece in model_pieces(dict(model.named_parameters()), Mesh(), for_save=False):
+        piece.local.copy_(ckpt.get(piece.key.removeprefix("model.")))
     return model.eval()

@@ -31,19 +31,17 @@ from megatronlite.parallel.mesh import Group
 
 @dataclass
 class OwnedSlice:
-    """ZeRO-1: the part of one parameter this DP rank steps."""
+    """The part of one parameter this rank's optimizer steps: with ZeRO-1 a flat slice, else all of it."""
 
     param: nn.Parameter  # the whole parameter (a view of the bucket)
-    shard: nn.Parameter  # what the optimizer steps: the slice, a view of the same bucket memory
+    shard: nn.Parameter  # what the optimizer steps: the slice (a view of the same bucket memory), or `param`
     start: int  # the slice's start and end in the flattened parameter
     end: int
-    at: int  # its start in this rank's shard of the bucket
 
 
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
-    offsets: list[int]  # each param's start in the flat buffers
     param_buf: torch.Tensor
     grad_buf: torch.Tensor
     grad_shard: torch.Tensor | None = None  # distributed optimizer: this rank's reduced slice
@@ -104,7 +102,7 @@ class DataParallel:
             p.grad = grad_buf[offset : offset + n].view_as(p)
             offsets.append(offset)
             offset += n
-        bucket = Bucket(params, offsets, param_buf, grad_buf, expected=len(params) * self.n_micro, late=late)
+        bucket = Bucket(params, param_buf, grad_buf, expected=len(params) * self.n_micro, late=late)
         if self.sharded:
             per = padded // dp
             lo, hi = self.group.rank * per, (self.group.rank + 1) * per
@@ -116,7 +114,7 @@ class DataParallel:
                     sp = nn.Parameter(param_buf[a:b])
                     sp.shard, sp.full_ndim = p.shard, p.ndim
                     sp.grad = bucket.grad_shard[a - lo : b - lo]
-                    bucket.owned.append(OwnedSlice(p, sp, a - start, b - start, a - lo))
+                    bucket.owned.append(OwnedSlice(p, sp, a - start, b - start))
         return bucket
 
     # --- what the optimizer steps ------------------------------------------------------------
@@ -125,7 +123,15 @@ class DataParallel:
         if not self.sharded:
             return named_params
         name_of = {id(p): n for n, p in named_params.items()}
-        return {f"{name_of[id(o.param)]}[{o.start}:{o.end}]": o.shard for bk in self.buckets for o in bk.owned}
+        return {f"{name_of[id(o.param)]}[{o.start}:{o.end}]": o.shard for o in self.owned_slices()}
+
+    def owned_slices(self) -> list[OwnedSlice]:
+        """What this rank's optimizer steps, as slices of the flattened parameters: with ZeRO-1 its slices of
+        every bucket, else every parameter whole. The optimizer's states of `shard` hold [start, end) of the
+        parameter, so a checkpoint saves and loads them in place (see checkpoint/views.py)."""
+        if self.sharded:
+            return [o for bucket in self.buckets for o in bucket.owned]
+        return [OwnedSlice(p, p, 0, p.numel()) for bucket in self.buckets for p in bucket.params]
 
     # --- reduction --------------------------------------------------------------------------
     def _on_grad(self, p: nn.Parameter) -> None:
@@ -175,24 +181,3 @@ class DataParallel:
             bucket.grad_buf.zero_()
             if bucket.grad_shard is not None:
                 bucket.grad_shard.zero_()
-
-    # --- optimizer state in the parameters' shapes (checkpoints) --------------------------------
-    def gather_state(self, optimizer: torch.optim.Optimizer, key: str) -> dict[int, torch.Tensor]:
-        """ZeRO-1: every parameter's full Adam state `key`, all-gathered over DP (keyed by id(param))."""
-        out = {}
-        for bucket in self.buckets:
-            lo, hi = bucket.shard_range
-            mine = torch.zeros(hi - lo, dtype=torch.float32, device=bucket.grad_buf.device)
-            for o in bucket.owned:
-                mine[o.at : o.at + o.shard.numel()] = optimizer.state[o.shard][key]
-            full = torch.empty_like(bucket.grad_buf)
-            dist.all_gather_into_tensor(full, mine, group=self.group.pg)
-            for p, start in zip(bucket.params, bucket.offsets):
-                out[id(p)] = full[start : start + p.numel()].view_as(p)
-        return out
-
-    def scatter_state(self, optimizer: torch.optim.Optimizer, key: str, full: dict[int, torch.Tensor]) -> None:
-        """ZeRO-1: copy this rank's slices of full-shaped Adam states into the optimizer."""
-        for bucket in self.buckets:
-            for o in bucket.owned:
-                optimizer.state[o.shard][key].copy_(full[id(o.param)].reshape(-1)[o.start : o.end])

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.staging import PieceStager
-from megatronlite.checkpoint.views import model_pieces, to_dcp
+from megatronlite.checkpoint.views import GlobalPiece, model_pieces
 from megatronlite.errors import UserError
 from megatronlite.parallel.mesh import new_group
 from megatronlite.train.metrics import print_line
@@ -87,7 +87,7 @@ class Checkpointer:
     """Saves the trainer's state, synchronously or (checkpoint.async) in the background.
 
     Async: the step blocks only while the tensors are copied into CPU buffers made at start-up.
-    One writer thread then wraps them for DCP and writes the shards, coordinated over a dedicated
+    One writer thread then plans and writes them through DCP, coordinated over a dedicated
     gloo group so it never interleaves with training collectives; DCP's save returns on rank 0
     after every rank's write is done, and rank 0 commits.
 
@@ -104,15 +104,12 @@ class Checkpointer:
         self.pending: Future | None = None
         self.writer: ThreadPoolExecutor | None = None
         self.stager: PieceStager | None = None
-        # Adam's states have their parameter's shape and (fp32 master) dtype: the parameters stand in for them,
-        # so sizing a checkpoint needs no gather of ZeRO-sharded states
-        stand_ins = {n: {"exp_avg": p, "exp_avg_sq": p} for n, p in trainer.params.items()}
-        self.needed = _global_bytes(trainer.state_tensors(True, stand_ins)) if trainer.cfg.checkpoint.save else 0
+        self.needed = _global_bytes(trainer.state_tensors(True)) if trainer.cfg.checkpoint.save else 0
         if self.is_async:
             self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
             # one stager for the whole run, its CPU buffers allocated now: saves only copy into them
             self.stager = PieceStager(pin_memory=trainer.device.type == "cuda")
-            self.stager.reserve(trainer.state_tensors(True, trainer.optimizer_states()))
+            self.stager.reserve(trainer.state_tensors(True))
 
     def save(self) -> None:
         trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
@@ -124,17 +121,17 @@ class Checkpointer:
             store.prepare(self.root, step)
         _barrier()
         start = time.perf_counter()
-        pieces = trainer.state_tensors(True, trainer.optimizer_states())
+        pieces = trainer.state_tensors(True)
         rng = rng_states(trainer.device, mesh.rank)
         tmp = store.temp_dir(self.root, step)
         meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
 
-        def write(pieces) -> str | None:
+        def write(pieces: list[GlobalPiece]) -> str | None:
             """Write and commit; None, or (rank 0) the one-line reason nothing was committed."""
             try:
                 fault_hook("slowsave", step, mesh.rank)
                 fault_hook("disk", step, mesh.rank)
-                store.write_shards(tmp, {**to_dcp(pieces, mesh), **rng}, self.group)
+                store.write_shards(tmp, rng, pieces, self.group)
                 fault_hook("save", step, mesh.rank)
                 if mesh.rank == 0:
                     final = store.commit(self.root, step, meta, config_yaml, ckpt.keep, ckpt.keep_every)
@@ -193,9 +190,9 @@ class Checkpointer:
             )
 
 
-def _global_bytes(pieces: dict) -> int:
+def _global_bytes(pieces: list[GlobalPiece]) -> int:
     """(Every rank.) The bytes of one checkpoint: every global tensor once, whichever ranks hold it."""
-    sizes = {k: math.prod(p.global_shape) * p.local.element_size() for k, p in pieces.items()}
+    sizes = {p.key: math.prod(p.global_shape) * p.local.element_size() for p in pieces}
     if dist.is_initialized():
         every: list[dict] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(every, sizes)
@@ -278,17 +275,12 @@ def load(trainer, step_dir: Path) -> None:
     if meta.get("weights_only"):
         _load_weights_only(trainer, step_dir)
         return
-    optimizer_states = trainer.optimizer_states()
-    pieces = trainer.state_tensors(False, optimizer_states)
-    store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
-    tensors = to_dcp(pieces, trainer.mesh)
+    pieces = trainer.state_tensors(False)
+    store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
     mesh = trainer.mesh
     same_layout = meta.get("layout") == layout_of(trainer)
     rng = rng_states(trainer.device, mesh.rank)
-    if same_layout:
-        tensors.update(rng)
-    store.read_shards(step_dir, tensors)
-    trainer.restore_optimizer_states(optimizer_states)
+    store.read_shards(step_dir, rng if same_layout else {}, pieces)
     if same_layout:
         torch.set_rng_state(rng[f"rng.cpu.rank{mesh.rank}"])
         if trainer.device.type == "cuda":
@@ -310,7 +302,7 @@ def load(trainer, step_dir: Path) -> None:
 def _load_weights_only(trainer, step_dir: Path) -> None:
     """A converted or exported model: its weights, then training from step 0 with a fresh optimizer."""
     pieces = model_pieces(trainer.params, trainer.mesh, for_save=False)
-    store.check_shapes(step_dir, {k: v.global_shape for k, v in pieces.items()})
-    store.read_shards(step_dir, to_dcp(pieces, trainer.mesh))
+    store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
+    store.read_shards(step_dir, {}, pieces)
     if trainer.mesh.rank == 0:
         print_line(f"initialized weights from {step_dir} (weights only: optimizer and data start fresh)")

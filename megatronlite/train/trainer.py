@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatronlite import config as config_mod
 from megatronlite import kernels
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import GlobalPiece, model_pieces, named_pieces
+from megatronlite.checkpoint.views import GlobalPiece, model_pieces, slice_pieces, stored_name
 from megatronlite.config import Config
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.run import build_run_data
@@ -254,31 +254,25 @@ class Trainer:
         return self._global_mean(total / self.cfg.train.eval_iters)[0]
 
     # --- checkpoints ------------------------------------------------------------------------
-    def optimizer_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Adam's exp_avg and exp_avg_sq of every parameter, in the parameter's shape.
+    def state_tensors(self, for_save: bool) -> list[GlobalPiece]:
+        """Model weights and Adam states as global pieces: views of this rank's memory that a save writes
+        and a load reads into, in place.
 
-        With ZeRO-1 these are gathered over DP (temporaries); `restore_optimizer_states` puts
-        values loaded into them back into this rank's slices.
+        Adam's states are those of what this rank's optimizer steps (`DataParallel.owned_slices`): every
+        parameter, or with ZeRO-1 this rank's flat slices, each a few boxes of the global tensors. So a save
+        holds no gathered state and a load needs no scatter; the memory a save adds does not grow with DP.
         """
         checkpointing.ensure_optimizer_state(self.optimizer)
-        keys = ("exp_avg", "exp_avg_sq")
-        if self.dp.sharded:
-            full = {key: self.dp.gather_state(self.optimizer, key) for key in keys}
-            return {n: {k: full[k][id(p)] for k in keys} for n, p in self.params.items()}
-        return {n: {k: self.optimizer.state[p][k] for k in keys} for n, p in self.params.items()}
-
-    def restore_optimizer_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.dp.sharded:
-            for key in ("exp_avg", "exp_avg_sq"):
-                by_id = {id(self.params[n]): s[key] for n, s in states.items()}
-                self.dp.scatter_state(self.optimizer, key, by_id)
-
-    def state_tensors(self, for_save: bool, optimizer_states: dict | None = None) -> dict[str, GlobalPiece]:
-        """Model weights and Adam states as global pieces, keyed by global name."""
         out = model_pieces(self.params, self.mesh, for_save)
-        for key in ("exp_avg", "exp_avg_sq"):
-            named = {n: (states[key], self.params[n].shard) for n, states in (optimizer_states or {}).items()}
-            out.update(named_pieces(f"optim.{key}.", named, self.mesh, for_save))
+        name_of = {id(p): n for n, p in self.params.items()}
+        for key in ("exp_avg", "exp_avg_sq"):  # parameters are fp32: their own master weights
+            for owned in self.dp.owned_slices():
+                name = stored_name(name_of[id(owned.param)], owned.param.shard, for_save)
+                if name is None:
+                    continue
+                flat = self.optimizer.state[owned.shard][key].view(-1)
+                shape = tuple(owned.param.shape)
+                out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.shard, self.mesh)
         return out
 
     # --- the loop ---------------------------------------------------------------------------
