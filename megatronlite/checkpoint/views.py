@@ -14,7 +14,7 @@ import torch
 
 from megatronlite.models.init import part_name
 from megatronlite.parallel.mesh import Mesh
-from megatronlite.parallel.tensor_parallel import ShardSpec
+from megatronlite.parallel.sharding import Sharding
 
 
 @dataclass
@@ -30,7 +30,7 @@ class GlobalPiece:
         return tuple(self.local.shape) == tuple(self.global_shape)
 
 
-def pieces_of(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> dict[str, GlobalPiece]:
+def pieces_of(name: str, tensor: torch.Tensor, spec: Sharding, mesh: Mesh) -> dict[str, GlobalPiece]:
     """Split a local tensor shaped like its parameter into global pieces, one per fused part."""
     names = spec.part_names()
     if spec.dim is None:
@@ -56,7 +56,7 @@ def pieces_of(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> d
 
 
 def named_pieces(
-    prefix: str, tensors: dict[str, tuple[torch.Tensor, ShardSpec]], mesh: Mesh, for_save: bool
+    prefix: str, tensors: dict[str, tuple[torch.Tensor, Sharding]], mesh: Mesh, for_save: bool
 ) -> dict[str, GlobalPiece]:
     """Global pieces of named tensors shaped like their parameters (the weights, or one Adam state).
 
@@ -74,7 +74,7 @@ def named_pieces(
 
 def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_save: bool) -> dict[str, GlobalPiece]:
     """Global pieces of the parameters, keyed `model.<global name>`."""
-    return named_pieces("model.", {n: (p.data, p.shard) for n, p in named_params.items()}, mesh, for_save)
+    return named_pieces("model.", {n: (p.data, p.sharding) for n, p in named_params.items()}, mesh, for_save)
 
 
 def to_dcp(pieces: dict[str, GlobalPiece], mesh: Mesh) -> dict[str, torch.Tensor]:

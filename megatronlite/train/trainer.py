@@ -100,7 +100,7 @@ class Trainer:
         over its first and last pipeline stage."""
         out = {}
         for name, param in self.params.items():
-            if param.shard.sequence_parallel and self.mesh.tp > 1:
+            if "tp" in param.sharding.partial_grad and self.mesh.tp > 1:
                 out[name] = self.mesh.tp_group
         if self.cfg.model.tied and self.mesh.pp > 1:
             for name in ("embedding.word.weight", "output.weight"):
@@ -277,7 +277,7 @@ class Trainer:
         """Model weights and Adam states as global pieces, keyed by global name."""
         out = model_pieces(self.params, self.mesh, for_save)
         for key in ("exp_avg", "exp_avg_sq"):
-            named = {n: (states[key], self.params[n].shard) for n, states in (optimizer_states or {}).items()}
+            named = {n: (states[key], self.params[n].sharding) for n, states in (optimizer_states or {}).items()}
             out.update(named_pieces(f"optim.{key}.", named, self.mesh, for_save))
         return out
 
