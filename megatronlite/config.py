@@ -80,6 +80,7 @@ class ParallelConfig:
     def schedule(self) -> str:
         """The pipeline schedule that runs: the one named, or what the virtual stages imply."""
         return self.pipeline_schedule or ("interleaved" if self.virtual_pipeline > 1 else "1f1b")
+
     timeout_minutes: float = 10.0  # no progress this long ends the job with a clue (train/watchdog.py)
 
 

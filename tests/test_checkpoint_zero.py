@@ -25,7 +25,7 @@ from megatronlite.checkpoint.staging import PieceStager
 from megatronlite.checkpoint.views import GlobalPiece, flat_boxes, slice_pieces, tensor_pieces
 from megatronlite.models.init import part_name
 from megatronlite.parallel.mesh import ROLES, Group, Mesh
-from megatronlite.parallel.tensor_parallel import ShardSpec
+from megatronlite.parallel.sharding import Sharding, tp_split
 from megatronlite.untrusted import read_dcp_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_slices_of_tp_shards_with_fused_parts_and_padding_are_views_of_global_bo
             padded = -(-(shape[dim] + rng.randint(0, 3)) // tp) * tp
         else:
             shape[dim] = -(-shape[dim] // tp) * tp
-        spec = ShardSpec(tuple(shape), dim, parts, padded)
+        spec = tp_split(tuple(shape), dim, parts, padded)
         names = [part_name("w", p) for p in spec.part_names()]
         full = {n: torch.arange(math.prod(shape)).view(shape) + 1 + 1000 * i for i, n in enumerate(names)}  # 0: pad
         for r in range(tp):
@@ -96,7 +96,7 @@ def test_pieces_round_trip_through_dcp_in_any_boxes(tmp_path):
     metadata is DCP's usual kind; loading into other boxes reads the overlaps."""
     value = torch.arange(6 * 5, dtype=torch.float32).view(6, 5)
     flat = value.reshape(-1)[7:23]
-    saved = slice_pieces("optim.exp_avg.w", flat, 7, (6, 5), ShardSpec((6, 5)), Mesh())
+    saved = slice_pieces("optim.exp_avg.w", flat, 7, (6, 5), Sharding((6, 5)), Mesh())
     assert [p.offset for p in saved] == [(1, 2), (2, 0), (4, 0)]
     boxes = {(0, 0): value[:1], (1, 0): value[1:2, :2], (4, 3): value[4:5, 3:], (5, 0): value[5:]}
     rest = [GlobalPiece("optim.exp_avg.w", box, (6, 5), offset) for offset, box in boxes.items()]
@@ -150,7 +150,7 @@ def gathered_states(trainer) -> dict[str, torch.Tensor]:
             for p in bucket.params:
                 start = (p.data_ptr() - base) // p.element_size()
                 value = full[start : start + p.numel()].view_as(p)
-                for piece in tensor_pieces(name_of[id(p)], value, p.shard, trainer.mesh):
+                for piece in tensor_pieces(name_of[id(p)], value, p.sharding, trainer.mesh):
                     out[f"optim.{key}.{piece.key}"] = piece.local.clone()
     return out
 

@@ -24,10 +24,28 @@ from megatronlite.untrusted import load_torch_file as safe_load
 
 FORMAT_PATHS = {"mlite": "run", "hf": "hf", "megatron": "meg", "torch": "model.pt"}
 MODELS = {  # every field explicit, as a conversion writes them
-    "llama": ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-                         vocab_size=77, max_seq_len=32, tie_embeddings=False),
-    "gpt2": ModelConfig(arch="gpt2", num_layers=2, hidden_size=24, num_heads=3, num_kv_heads=3, ffn_hidden_size=96,
-                        vocab_size=77, max_seq_len=32, tie_embeddings=True),
+    "llama": ModelConfig(
+        arch="llama",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=48,
+        vocab_size=77,
+        max_seq_len=32,
+        tie_embeddings=False,
+    ),
+    "gpt2": ModelConfig(
+        arch="gpt2",
+        num_layers=2,
+        hidden_size=24,
+        num_heads=3,
+        num_kv_heads=3,
+        ffn_hidden_size=96,
+        vocab_size=77,
+        max_seq_len=32,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -151,7 +169,9 @@ def test_unsupported_llama_variants_are_refused(tmp_path, capsys):
 def test_the_command_line_exits_2_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "megatronlite", "convert", "--from", "hf", "--to", "mlite", str(tmp_path), "out"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "config.json: file not found" in result.stderr and "Traceback" not in result.stderr

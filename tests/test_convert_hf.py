@@ -33,8 +33,12 @@ def hf_model(kind: str, seed: int = 0, **overrides):
     kwargs = {**kwargs, **overrides}
     if arch == "llama":
         cfg = transformers.LlamaConfig(
-            num_hidden_layers=2, intermediate_size=80, vocab_size=VOCAB, max_position_embeddings=64,
-            rms_norm_eps=1e-5, **kwargs,
+            num_hidden_layers=2,
+            intermediate_size=80,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            **kwargs,
         )
         cls = transformers.LlamaForCausalLM
     else:
@@ -61,7 +65,7 @@ def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     with torch.no_grad():
         for _ in range(steps):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 def tensors(path) -> dict:

@@ -47,10 +47,28 @@ def native(tmp_path, model: ModelConfig):
     return tmp_path / "src", tensors
 
 
-LLAMA = ModelConfig(arch="llama", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-                    vocab_size=77, max_seq_len=32, tie_embeddings=False)
-GPT2 = ModelConfig(arch="gpt2", num_layers=4, hidden_size=24, num_heads=2, num_kv_heads=2, ffn_hidden_size=96,
-                   vocab_size=77, max_seq_len=32, tie_embeddings=True)
+LLAMA = ModelConfig(
+    arch="llama",
+    num_layers=4,
+    hidden_size=32,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=48,
+    vocab_size=77,
+    max_seq_len=32,
+    tie_embeddings=False,
+)
+GPT2 = ModelConfig(
+    arch="gpt2",
+    num_layers=4,
+    hidden_size=24,
+    num_heads=2,
+    num_kv_heads=2,
+    ffn_hidden_size=96,
+    vocab_size=77,
+    max_seq_len=32,
+    tie_embeddings=True,
+)
 
 
 @pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
@@ -72,8 +90,10 @@ def test_legacy_virtual_pipeline_stages(tmp_path):
     stage v x PP + p. Built here from a 4-stage checkpoint regrouped as 2 ranks x 2 virtual stages."""
     src, tensors = native(tmp_path, LLAMA)
     convert("mlite", "megatron", src, tmp_path / "pp4", Options(megatron_format="torch", megatron_pp=4))
-    stages = [torch.load(tmp_path / f"pp4/release/mp_rank_00_{s:03d}/model_optim_rng.pt", weights_only=False)
-              for s in range(4)]
+    stages = [
+        torch.load(tmp_path / f"pp4/release/mp_rank_00_{s:03d}/model_optim_rng.pt", weights_only=False)
+        for s in range(4)
+    ]
     args = stages[0]["args"]
     args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size = 2, 2
     for p in range(2):
@@ -131,8 +151,9 @@ def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__]
-    proc = subprocess.Popen([*run, scenario, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [*run, scenario, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         log, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -188,19 +209,37 @@ def _mcore_model(arch: str, seed: int):
     llama = arch == "llama"
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     cfg = TransformerConfig(
-        num_layers=LAYERS, **ARCHS[arch], normalization="RMSNorm" if llama else "LayerNorm",
-        gated_linear_unit=llama, add_bias_linear=not llama, layernorm_epsilon=1e-5,
+        num_layers=LAYERS,
+        **ARCHS[arch],
+        normalization="RMSNorm" if llama else "LayerNorm",
+        gated_linear_unit=llama,
+        add_bias_linear=not llama,
+        layernorm_epsilon=1e-5,
         activation_func=F.silu if llama else (lambda x: F.gelu(x, approximate="tanh")),
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,
     )
     padded = 128 * tp * -(-VOCAB // (128 * tp))
     model = GPTModel(
-        cfg, get_gpt_layer_local_spec(normalization=cfg.normalization), vocab_size=padded, max_sequence_length=64,
-        position_embedding_type="rope" if llama else "learned_absolute", share_embeddings_and_output_weights=not llama,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), parallel_output=False,
+        cfg,
+        get_gpt_layer_local_spec(normalization=cfg.normalization),
+        vocab_size=padded,
+        max_sequence_length=64,
+        position_embedding_type="rope" if llama else "learned_absolute",
+        share_embeddings_and_output_weights=not llama,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=False,
     )
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     with torch.no_grad():
@@ -213,16 +252,32 @@ def _mcore_model(arch: str, seed: int):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
             if "word_embeddings" in source or "output_layer" in source:  # zero the padding rows
                 first = tp_rank * (padded // tp)
-                p[max(0, VOCAB - first):] = 0
+                p[max(0, VOCAB - first) :] = 0
     args = argparse.Namespace(
-        num_layers=LAYERS, hidden_size=48, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads, group_query_attention=llama, num_query_groups=cfg.num_query_groups,
-        kv_channels=48 // cfg.num_attention_heads, max_position_embeddings=64, seq_length=32, padded_vocab_size=padded,
-        vocab_size=None, normalization=cfg.normalization, swiglu=llama, openai_gelu=not llama,
-        position_embedding_type="rope" if llama else "learned_absolute", add_bias_linear=not llama,
-        untie_embeddings_and_output_weights=llama, norm_epsilon=1e-5, rotary_base=10000,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
-        params_dtype=torch.float32, attention_backend=AttnBackend.auto,  # a Megatron enum, as real args hold
+        num_layers=LAYERS,
+        hidden_size=48,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=llama,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=48 // cfg.num_attention_heads,
+        max_position_embeddings=64,
+        seq_length=32,
+        padded_vocab_size=padded,
+        vocab_size=None,
+        normalization=cfg.normalization,
+        swiglu=llama,
+        openai_gelu=not llama,
+        position_embedding_type="rope" if llama else "learned_absolute",
+        add_bias_linear=not llama,
+        untie_embeddings_and_output_weights=llama,
+        norm_epsilon=1e-5,
+        rotary_base=10000,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=None,
+        params_dtype=torch.float32,
+        attention_backend=AttnBackend.auto,  # a Megatron enum, as real args hold
     )
     return model, args
 
@@ -247,8 +302,13 @@ def _save_legacy(model, args, directory: Path) -> None:
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     name = f"mp_rank_{tp:02d}" if args.pipeline_model_parallel_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
     (directory / name).mkdir(parents=True, exist_ok=True)
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": 3, "model": model.state_dict_for_save_checkpoint(),
-             "rng_state": [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]}
+    state = {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": 3,
+        "model": model.state_dict_for_save_checkpoint(),
+        "rng_state": [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}],
+    }
     torch.save(state, directory / name / "model_optim_rng.pt")
 
 

@@ -24,8 +24,16 @@ from megatronlite.config import ModelConfig
 from megatronlite.convert import Options, convert
 from megatronlite.convert.model_state import run_config
 
-MODEL = ModelConfig(arch="llama", num_layers=16, hidden_size=256, num_heads=8, num_kv_heads=2, ffn_hidden_size=2048,
-                    vocab_size=8000, max_seq_len=64)
+MODEL = ModelConfig(
+    arch="llama",
+    num_layers=16,
+    hidden_size=256,
+    num_heads=8,
+    num_kv_heads=2,
+    ffn_hidden_size=2048,
+    vocab_size=8000,
+    max_seq_len=64,
+)
 LEGACY = Options(megatron_format="torch", megatron_tp=2, megatron_pp=2)
 STEPS = [  # (from, to, source, destination, options)
     ("mlite", "hf", "src", "hf", Options()),
@@ -83,8 +91,9 @@ def _measure(out: Path) -> dict[str, int]:
 def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=280)
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=280
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     peaks = json.loads((tmp_path / "peaks.json").read_text())
     shapes = expected_shapes(run_config(MODEL, "x"))

@@ -24,8 +24,19 @@ def data(tmp_path_factory) -> str:
     words = "the cat sat on a mat while the dog ran to the red barn and back again".split()
     docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + f" {i}." for i in range(200)]
     (out / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    cmd = [sys.executable, "-m", "megatronlite", "preprocess", "--input", str(out / "docs.jsonl"),
-           "--output-prefix", str(out / "text"), "--tokenizer", "byte", "--append-eod"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatronlite",
+        "preprocess",
+        "--input",
+        str(out / "docs.jsonl"),
+        "--output-prefix",
+        str(out / "text"),
+        "--tokenizer",
+        "byte",
+        "--append-eod",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     return str(out / "text")
 
@@ -33,8 +44,15 @@ def data(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted")
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=128, vocab_size=257, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=257,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out / "hf")
     convert("hf", "mlite", out / "hf", out / "run", Options())

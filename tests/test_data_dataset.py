@@ -178,8 +178,17 @@ def test_valid_split_may_be_empty_when_no_samples_are_asked(tmp_path):
         ([{"path": "MISSING"}], {}, r"missing\.bin not found"),
         ([{"path": "builtin:nope"}], {}, r"unknown built-in corpus; valid: builtin:stdlib"),
     ],
-    ids=["vocab", "empty-split", "bad-split", "zero-weight", "negative-weight", "text-weight", "unknown-key",
-         "missing", "unknown-builtin"],
+    ids=[
+        "vocab",
+        "empty-split",
+        "bad-split",
+        "zero-weight",
+        "negative-weight",
+        "text-weight",
+        "unknown-key",
+        "missing",
+        "unknown-builtin",
+    ],
 )
 def test_bad_data_raises_user_error(tmp_path, sources, kwargs, message):
     prefix = corpus(tmp_path / "c")

@@ -105,8 +105,9 @@ def test_real_dataset_stream_is_the_same_for_dp_1_and_2(tmp_path):
     with IndexedWriter(tmp_path / "c") as w:
         for n in range(1, 60):
             w.add_document(np.arange(n) % 250)
-    train, _ = build_datasets([{"path": str(tmp_path / "c")}], build_tokenizer("byte"), SEQ, 1, "98,2", (48, 4),
-                              str(tmp_path / "cache"), 257)
+    train, _ = build_datasets(
+        [{"path": str(tmp_path / "c")}], build_tokenizer("byte"), SEQ, 1, "98,2", (48, 4), str(tmp_path / "cache"), 257
+    )
     one, two = global_stream(1, n=6, dataset=train), global_stream(2, n=6, dataset=train)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     assert torch.equal(one[0][3], torch.from_numpy(train[3]))

@@ -67,8 +67,9 @@ def test_output_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
     (tmp_path / "b.txt").write_text("a text file\r\nis one document")
     outputs = []
     for workers in (1, 2):
-        prefixes = pre.preprocess(inputs, str(tmp_path / f"w{workers}"), workers=workers, split_into=3,
-                                  append_eod=True, progress=False)
+        prefixes = pre.preprocess(
+            inputs, str(tmp_path / f"w{workers}"), workers=workers, split_into=3, append_eod=True, progress=False
+        )
         outputs.append([p.read_bytes() for prefix in prefixes for p in paths(prefix)])
     assert outputs[0] == outputs[1]
     [prefix] = pre.preprocess(inputs, str(tmp_path / "one"), append_eod=True, progress=False)
@@ -132,8 +133,19 @@ def test_cli_main_and_progress(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text(jsonl(DOCS[:3], key="body"))
     parser = argparse.ArgumentParser()
     pre.add_arguments(parser)
-    args = parser.parse_args(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),
-                              "--json-key", "body", "--append-eod", "--workers", "1"])
+    args = parser.parse_args(
+        [
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--json-key",
+            "body",
+            "--append-eod",
+            "--workers",
+            "1",
+        ]
+    )
     pre.main(args)
     assert read_all(str(tmp_path / "o"))[0].startswith("document 0")
     assert "preprocess: 3 documents" in capsys.readouterr().err

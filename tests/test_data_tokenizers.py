@@ -68,7 +68,6 @@ def test_train_rejects_tiny_vocab(tmp_path):
         tokenizer_train.train_tokenizer([str(tmp_path / "x.txt")], 100, str(tmp_path / "t"))
 
 
-
 @pytest.mark.slow
 def test_preprocess_with_a_tokenizer_json_then_train(tmp_path, trained):
     """The whole path with a trained tokenizer: `preprocess --tokenizer PATH --json-key` on .jsonl and

@@ -18,8 +18,20 @@ from megatronlite.checkpoint.weights import read_tensors
 
 
 def launch_cmd(run: Path, nproc: int, overrides: list[str], *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "megatronlite", "launch", "configs/demo.yaml", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "--run-dir", str(run), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatronlite",
+        "launch",
+        "configs/demo.yaml",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "--run-dir",
+        str(run),
+        *extra,
+    ]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
@@ -189,8 +201,18 @@ def _weights_finite(run: Path) -> bool:
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_a_diverging_run_stops_without_a_nan_checkpoint(tmp_path, corpus, capsys, precision):
     run = tmp_path / "run"
-    sets = tiny_overrides(corpus, run, **{"optim.lr": 1000.0, "optim.warmup_steps": 0, "train.precision": precision,
-                                          "train.steps": 60, "checkpoint.interval": 1, "train.max_skipped_steps": 3})
+    sets = tiny_overrides(
+        corpus,
+        run,
+        **{
+            "optim.lr": 1000.0,
+            "optim.warmup_steps": 0,
+            "train.precision": precision,
+            "train.steps": 60,
+            "checkpoint.interval": 1,
+            "train.max_skipped_steps": 3,
+        },
+    )
     line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), []))
     if precision == "fp16":  # the scaler halves to its minimum first, then stops on overflows there
         assert "fp16 overflow at the minimum loss scale" in line, line
@@ -264,8 +286,9 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, corpus, capsys, monkeyp
     if small_disk is None:
         monkeypatch.setenv("MEGATRONLITE_FAULT", "disk:8")
     run = tmp_path / "run"
-    sets = tiny_overrides(corpus, run, **{"checkpoint.keep": 1, "checkpoint.async": is_async,
-                                          "checkpoint.required": required})
+    sets = tiny_overrides(
+        corpus, run, **{"checkpoint.keep": 1, "checkpoint.async": is_async, "checkpoint.required": required}
+    )
     argv = ["train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), [])]
     if required == "true":
         line = error_of(capsys, *argv)

@@ -34,8 +34,9 @@ def test_preset_parameter_counts(name):
 
 
 def test_hand_count_tiny_llama():
-    cfg = ModelConfig(arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16,
-                      vocab_size=10)
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16, vocab_size=10
+    )
     # per layer: qkv 8*(2+2)*4=128, proj 64, mlp 3*8*16=384, norms 16 -> 592; emb 80, out 80, final norm 8
     assert parameter_count(cfg) == 2 * 592 + 80 + 80 + 8
     cfg2 = ModelConfig(arch="gpt2", num_layers=1, hidden_size=8, num_heads=2, vocab_size=10, max_seq_len=4)
@@ -44,15 +45,17 @@ def test_hand_count_tiny_llama():
 
 
 def test_flops_formula():
-    cfg = ModelConfig(arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16,
-                      vocab_size=10)
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16, vocab_size=10
+    )
     assert flops_per_token(cfg, seq_len=5) == 6 * (2 * (128 + 64 + 384) + 80) + 12 * 2 * 5 * 8
 
 
 @pytest.mark.parametrize("arch,kv", [("llama", 2), ("llama", 4), ("gpt2", None)])
 def test_forward_shapes_and_causality(arch, kv):
-    cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=kv, vocab_size=50,
-                      max_seq_len=16)
+    cfg = ModelConfig(
+        arch=arch, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=kv, vocab_size=50, max_seq_len=16
+    )
     model = GPTModel(cfg)
     init_parameters(model, cfg, seed=0)
     ids = torch.randint(0, 50, (3, 12))
@@ -75,7 +78,7 @@ def test_init_is_seeded_and_deterministic():
     init_parameters(c, cfg, seed=2)
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
-        if pa.shard.init.endswith("normal"):
+        if pa.sharding.init.endswith("normal"):
             assert not torch.equal(pa, pc), name
     assert not torch.equal(a.layers["0"].mlp.fc1.weight[:64], a.layers["0"].mlp.fc1.weight[64:])  # gate != up
 
@@ -97,8 +100,17 @@ def test_rotary_matches_transformers():
         RunOptions(recompute="full"),
         RunOptions(recompute="full", recompute_layers=1),
         RunOptions(fused_cross_entropy=True),
-        RunOptions(kernels={"rms_norm": "triton", "layer_norm": "torch", "rotary": "triton", "swiglu": "triton",
-                            "linear_cross_entropy": "triton", "adamw": "torch"}, fused_cross_entropy=True),
+        RunOptions(
+            kernels={
+                "rms_norm": "triton",
+                "layer_norm": "torch",
+                "rotary": "triton",
+                "swiglu": "triton",
+                "linear_cross_entropy": "triton",
+                "adamw": "torch",
+            },
+            fused_cross_entropy=True,
+        ),
     ],
     ids=["selective", "full", "full-1-layer", "chunked-ce", "triton-kernels"],
 )
@@ -106,8 +118,9 @@ def test_run_options_keep_the_numbers(options):
     """Recompute, chunked loss and kernels change memory and speed, never the loss or the gradients."""
     if "triton" in options.kernels.values() and importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed: the triton kernel path is not checked")
-    cfg = ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, vocab_size=50,
-                      max_seq_len=16)
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, vocab_size=50, max_seq_len=16
+    )
     plain, other = GPTModel(cfg), GPTModel(cfg, options=options)
     init_parameters(plain, cfg, seed=0)
     init_parameters(other, cfg, seed=0)

@@ -27,7 +27,6 @@ def write_sweep(tmp_path: Path, spec: dict, base_text: str | None = None) -> Pat
     return path
 
 
-
 RANDOM = {"optim.lr": {"low": 3e-4, "high": 3e-2, "log": True}, "optim.warmup_steps": {"low": 1, "high": 9}}
 
 

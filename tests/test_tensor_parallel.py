@@ -22,7 +22,7 @@ def _fill(layer, seed):
     gen = torch.Generator().manual_seed(seed)
     full = {}
     for name, p in layer.named_parameters():
-        spec = p.shard
+        spec = p.sharding
         parts = [torch.randn(spec.global_shape, generator=gen) for _ in spec.part_names()]
         dim = spec.dim or 0
         full[name] = torch.cat(parts, dim=dim)
@@ -125,3 +125,30 @@ def test_rank_grid_tp_then_cp_innermost():
     assert grid[0, 0, :, 0].tolist() == [0, 2]  # a CP group: next innermost
     assert grid[0, :, 0, 0].tolist() == [0, 4]  # a DP group
     assert grid[:, 0, 0, 0].tolist() == [0, 8]  # a pipeline: outermost
+
+
+def test_every_parameter_carries_its_per_axis_sharding():
+    """The typed description each parameter is made with: split over TP (dim, parts, padding) or replicated,
+    partial gradients over TP under sequence parallelism, and the tied output layer's alias."""
+    from megatronlite.models.gpt import GPTModel, RunOptions
+    from megatronlite.parallel.mesh import Group, Mesh
+    from megatronlite.parallel.sharding import ShardedParameter, Split
+
+    roles = {r: Group() for r in ("pipeline", "context", "batch", "grad", "loss")}
+    mesh = Mesh(world_size=2, roles={**roles, "tensor": Group(2, 0, (0, 1))})  # TP 2 (no collective runs here)
+    cfg = ModelConfig(arch="gpt2", num_layers=1, hidden_size=16, num_heads=2, vocab_size=250, max_seq_len=8)
+    model = GPTModel(cfg, mesh, pre_process=False, options=RunOptions(sequence_parallel=True))
+    got = {name: p.sharding for name, p in model.named_parameters()}
+    assert all(isinstance(p, ShardedParameter) for p in model.parameters())
+    assert got["layers.0.attention.qkv.weight"].split("tp") == Split(0)
+    assert got["layers.0.attention.proj.weight"].split("tp") == Split(1)
+    assert got["layers.0.attention.proj.bias"].splits == () and got["layers.0.attention.proj.bias"].partial_grad == (
+        "tp",
+    )
+    assert got["final_norm.weight"].split("dp") is None and got["final_norm.weight"].partial_grad == ("tp",)
+    out = got["output.weight"]  # the last stage's copy of the tied embedding
+    assert out.alias == "embedding.word.weight" and out.split("tp") == Split(0, padded=cfg.padded_vocab_size(2))
+    assert out.global_shape == (250, 16) and model.output.weight.shape == (cfg.padded_vocab_size(2) // 2, 16)
+    llama = GPTModel(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, ffn_hidden_size=32), mesh)
+    fc1 = dict(llama.named_parameters())["layers.0.mlp.fc1.weight"].sharding
+    assert fc1.split("tp") == Split(0, parts=("gate", "up")) and fc1.global_shape == (32, 16)

@@ -49,10 +49,35 @@ def hosts():
 
 def start_node(ns: str, link: str, node_rank: int, run: Path, port: int, sets: list[str]) -> subprocess.Popen:
     # each host its own network namespace and its own host name (a UTS namespace), as separate machines have
-    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', f"host{node_rank}",
-           sys.executable, "-m", "megatronlite", "launch", "configs/demo.yaml",
-           "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", f"{SUBNET}.1",
-           "--master-port", str(port), "--run-dir", str(run)]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "unshare",
+        "--uts",
+        "sh",
+        "-c",
+        'hostname "$0" && exec "$@"',
+        f"host{node_rank}",
+        sys.executable,
+        "-m",
+        "megatronlite",
+        "launch",
+        "configs/demo.yaml",
+        "--nproc-per-node",
+        "2",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        str(node_rank),
+        "--master-addr",
+        f"{SUBNET}.1",
+        "--master-port",
+        str(port),
+        "--run-dir",
+        str(run),
+    ]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": link}  # gloo talks over the veth, not the hostname's address

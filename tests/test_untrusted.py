@@ -18,8 +18,17 @@ from megatronlite.config import ModelConfig
 from megatronlite.convert.model_state import run_config
 from megatronlite.untrusted import DCP_METADATA_GLOBALS, read_dcp_metadata, unpickle
 
-MODEL = ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-                    vocab_size=257, max_seq_len=32, tie_embeddings=False)
+MODEL = ModelConfig(
+    arch="llama",
+    num_layers=2,
+    hidden_size=32,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=48,
+    vocab_size=257,
+    max_seq_len=32,
+    tie_embeddings=False,
+)
 CALLED = []
 
 
@@ -133,17 +142,50 @@ def test_the_metadata_of_real_checkpoints_is_allowed(native):
 ME = __name__
 NAMES = st.sampled_from(
     sorted(DCP_METADATA_GLOBALS)
-    + [(ME, "boom"), ("torch", f"{ME}.boom"), ("torch.distributed.checkpoint.metadata", "os.system"),
-       ("builtins", "eval"), ("builtins", "getattr"), ("os", "system"), ("posix", "system"), ("torch", "load"),
-       ("torch.serialization", "os.system"), ("collections", "OrderedDict.fromkeys"), ("builtins", "set.__init__"),
-       ("pathlib", "PosixPath.write_text"), ("torch", "Size.__reduce__")]
+    + [
+        (ME, "boom"),
+        ("torch", f"{ME}.boom"),
+        ("torch.distributed.checkpoint.metadata", "os.system"),
+        ("builtins", "eval"),
+        ("builtins", "getattr"),
+        ("os", "system"),
+        ("posix", "system"),
+        ("torch", "load"),
+        ("torch.serialization", "os.system"),
+        ("collections", "OrderedDict.fromkeys"),
+        ("builtins", "set.__init__"),
+        ("pathlib", "PosixPath.write_text"),
+        ("torch", "Size.__reduce__"),
+    ]
 )
 ATOMS = st.one_of(
     st.tuples(NAMES, st.text(max_size=4)).map(lambda c: dotted_call(c[0][0], c[0][1], c[1])),  # global(arg)
     NAMES.map(lambda mn: _text(mn[0]) + _text(mn[1]) + b"\x93"),  # STACK_GLOBAL
     NAMES.map(lambda mn: b"c" + f"{mn[0]}\n{mn[1]}\n".encode()),  # GLOBAL
-    st.sampled_from([b"R", b"\x85", b"\x86", b")", b"}", b"]", b"(", b"t", b"b", b"N", b"\x88", b"s", b"\x81",
-                     b"\x92", b"\x94", b"h\x00", b"e", b"a", b"0", b"2"]),  # REDUCE, tuples, BUILD, NEWOBJ...
+    st.sampled_from(
+        [
+            b"R",
+            b"\x85",
+            b"\x86",
+            b")",
+            b"}",
+            b"]",
+            b"(",
+            b"t",
+            b"b",
+            b"N",
+            b"\x88",
+            b"s",
+            b"\x81",
+            b"\x92",
+            b"\x94",
+            b"h\x00",
+            b"e",
+            b"a",
+            b"0",
+            b"2",
+        ]
+    ),  # REDUCE, tuples, BUILD, NEWOBJ...
     st.binary(max_size=4).map(lambda b: _text(b.hex())),
     st.integers(0, 255).map(lambda i: b"K" + bytes([i])),
     st.integers(1, 3).map(lambda i: b"\x82" + bytes([i])),  # EXT1: the copyreg extension registry
@@ -220,4 +262,3 @@ def test_a_checkpoint_missing_shards_is_not_complete(native):
     assert store.latest_complete(root) == first
     shard.unlink()
     assert store.latest_complete(root) == first
-

@@ -18,7 +18,7 @@ import torch
 
 from megatronlite.models.init import part_name
 from megatronlite.parallel.mesh import Mesh
-from megatronlite.parallel.tensor_parallel import ShardSpec
+from megatronlite.parallel.sharding import Sharding
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape)
 
@@ -72,7 +72,7 @@ def _flat_index(offset: tuple[int, ...], shape: tuple[int, ...]) -> int:
 
 
 def _part_pieces(
-    name: str, box: torch.Tensor, offset: tuple[int, ...], local_shape: tuple[int, ...], spec: ShardSpec, mesh: Mesh
+    name: str, box: torch.Tensor, offset: tuple[int, ...], local_shape: tuple[int, ...], spec: Sharding, mesh: Mesh
 ) -> list[GlobalPiece]:
     """A box of a local tensor shaped like its parameter, cut along the TP dim into its fused parts' real rows
     (padding dropped), each in its part's global coordinates."""
@@ -92,13 +92,13 @@ def _part_pieces(
     return out
 
 
-def tensor_pieces(name: str, tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> list[GlobalPiece]:
+def tensor_pieces(name: str, tensor: torch.Tensor, spec: Sharding, mesh: Mesh) -> list[GlobalPiece]:
     """A local tensor shaped like its parameter as global pieces, one per fused part."""
     return _part_pieces(name, tensor, (0,) * tensor.ndim, tuple(tensor.shape), spec, mesh)
 
 
 def slice_pieces(
-    name: str, flat: torch.Tensor, start: int, local_shape: tuple[int, ...], spec: ShardSpec, mesh: Mesh
+    name: str, flat: torch.Tensor, start: int, local_shape: tuple[int, ...], spec: Sharding, mesh: Mesh
 ) -> list[GlobalPiece]:
     """Elements [start, start + flat.numel()) of a local tensor shaped `local_shape` (a parameter's TP shard),
     held flat in `flat` (a ZeRO-1 slice's Adam state), as global pieces: views of `flat`, no copy."""
@@ -110,7 +110,7 @@ def slice_pieces(
     return out
 
 
-def stored_name(name: str, spec: ShardSpec, for_save: bool) -> str | None:
+def stored_name(name: str, spec: Sharding, for_save: bool) -> str | None:
     """The global name a local tensor is saved under or loaded from (None: not saved).
 
     A tied copy (`spec.alias`) holds the same values as its source: it is never saved, and loads from
@@ -124,7 +124,7 @@ def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_sa
     """Global pieces of the parameters, keyed `model.<global name>`."""
     out = []
     for name, p in named_params.items():
-        stored = stored_name(name, p.shard, for_save)
+        stored = stored_name(name, p.sharding, for_save)
         if stored is not None:
-            out += tensor_pieces(f"model.{stored}", p.data, p.shard, mesh)
+            out += tensor_pieces(f"model.{stored}", p.data, p.sharding, mesh)
     return out

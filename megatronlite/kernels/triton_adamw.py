@@ -24,8 +24,18 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _adamw_kernel(BLOCK_TENSOR, BLOCK_START, NUMEL, ADDRS, SCALARS, n_tensors,
-                  GRAD_DTYPE: tl.constexpr, MODEL_DTYPE: tl.constexpr, HAS_MODEL: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(
+    BLOCK_TENSOR,
+    BLOCK_START,
+    NUMEL,
+    ADDRS,
+    SCALARS,
+    n_tensors,
+    GRAD_DTYPE: tl.constexpr,
+    MODEL_DTYPE: tl.constexpr,
+    HAS_MODEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + pid)
     offs = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK)
@@ -90,13 +100,23 @@ def adamw_step(
             lists.append([models[i] for i in idx])
         addrs = torch.tensor(_addresses(*lists), dtype=torch.int64).to(device)
         table = torch.tensor(
-            [(1 - h.lr * h.weight_decay, h.beta1, h.beta2, h.eps, h.step_size, h.bias_correction2_sqrt)
-             for h in (scalars[i] for i in idx)],
+            [
+                (1 - h.lr * h.weight_decay, h.beta1, h.beta2, h.eps, h.step_size, h.bias_correction2_sqrt)
+                for h in (scalars[i] for i in idx)
+            ],
             dtype=torch.float32,
         ).to(device)
         block_tensor, block_start, numels = _block_table(tuple(masters[i].numel() for i in idx), device)
         _adamw_kernel[(len(block_tensor),)](
-            block_tensor, block_start, numels, addrs, table, len(idx),
-            GRAD_DTYPE=_TL_DTYPES[grad_dtype], MODEL_DTYPE=_TL_DTYPES[model_dtype or torch.float32],
-            HAS_MODEL=model_dtype is not None, BLOCK=_BLOCK, num_warps=num_warps(_BLOCK),
+            block_tensor,
+            block_start,
+            numels,
+            addrs,
+            table,
+            len(idx),
+            GRAD_DTYPE=_TL_DTYPES[grad_dtype],
+            MODEL_DTYPE=_TL_DTYPES[model_dtype or torch.float32],
+            HAS_MODEL=model_dtype is not None,
+            BLOCK=_BLOCK,
+            num_warps=num_warps(_BLOCK),
         )

@@ -57,8 +57,9 @@ def ce_stats(logits: torch.Tensor, target: torch.Tensor, n_valid: int) -> tuple[
     rows = logits.shape[0]
     row_max, sum_exp, picked = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     block = _block(n_valid)
-    _stats_kernel[(rows,)](logits, target, row_max, sum_exp, picked, logits.stride(0), n_valid,
-                           BLOCK=block, num_warps=num_warps(block))
+    _stats_kernel[(rows,)](
+        logits, target, row_max, sum_exp, picked, logits.stride(0), n_valid, BLOCK=block, num_warps=num_warps(block)
+    )
     return row_max, sum_exp, picked
 
 
@@ -67,8 +68,18 @@ def ce_grad_(
 ) -> None:
     rows, cols = logits.shape
     block = _block(cols)
-    _grad_kernel[(rows,)](logits, target, row_max, sum_exp, logits.stride(0), cols, n_valid, scale,
-                          BLOCK=block, num_warps=num_warps(block))
+    _grad_kernel[(rows,)](
+        logits,
+        target,
+        row_max,
+        sum_exp,
+        logits.stride(0),
+        cols,
+        n_valid,
+        scale,
+        BLOCK=block,
+        num_warps=num_warps(block),
+    )
 
 
 CE_CHUNK_OPS = ChunkOps(stats=ce_stats, grad_=ce_grad_)

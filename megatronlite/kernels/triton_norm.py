@@ -14,8 +14,21 @@ from megatronlite.kernels.triton_runtime import grid_size, num_warps, tl, triton
 
 
 @triton.jit
-def _norm_fwd(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_cols, eps,
-              RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_fwd(
+    X,
+    W,
+    B,
+    Y,
+    MEAN,
+    RSTD,
+    stride_x,
+    stride_y,
+    n_cols,
+    eps,
+    RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -40,8 +53,25 @@ def _norm_fwd(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_cols, eps,
 
 
 @triton.jit
-def _norm_bwd(DY, X, W, MEAN, RSTD, DX, DW, DB, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
-              RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_bwd(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DW,
+    DB,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -88,8 +118,20 @@ class _Norm(torch.autograd.Function):
         mean = rstd if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(cols)
         _norm_fwd[(rows,)](
-            x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0), y.stride(0), cols, eps,
-            RMS=rms, HAS_BIAS=bias is not None, BLOCK=block, num_warps=num_warps(block),
+            x2,
+            weight,
+            bias if bias is not None else weight,
+            y,
+            mean,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            cols,
+            eps,
+            RMS=rms,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=num_warps(block),
         )
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.block, ctx.x_shape = rms, bias is not None, block, x.shape
@@ -105,8 +147,23 @@ class _Norm(torch.autograd.Function):
         dw = torch.empty((programs, cols), dtype=torch.float32, device=x2.device)
         db = torch.empty((programs, cols), dtype=torch.float32, device=x2.device) if ctx.has_bias else dw
         _norm_bwd[(programs,)](
-            dy2, x2, weight, mean, rstd, dx, dw, db, dy2.stride(0), x2.stride(0), dx.stride(0), rows, cols,
-            triton.cdiv(rows, programs), RMS=ctx.rms, HAS_BIAS=ctx.has_bias, BLOCK=ctx.block,
+            dy2,
+            x2,
+            weight,
+            mean,
+            rstd,
+            dx,
+            dw,
+            db,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            rows,
+            cols,
+            triton.cdiv(rows, programs),
+            RMS=ctx.rms,
+            HAS_BIAS=ctx.has_bias,
+            BLOCK=ctx.block,
             num_warps=num_warps(ctx.block),
         )
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None

@@ -15,8 +15,25 @@ from megatronlite.kernels.triton_runtime import tl, triton
 
 
 @triton.jit
-def _rope(X, COS, SIN, Y, n_heads, seq_len, sxb, sxh, sxs, syb, syh, sys, stride_cs,
-          HALF: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope(
+    X,
+    COS,
+    SIN,
+    Y,
+    n_heads,
+    seq_len,
+    sxb,
+    sxh,
+    sxs,
+    syb,
+    syh,
+    sys,
+    stride_cs,
+    HALF: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bh = tl.program_id(0)
     b, h = bh // n_heads, bh % n_heads
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None]
@@ -44,8 +61,19 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bo
     y = torch.empty((batch, heads, seq, dim), dtype=x.dtype, device=x.device)
     block_s = min(triton.next_power_of_2(seq), 16)
     _rope[(batch * heads, triton.cdiv(seq, block_s))](
-        x, cos, sin, y, heads, seq, *x.stride()[:3], *y.stride()[:3], cos.stride(0),
-        HALF=dim // 2, TRANSPOSE=transpose, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim // 2),
+        x,
+        cos,
+        sin,
+        y,
+        heads,
+        seq,
+        *x.stride()[:3],
+        *y.stride()[:3],
+        cos.stride(0),
+        HALF=dim // 2,
+        TRANSPOSE=transpose,
+        BLOCK_S=block_s,
+        BLOCK_D=triton.next_power_of_2(dim // 2),
     )
     return y
 

@@ -28,12 +28,11 @@ from megatronlite.parallel.context import context_attention, local_positions
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.sharding import empty_param, replicated
 from megatronlite.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
-    ShardSpec,
     VocabParallelEmbedding,
-    _param,
     column_parallel_linear,
 )
 
@@ -50,10 +49,8 @@ class Norm(nn.Module):
             "rms_norm" if self.rms else "layer_norm", backends["rms_norm" if self.rms else "layer_norm"]
         )
         h = cfg.hidden_size
-        self.weight = _param((h,), ShardSpec((h,), init="ones", sequence_parallel=sequence_parallel))
-        self.bias = (
-            None if self.rms else _param((h,), ShardSpec((h,), init="zeros", sequence_parallel=sequence_parallel))
-        )
+        self.weight = empty_param((h,), replicated((h,), "ones", sequence_parallel))
+        self.bias = None if self.rms else empty_param((h,), replicated((h,), "zeros", sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:
@@ -187,7 +184,7 @@ class Embedding(nn.Module):
         self.position = None
         if cfg.arch == "gpt2":
             shape = (cfg.max_seq_len, cfg.hidden_size)
-            self.position = _param(shape, ShardSpec(shape, sequence_parallel=sequence_parallel))
+            self.position = empty_param(shape, replicated(shape, sequence_parallel=sequence_parallel))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`positions`: the true positions of `ids` (this CP rank's chunks of the sequence)."""
@@ -226,11 +223,11 @@ class GPTModel(nn.Module):
         self.final_norm = Norm(cfg, sp, k) if post_process else None
         self.output = None
         if post_process and not (cfg.tied and pre_process):
-            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, mesh, padded=self.padded_vocab)
-            if cfg.tied:  # the last stage's copy of the first stage's embedding, kept in sync
-                self.output.weight.shard = ShardSpec(
-                    (cfg.vocab_size, cfg.hidden_size), 0, padded=self.padded_vocab, alias="embedding.word.weight"
-                )
+            # tied: the last stage's copy of the first stage's embedding, kept in sync
+            alias = "embedding.word.weight" if cfg.tied else None
+            self.output = ColumnParallelLinear(
+                cfg.hidden_size, cfg.vocab_size, mesh, padded=self.padded_vocab, alias=alias
+            )
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def output_weight(self) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from megatronlite.config import ModelConfig
-from megatronlite.parallel.tensor_parallel import ShardSpec
+from megatronlite.parallel.sharding import Sharding
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -23,7 +23,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def full_tensor(name: str, spec: ShardSpec, cfg: ModelConfig, seed: int) -> torch.Tensor:
+def full_tensor(name: str, spec: Sharding, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The full (unpadded, unsharded) initial value of global tensor `name`."""
     if spec.init == "ones":
         return torch.ones(spec.global_shape)
@@ -41,7 +41,7 @@ def part_name(param_name: str, part: str) -> str:
 @torch.no_grad()
 def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
     for name, p in model.named_parameters():
-        spec: ShardSpec = p.shard
+        spec: Sharding = p.sharding
         source = spec.alias or name
         pieces = [
             spec.local_slice(full_tensor(part_name(source, part), spec, cfg, seed), tp_rank, tp_size)

@@ -19,10 +19,10 @@ from megatronlite.optim.offload import OffloadAdamW
 def param_groups(params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight decay on matrices (linear and embedding weights), none on norms and biases.
 
-    A ZeRO-1 slice is flat; `full_ndim` is the rank of the parameter it was cut from.
+    Decided from the global shape, so a ZeRO-1 slice (flat) decays as the parameter it was cut from.
     """
-    decay = [p for p in params.values() if getattr(p, "full_ndim", p.ndim) >= 2]
-    no_decay = [p for p in params.values() if getattr(p, "full_ndim", p.ndim) < 2]
+    decay = [p for p in params.values() if len(p.sharding.global_shape) >= 2]
+    no_decay = [p for p in params.values() if len(p.sharding.global_shape) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

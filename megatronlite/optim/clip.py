@@ -18,9 +18,9 @@ def owned_grads(params: list[torch.nn.Parameter], mesh: Mesh) -> list[torch.Tens
     """The gradients this rank counts in the global norm."""
     grads = []
     for p in params:
-        if p.grad is None or p.shard.alias is not None:
+        if p.grad is None or p.sharding.alias is not None:
             continue
-        if p.shard.dim is None and mesh.tp_rank != 0:
+        if p.sharding.dim is None and mesh.tp_rank != 0:
             continue
         grads.append(p.grad)
     return grads

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatronlite.parallel.mesh import Group
+from megatronlite.parallel.sharding import ShardedParameter
 
 
 @dataclass
@@ -111,8 +112,7 @@ class DataParallel:
             for p, start in zip(params, offsets):
                 a, b = max(start, lo), min(start + p.numel(), hi)
                 if a < b:
-                    sp = nn.Parameter(param_buf[a:b])
-                    sp.shard, sp.full_ndim = p.shard, p.ndim
+                    sp = ShardedParameter(param_buf[a:b], p.sharding)
                     sp.grad = bucket.grad_shard[a - lo : b - lo]
                     bucket.owned.append(OwnedSlice(p, sp, a - start, b - start))
         return bucket

@@ -1,16 +1,14 @@
-"""Tensor-parallel layers holding local shards, and the description of how a shard maps to its global tensor.
+"""Tensor-parallel layers holding local shards.
 
-Every parameter carries a `ShardSpec` (`param.shard`): which dim is split over TP, whether it is
-several fused parts (QKV is one grouped tensor; SwiGLU's fc1 is [gate; up], each part split on
-its own), and its global (unpadded) shape. One description drives the seeded init (full tensor,
-sliced), the layout-free checkpoint, and the HF/Megatron converters.
+Every parameter is a `ShardedParameter` whose `Sharding` (sharding.py) says how its local
+tensor is cut from the global one: which dim is split over TP, whether it is several fused
+parts (QKV is one grouped tensor; SwiGLU's fc1 is [gate; up], each part split on its own),
+and its global (unpadded) shape.
 
 At TP = 1 these are ordinary linear and embedding layers.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,45 +21,7 @@ from megatronlite.parallel.mappings import (
     reduce_scatter_to_sp,
 )
 from megatronlite.parallel.mesh import Mesh
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """How a local parameter relates to the global tensor(s) it is a slice of."""
-
-    global_shape: tuple[int, ...]  # of one part, unpadded
-    dim: int | None = None  # the dim split over TP; None: replicated on every TP rank
-    parts: tuple[str, ...] = ()  # fused parts concatenated along `dim`, each split over TP on its own
-    padded: int | None = None  # size of `dim` after padding (vocab), before the TP split
-    init: str = "normal"  # normal | scaled_normal | zeros | ones
-    sequence_parallel: bool = False  # grads are partial per sequence shard: all-reduce over TP
-    alias: str | None = None  # a copy of another global tensor (a tied output layer on the last stage)
-
-    def part_names(self) -> tuple[str, ...]:
-        return self.parts or ("",)
-
-    def local_slice(self, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-        """This TP rank's slice of one part's full (unpadded) tensor."""
-        if self.dim is None:
-            return full
-        if self.padded is not None and self.padded > full.shape[self.dim]:
-            pad_shape = list(full.shape)
-            pad_shape[self.dim] = self.padded - full.shape[self.dim]
-            full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.dim)
-        return full.chunk(tp_size, dim=self.dim)[tp_rank]
-
-    def local_rows(self, tp_rank: int, tp_size: int) -> tuple[int, int]:
-        """The [start, end) range of the global (unpadded) `dim` this rank holds, per part."""
-        size = self.padded or self.global_shape[self.dim]
-        per = size // tp_size
-        start = min(tp_rank * per, self.global_shape[self.dim])
-        return start, min(start + per, self.global_shape[self.dim])
-
-
-def _param(local_shape: tuple[int, ...], spec: ShardSpec) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(local_shape))
-    p.shard = spec
-    return p
+from megatronlite.parallel.sharding import empty_param, replicated, tp_split
 
 
 class ColumnParallelLinear(nn.Module):
@@ -76,14 +36,19 @@ class ColumnParallelLinear(nn.Module):
         parts: tuple[str, ...] = (),
         sequence_parallel: bool = False,
         padded: int | None = None,
+        alias: str | None = None,
     ) -> None:
+        """`alias`: the weight is a copy of that global tensor (a tied output layer), never saved on its own."""
         super().__init__()
         n_parts = len(parts) or 1
         part_out = out_features // n_parts
         local_part = (padded or part_out) // mesh.tp
         self.mesh, self.sequence_parallel = mesh, sequence_parallel
-        self.weight = _param((local_part * n_parts, in_features), ShardSpec((part_out, in_features), 0, parts, padded))
-        self.bias = _param((local_part * n_parts,), ShardSpec((part_out,), 0, parts, padded, "zeros")) if bias else None
+        self.weight = empty_param(
+            (local_part * n_parts, in_features), tp_split((part_out, in_features), 0, parts, padded, alias=alias)
+        )
+        bias_sharding = tp_split((part_out,), 0, parts, padded, "zeros")
+        self.bias = empty_param((local_part * n_parts,), bias_sharding) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel_linear(x, self.weight, self.bias, self.mesh, self.sequence_parallel)
@@ -95,7 +60,7 @@ class ColumnParallelLinear(nn.Module):
         follows (on CPU, ops over strided halves of the fused output cost more than the GEMM saves).
         """
         x = _tp_input(x, self.mesh, self.sequence_parallel)
-        n = len(self.weight.shard.part_names())
+        n = len(self.weight.sharding.part_names())
         biases = [None] * n if self.bias is None else self.bias.chunk(n)
         return [F.linear(x, w, b) for w, b in zip(self.weight.chunk(n), biases)]
 
@@ -108,11 +73,11 @@ class RowParallelLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.mesh, self.sequence_parallel = mesh, sequence_parallel
-        self.weight = _param(
-            (out_features, in_features // mesh.tp), ShardSpec((out_features, in_features), 1, init="scaled_normal")
+        self.weight = empty_param(
+            (out_features, in_features // mesh.tp), tp_split((out_features, in_features), 1, init="scaled_normal")
         )
-        spec = ShardSpec((out_features,), None, init="zeros", sequence_parallel=sequence_parallel)
-        self.bias = _param((out_features,), spec) if bias else None
+        bias_sharding = replicated((out_features,), "zeros", sequence_parallel)
+        self.bias = empty_param((out_features,), bias_sharding) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -130,7 +95,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.mesh, self.sequence_parallel = mesh, sequence_parallel
         self.per_rank = padded_vocab // mesh.tp
-        self.weight = _param((self.per_rank, dim), ShardSpec((vocab_size, dim), 0, padded=padded_vocab))
+        self.weight = empty_param((self.per_rank, dim), tp_split((vocab_size, dim), 0, padded=padded_vocab))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.mesh.tp == 1:

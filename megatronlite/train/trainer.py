@@ -100,7 +100,7 @@ class Trainer:
         over its first and last pipeline stage."""
         out = {}
         for name, param in self.params.items():
-            if param.shard.sequence_parallel and self.mesh.tp > 1:
+            if "tp" in param.sharding.partial_grad and self.mesh.tp > 1:
                 out[name] = self.mesh.tp_group
         if self.cfg.model.tied and self.mesh.pp > 1:
             for name in ("embedding.word.weight", "output.weight"):
@@ -267,12 +267,12 @@ class Trainer:
         name_of = {id(p): n for n, p in self.params.items()}
         for key in ("exp_avg", "exp_avg_sq"):  # parameters are fp32: their own master weights
             for owned in self.dp.owned_slices():
-                name = stored_name(name_of[id(owned.param)], owned.param.shard, for_save)
+                name = stored_name(name_of[id(owned.param)], owned.param.sharding, for_save)
                 if name is None:
                     continue
                 flat = self.optimizer.state[owned.shard][key].view(-1)
                 shape = tuple(owned.param.shape)
-                out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.shard, self.mesh)
+                out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.sharding, self.mesh)
         return out
 
     # --- the loop ---------------------------------------------------------------------------
