@@ -179,11 +179,11 @@ def gathered_state_tensors(trainer) -> Callable[[bool], list]:
                 full = torch.empty_like(bucket.grad_buf)
                 dist.all_gather_into_tensor(full, mine, group=trainer.dp.group.pg)
                 for p in bucket.params:
-                    name = stored_name(name_of[id(p)], p.shard, for_save)
+                    name = stored_name(name_of[id(p)], p.sharding, for_save)
                     if name is not None:
                         start = (p.data_ptr() - base) // p.element_size()
                         value = full[start : start + p.numel()].view_as(p)
-                        pieces += tensor_pieces(f"optim.{key}.{name}", value, p.shard, trainer.mesh)
+                        pieces += tensor_pieces(f"optim.{key}.{name}", value, p.sharding, trainer.mesh)
         return pieces
 
     return state_tensors
