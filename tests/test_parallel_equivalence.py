@@ -32,6 +32,19 @@ LAYOUTS = {
     "cp2xtp2-sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "cp2xpp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
     "cp2xpp2-interleaved": (4, ["parallel.context=2", "parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "cp2xpp2-gpipe-full-recompute": (
+        4,
+        ["parallel.context=2", "parallel.pipeline=2", "parallel.pipeline_schedule=gpipe", "train.recompute=full"],
+    ),
+    "cp2xpp2-zero-bubble": (
+        4,
+        [
+            "parallel.context=2",
+            "parallel.pipeline=2",
+            "parallel.virtual_pipeline=2",
+            "parallel.pipeline_schedule=zero_bubble",
+        ],
+    ),
     "cp2xdp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
     "cp4": (4, ["parallel.context=4"]),
     "tp2xpp2xdp2": (
