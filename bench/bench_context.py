@@ -12,12 +12,13 @@ counters) and prints it beside the analytic count:
 - ring, per layer and micro-batch: K/V (2 x b x kv_heads x S/C x head_dim) goes round the ring
   C - 1 times forward and C - 1 times backward, and its gradient (fp32) C times: 3C - 2 sends.
 - all-gather: K/V gathered once forward (the per-rank input counted), its gradient
-  reduce-scattered once backward.
+  reduce-scattered once backward (the C gradient blocks passed in counted).
 - both: every gradient all-reduced once over dp x cp (the whole model here), plus a few scalars.
 
-Memory: each process's peak resident set (ru_maxrss), and the analytic bytes of the attention
-scores one rank holds at a time (ring: one chunk pair [b, heads, S/2C, S/2C] in fp32; one process:
-torch's CPU flash attention keeps no S x S matrix, the math fallback would hold [b, heads, S, S]).
+Memory: each process's peak resident set (ru_maxrss), and the analytic bytes of one attention
+score block (fp32): the ring computes one chunk pair [b, heads, S/2C, S/2C] at a time (its backward
+a few such blocks); one process's CPU flash attention keeps no S x S matrix, the math fallback (and
+the all-gather variant's masked attention on paths without a fused kernel) [b, heads, S/C, S].
 On 2 cores a slowdown is expected: the two processes share the cores one process had.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import sys
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from collective_bytes import install_counters
 from common import emit, run_under_torchrun
 
+CORES = os.cpu_count() or 1
 RUNS = {
     "1 process": (1, []),
     "cp2 ring": (2, ["parallel.context=2", "parallel.context_attention=ring"]),
@@ -89,18 +92,19 @@ def expected(cfg, impl: str) -> dict[str, int]:
         sends = m.num_layers * n_micro * (3 * c - 2) * kv
         return {"isend": sends, "irecv": sends, "all_reduce": grads}
     return {
-        "all_gather_into_tensor": m.num_layers * n_micro * kv,
-        "reduce_scatter_tensor": m.num_layers * n_micro * kv * c,
+        "all_gather": m.num_layers * n_micro * kv,
+        "reduce_scatter": m.num_layers * n_micro * kv * c,
         "all_reduce": grads,
     }
 
 
-def score_bytes(cfg, cp: int) -> int:
-    m, t = cfg.model, cfg.train
-    if cp == 1:
-        return t.micro_batch_size * m.num_heads * t.seq_len * t.seq_len * 4
-    chunk = t.seq_len // (2 * cp)
-    return t.micro_batch_size * m.num_heads * chunk * chunk * 4
+def score_bytes(cfg) -> int:
+    """One score block's bytes: a chunk pair for the ring, local queries x every key otherwise."""
+    m, t, c = cfg.model, cfg.train, cfg.parallel.context
+    rows, cols = t.seq_len // c, t.seq_len
+    if c > 1 and cfg.parallel.context_attention == "ring":
+        rows = cols = t.seq_len // (2 * c)
+    return t.micro_batch_size * m.num_heads * rows * cols * 4
 
 
 def main() -> None:
@@ -108,7 +112,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--markdown")
     args = ap.parse_args()
     common = [
@@ -117,8 +121,8 @@ def main() -> None:
         "train.micro_batch_size=1",
         "train.global_batch_size=2",
     ]
-    if args.run:
-        worker(args.config, common + RUNS[args.run][1], args.steps)
+    if args.case:
+        worker(args.config, common + RUNS[args.case][1], args.steps)
         return
     from megatronlite import config as config_mod
 
@@ -126,15 +130,18 @@ def main() -> None:
         f"## Context parallelism on CPU, {args.config} at seq {args.seq_len}, {datetime.date.today()}",
         "",
         f"- command: `python bench/bench_context.py --seq-len {args.seq_len} --steps {args.steps}`",
-        f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        f"- machine: {platform.machine()}, {CORES} cores (1 process: {CORES} threads; cp2: 1 thread per process), "
+        f"torch {torch.__version__}",
         "- batch: 2 sequences per step (micro-batch 1); step time = median of the timed steps",
         "",
-        "| run | step s (median) | vs 1 process | peak RSS rank 0 | attention scores held | bytes moved (rank 0) |",
+        "| run | step s (median) | vs 1 process | peak RSS rank 0 | one score block | bytes moved (rank 0) |",
         "|---|---|---|---|---|---|",
     ]
     base = None
     for name, (nproc, sets) in RUNS.items():
-        done = run_under_torchrun(__file__, [*sys.argv[1:], "--run", name], nproc=nproc)
+        # the same cores for every run: one process with all threads, or one thread per process
+        threads = {"OMP_NUM_THREADS": str(max(1, CORES // nproc))}
+        done = run_under_torchrun(__file__, [*sys.argv[1:], "--case", name], nproc=nproc, env=threads)
         if done.returncode:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
@@ -150,7 +157,7 @@ def main() -> None:
             )
         lines.append(
             f"| {name} | {step:.2f} | {step / base:.2f}x | {result['peak_rss'] / 2**20:.0f} MiB | "
-            f"{score_bytes(cfg, cp) / 2**20:.1f} MiB | {moved} |"
+            f"{score_bytes(cfg) / 2**20:.1f} MiB | {moved} |"
         )
     emit("\n".join(lines), args.markdown)
 
