@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> None:
         if kind == "cuda":
             torch.cuda.set_device(device)
         lock = lock_run_dir(run_dir, rank, world, device)  # before anything in the run directory is written
-        mesh = build_mesh(cfg, world, rank, kind)
+        mesh = build_mesh(cfg, world, rank)
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, run_dir, mesh, device)
         if rank == 0:  # only once nothing at start-up refused the run: a refused one leaves config.yaml as it was

@@ -1,5 +1,6 @@
 """Each TP layer on 2 gloo processes against the plain layer on the full tensors, forward and backward."""
 
+import copy
 import os
 
 import pytest
@@ -11,7 +12,7 @@ from helpers import free_port
 
 from megatronlite.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatronlite.parallel.mesh import build_mesh, rank_grid
+from megatronlite.parallel.mesh import AXES, ROLES, _lines, build_mesh, rank_grid
 from megatronlite.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 TP = 2
@@ -41,6 +42,9 @@ def _worker(rank, port, sequence_parallel, errors):
             train=TrainConfig(global_batch_size=4, micro_batch_size=4),
         )
         mesh = build_mesh(cfg, TP, rank)
+        # the DeviceMesh is over the same groups the roles hand out
+        assert mesh.device_mesh.mesh_dim_names == AXES and mesh.device_mesh.get_group("tp") is mesh.tp_group
+        assert tuple(mesh.device_mesh.get_coordinate()) == (0, 0, 0, rank)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(3, 8, 16, generator=g)  # [batch, seq, hidden]
         x_local = x.chunk(TP, dim=1)[rank] if sequence_parallel else x
@@ -127,12 +131,26 @@ def test_rank_grid_tp_then_cp_innermost():
     assert grid[:, 0, 0, 0].tolist() == [0, 8]  # a pipeline: outermost
 
 
+def test_roles_span_their_axes():
+    """Each role's groups, on a 16-rank grid pp2 x dp2 x cp2 x tp2: ranks that differ only along its axes,
+    ascending (so a rank's index in its line is its rank in torch's group)."""
+    grid = rank_grid(16, tp=2, pp=2, cp=2)
+    assert _lines(grid, ROLES["tensor"])[:2] == [[0, 1], [2, 3]]
+    assert _lines(grid, ROLES["context"])[:2] == [[0, 2], [1, 3]]
+    assert _lines(grid, ROLES["batch"])[:2] == [[0, 4], [1, 5]]
+    assert _lines(grid, ROLES["pipeline"])[:2] == [[0, 8], [1, 9]]
+    grad = _lines(grid, ROLES["grad"])  # dp x cp: the ranks with the same parameters and different tokens
+    assert grad == _lines(grid, ("cp", "dp")) and grad[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert sorted(r for line in grad for r in line) == list(range(16)) and all(line == sorted(line) for line in grad)
+    assert _lines(grid, ()) == [[r] for r in range(16)] and AXES == ("pp", "dp", "cp", "tp")
+
+
 def test_every_parameter_carries_its_per_axis_sharding():
     """The typed description each parameter is made with: split over TP (dim, parts, padding) or replicated,
     partial gradients over TP under sequence parallelism, and the tied output layer's alias."""
     from megatronlite.models.gpt import GPTModel, RunOptions
     from megatronlite.parallel.mesh import Group, Mesh
-    from megatronlite.parallel.sharding import ShardedParameter, Split
+    from megatronlite.parallel.sharding import ShardedParameter, Sharding, Split
 
     roles = {r: Group() for r in ("pipeline", "context", "batch", "grad", "loss")}
     mesh = Mesh(world_size=2, roles={**roles, "tensor": Group(2, 0, (0, 1))})  # TP 2 (no collective runs here)
@@ -142,13 +160,16 @@ def test_every_parameter_carries_its_per_axis_sharding():
     assert all(isinstance(p, ShardedParameter) for p in model.parameters())
     assert got["layers.0.attention.qkv.weight"].split("tp") == Split(0)
     assert got["layers.0.attention.proj.weight"].split("tp") == Split(1)
-    assert got["layers.0.attention.proj.bias"].splits == () and got["layers.0.attention.proj.bias"].partial_grad == (
-        "tp",
-    )
-    assert got["final_norm.weight"].split("dp") is None and got["final_norm.weight"].partial_grad == ("tp",)
+    proj_bias = got["layers.0.attention.proj.bias"]
+    assert proj_bias.splits == () and proj_bias.partial_grad == ("tensor",)
+    assert got["final_norm.weight"].split("dp") is None and got["final_norm.weight"].partial_grad == ("tensor",)
     out = got["output.weight"]  # the last stage's copy of the tied embedding
     assert out.alias == "embedding.word.weight" and out.split("tp") == Split(0, padded=cfg.padded_vocab_size(2))
     assert out.global_shape == (250, 16) and model.output.weight.shape == (cfg.padded_vocab_size(2) // 2, 16)
     llama = GPTModel(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, ffn_hidden_size=32), mesh)
     fc1 = dict(llama.named_parameters())["layers.0.mlp.fc1.weight"].sharding
     assert fc1.split("tp") == Split(0, parts=("gate", "up")) and fc1.global_shape == (32, 16)
+    copied = copy.deepcopy(model.output.weight)
+    assert copied.sharding == out and torch.equal(copied, model.output.weight)
+    with pytest.raises(ValueError, match=r"splits over each of \('tp',\) at most once, not over \['ep'\]"):
+        Sharding((4, 4), (("ep", Split(0)),))  # no reader of the splits knows an expert axis yet

@@ -37,6 +37,7 @@ from megatronlite.parallel.tensor_parallel import (
 )
 
 Backends = Mapping[str, str]  # op -> resolved backend (megatronlite.kernels: torch | triton | apex | te)
+Rotary = tuple[torch.Tensor, torch.Tensor]  # RoPE's cos and sin, [seq, head_dim]
 
 
 class Norm(nn.Module):
@@ -96,7 +97,7 @@ class Attention(nn.Module):
             cfg.num_heads * d, cfg.hidden_size, mesh, bias=bias, sequence_parallel=sequence_parallel
         )
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
         qkv = self.qkv(x)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.cfg.head_dim)
@@ -171,7 +172,7 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg, sequence_parallel, backends)
         self.mlp = MLP(cfg, mesh, sequence_parallel, backends)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), rotary)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -228,24 +229,24 @@ class GPTModel(nn.Module):
             self.output = ColumnParallelLinear(
                 cfg.hidden_size, cfg.vocab_size, mesh, padded=self.padded_vocab, alias=alias
             )
-        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._positional: tuple[tuple[int, torch.device], torch.Tensor, Rotary | None] | None = None
 
     def output_weight(self) -> torch.Tensor:
         return self.output.weight if self.output is not None else self.embedding.word.weight
 
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos and sin at `positions` (a table cached up to the longest position seen)."""
-        if self.cfg.arch != "llama":
-            return None
-        cached, length = self._rotary, int(positions.max()) + 1
-        if cached is None or cached[0].shape[0] < length or cached[0].device != positions.device:
-            cached = self._rotary = rotary_tables(self.cfg.head_dim, length, self.cfg.rope_theta, positions.device)
-        return cached[0][positions], cached[1][positions]
-
-    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
-        """The true positions of this rank's `local_len` tokens: contiguous, or under CP its two chunks'."""
-        context = self.mesh.role("context")
-        return local_positions(local_len, context.rank, context.size, device)
+    def positional(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, Rotary | None]:
+        """This rank's true token positions (contiguous, or under CP its two chunks') and RoPE's cos and sin at
+        them (llama). Made once per sequence length and device, so a step never waits on the host for them."""
+        key = (local_len, device)
+        if self._positional is None or self._positional[0] != key:
+            context = self.mesh.role("context")
+            positions = local_positions(local_len, context.rank, context.size, device)
+            rotary = None
+            if self.cfg.arch == "llama":
+                cos, sin = rotary_tables(self.cfg.head_dim, local_len * context.size, self.cfg.rope_theta, device)
+                rotary = (cos[positions], sin[positions])
+            self._positional = (key, positions, rotary)
+        return self._positional[1], self._positional[2]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
@@ -261,10 +262,9 @@ class GPTModel(nn.Module):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The stage without the output layer: what a pipeline stage sends on (the last stage's is normed)."""
         local_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel and not self.pre_process else 1)
-        positions = self.positions(local_len, x.device)
+        positions, rotary = self.positional(local_len, x.device)
         if self.pre_process:
             x = self.embedding(x, positions)
-        rotary = self.rotary(positions)
         for name, layer in self.layers.items():
             if name in self.recomputed and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rotary, use_reentrant=False)

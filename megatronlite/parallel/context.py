@@ -9,8 +9,9 @@ attention (and the positions fed to RoPE / learned embeddings) needs to know abo
 Two implementations of `context_attention`, both exact in forward and backward:
 
 * "ring": the K/V blocks travel around the ring of CP ranks, one step per rank, the next block
-  in flight while the current one is used; partial results merge with an online softmax. No
-  rank ever holds more than two K/V blocks, so memory stays O(S / C).
+  in flight while the current one is used; partial results merge with an online softmax. Forward
+  holds two K/V blocks at a time; backward also holds the travelling dK/dV buffers (fp32, so the
+  backward ring moves twice forward's bytes under bf16): memory stays O(S / C).
 * "allgather": gather the whole K/V, attend with a causal mask by true position. Simpler and
   often as fast for short sequences or GQA's small K/V; memory O(S) for K/V.
 """

@@ -61,7 +61,9 @@ class Mesh:
     roles: dict[str, Group] = field(default_factory=lambda: {role: Group() for role in ROLES})
     # the ranks holding the first and last stage of this pipeline, for tied embeddings
     embedding_group: dist.ProcessGroup | None = None
-    device_mesh: object | None = None  # torch's DeviceMesh over AXES (None for one process)
+    # torch's DeviceMesh over AXES, over the same groups (None for one process): what DTensor-based code
+    # (FSDP2 / ZeRO-3, DTensor checkpoints) builds on
+    device_mesh: object | None = None
 
     def role(self, name: str) -> Group:
         return self.roles[name]
@@ -128,13 +130,14 @@ def new_group(cfg: Config, ranks: list[int] | None = None, backend: str | None =
 
 
 def _lines(grid: torch.Tensor, axes: tuple[str, ...]) -> list[list[int]]:
-    """Every group of ranks that differ only along `axes` (each in the grid's row-major order over them)."""
-    dims = [AXES.index(a) for a in axes]
+    """Every group of ranks that differ only along `axes`, each ascending (the grid's order, as torch numbers a
+    group's ranks: a rank's index in its line is its rank in the group)."""
+    dims = sorted(AXES.index(a) for a in axes)
     rest = [d for d in range(grid.ndim) if d not in dims]
     return grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims)).tolist()
 
 
-def build_mesh(cfg: Config, world_size: int, rank: int, device_type: str = "cpu") -> Mesh:
+def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
     """Validate the layout for `world_size` and create this rank's process groups, one per role.
 
     Roles spanning the same axes of size > 1 share one group (with CP = 1, `grad` is the DP group)."""
@@ -162,6 +165,7 @@ def build_mesh(cfg: Config, world_size: int, rank: int, device_type: str = "cpu"
             embedding_group = group
     from torch.distributed.device_mesh import DeviceMesh
 
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     device_mesh = DeviceMesh.from_group(
         [made[spanned((a,))].pg for a in AXES], device_type, mesh=grid, mesh_dim_names=AXES
     )

@@ -2,10 +2,11 @@
 
 A `Sharding` names, for each mesh axis that splits the tensor, a `Split` (the dim, its fused
 parts, the padding before the split); every axis not named holds the whole tensor (replicated).
-Today only `tp` splits parameters: `pp` gives stages different parameters, `dp` and `cp`
-replicate them, and ZeRO shards optimizer states by flat ranges of the `grad` role's buckets
+Today only `tp` splits parameters (SPLIT_AXES): `pp` gives stages different parameters, `dp`
+and `cp` replicate them, and ZeRO shards optimizer states by flat ranges of the `grad` role's buckets
 (see data_parallel.py). An expert axis would add `Split(0)` over `ep` to expert weights, a
-sharded-DP axis `Split(0)` over it to every parameter: one more entry, read by the same code.
+sharded-DP axis `Split(0)` over it to every parameter: one more entry in SPLIT_AXES and in the
+readers of the splits (init.py, checkpoint/views.py), which refuse any other axis until then.
 
 One description drives the seeded init (the full tensor drawn, then sliced), the layout-free
 checkpoint views, the converters and the gradient clipping rule. A parameter carries it as a
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+# the axes parameters can be split over today: init, checkpoint views and converters read these splits
+SPLIT_AXES = ("tp",)
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,13 @@ class Sharding:
     global_shape: tuple[int, ...]  # of one part, unpadded
     splits: tuple[tuple[str, Split], ...] = ()  # (axis, how it splits); axes not named: replicated
     init: str = "normal"  # normal | scaled_normal | zeros | ones
-    partial_grad: tuple[str, ...] = ()  # axes over which each rank's gradient is a partial sum (SP: tp)
+    partial_grad: tuple[str, ...] = ()  # mesh roles over which each rank's gradient is a partial sum (SP: tensor)
     alias: str | None = None  # a copy of another global tensor (a tied output layer on the last stage)
+
+    def __post_init__(self) -> None:
+        axes = [axis for axis, _ in self.splits]
+        if any(axis not in SPLIT_AXES for axis in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"a parameter splits over each of {SPLIT_AXES} at most once, not over {axes}")
 
     def split(self, axis: str) -> Split | None:
         return dict(self.splits).get(axis)
@@ -91,7 +100,7 @@ def tp_split(
 
 def replicated(global_shape: tuple[int, ...], init: str = "normal", sequence_parallel: bool = False) -> Sharding:
     """A tensor whole on every rank; under sequence parallelism its gradient is partial over TP."""
-    return Sharding(global_shape, init=init, partial_grad=("tp",) if sequence_parallel else ())
+    return Sharding(global_shape, init=init, partial_grad=("tensor",) if sequence_parallel else ())
 
 
 class ShardedParameter(nn.Parameter):
@@ -103,6 +112,13 @@ class ShardedParameter(nn.Parameter):
         param = super().__new__(cls, data, requires_grad)
         param.sharding = sharding
         return param
+
+    def __deepcopy__(self, memo: dict) -> ShardedParameter:
+        """nn.Parameter's would pass `requires_grad` where the sharding goes."""
+        if id(self) not in memo:
+            data = self.data.clone(memory_format=torch.preserve_format)
+            memo[id(self)] = ShardedParameter(data, self.sharding, self.requires_grad)
+        return memo[id(self)]
 
 
 def empty_param(local_shape: tuple[int, ...], sharding: Sharding) -> ShardedParameter:

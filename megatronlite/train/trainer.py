@@ -100,8 +100,9 @@ class Trainer:
         over its first and last pipeline stage."""
         out = {}
         for name, param in self.params.items():
-            if "tp" in param.sharding.partial_grad and self.mesh.tp > 1:
-                out[name] = self.mesh.tp_group
+            for role in param.sharding.partial_grad:
+                if self.mesh.role(role).size > 1:
+                    out[name] = self.mesh.role(role).pg
         if self.cfg.model.tied and self.mesh.pp > 1:
             for name in ("embedding.word.weight", "output.weight"):
                 if name in self.params:
