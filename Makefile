@@ -9,16 +9,25 @@ TORCH_INDEX ?=
 
 .PHONY: install demo test test-fast lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# torch on its own first (TORCH_INDEX may name another index), then megatronlite: `demo` needs only the
+# package and its core dependencies; `test`, `lint` and `bench` need the dev extras (linters, triton, hf, ...).
+$(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.package: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.dev
 
-demo: install
+demo: $(VENV)/.package
 	$(VENV)/bin/megatronlite train configs/demo.yaml --run-dir runs/demo
 	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 300 --temperature 0.7 --top-k 20
 

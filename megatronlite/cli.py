@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from megatronlite.errors import UserError
@@ -67,66 +68,68 @@ def _train(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from megatronlite.checkpoint.model_loader import load_model
-    from megatronlite.data.tokenizers import build_tokenizer
-    from megatronlite.train.generate import generate_ids
+    from megatronlite.train.generate import generate
 
     model = load_model(args.checkpoint)
-    tokenizer = build_tokenizer(model.run_config.data.tokenizer)
-    prompt = tokenizer.encode(args.prompt)
-    new = generate_ids(
-        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, stop_id=tokenizer.eod_id
-    )
-    print(args.prompt + tokenizer.decode(new))
+    new = generate(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + new)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatronlite", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train from a YAML config (one worker, or each worker under torchrun/srun)")
+def _setup_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
+
+def _setup_launch(p: argparse.ArgumentParser) -> None:
     from megatronlite.launcher import torchrun
 
-    p = sub.add_parser("launch", help="start the workers of a run on this node with torchrun")
     torchrun.add_arguments(p)
     _add_train_options(p)
     p.set_defaults(func=torchrun.main)
 
-    from megatronlite.launcher import slurm, sweep
 
-    p = sub.add_parser("submit", help="submit a run to Slurm (an sbatch script from a template in launch/)")
+def _setup_submit(p: argparse.ArgumentParser) -> None:
+    from megatronlite.launcher import slurm
+
     slurm.add_arguments(p)
     _add_train_options(p)
     p.set_defaults(func=slurm.main)
 
-    p = sub.add_parser("sweep", help="run a hyperparameter sweep locally or as a Slurm job array")
+
+def _setup_sweep(p: argparse.ArgumentParser) -> None:
+    from megatronlite.launcher import sweep
+
     sweep.add_arguments(p)
     p.set_defaults(func=sweep.main)
 
-    from megatronlite.data import preprocess, tokenizer_train
 
-    p = sub.add_parser("preprocess", help="tokenize .jsonl/.txt(.gz/.zst) into Megatron .bin/.idx")
+def _setup_preprocess(p: argparse.ArgumentParser) -> None:
+    from megatronlite.data import preprocess
+
     preprocess.add_arguments(p)
     p.set_defaults(func=preprocess.main)
 
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+
+def _setup_tokenizer(p: argparse.ArgumentParser) -> None:
+    from megatronlite.data import tokenizer_train
+
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tp = tsub.add_parser("train", help="train a tokenizer.json on local text")
     tokenizer_train.add_arguments(tp)
     tp.set_defaults(func=tokenizer_train.main)
 
+
+def _setup_data(p: argparse.ArgumentParser) -> None:
     from megatronlite.data import run as run_data
 
-    p = sub.add_parser("data", help="prepare a run's data ahead of training")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     dp = dsub.add_parser("prebuild", help="build the token and sample-index caches that `train CONFIG` reads")
     run_data.add_arguments(dp)
     dp.set_defaults(func=run_data.main)
 
-    p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+
+def _setup_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory or one step directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -135,16 +138,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+
+def _setup_convert(p: argparse.ArgumentParser) -> None:
     from megatronlite.convert import cli as convert_cli
 
-    p = sub.add_parser("convert", help="convert a checkpoint: mlite, hf, megatron, torch (both ways)")
     convert_cli.add_arguments(p)
     p.set_defaults(func=convert_cli.main)
+
+
+# name: (help, setup). A command's setup imports its module: only the command that runs pays for it.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "train": ("train from a YAML config (one worker, or each worker under torchrun/srun)", _setup_train),
+    "launch": ("start the workers of a run on this node with torchrun", _setup_launch),
+    "submit": ("submit a run to Slurm (an sbatch script from a template in launch/)", _setup_submit),
+    "sweep": ("run a hyperparameter sweep locally or as a Slurm job array", _setup_sweep),
+    "preprocess": ("tokenize .jsonl/.txt(.gz/.zst) into Megatron .bin/.idx", _setup_preprocess),
+    "tokenizer": ("train a byte-level BPE tokenizer", _setup_tokenizer),
+    "data": ("prepare a run's data ahead of training", _setup_data),
+    "generate": ("continue a prompt with a checkpoint", _setup_generate),
+    "convert": ("convert a checkpoint: mlite, hf, megatron, torch (both ways)", _setup_convert),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command listed (top-level --help), but only `command`'s arguments set up and its modules imported."""
+    parser = argparse.ArgumentParser(prog="megatronlite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if name == command:
+            setup(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level takes no option but --help
+    args = build_parser(command).parse_args(argv)
     try:
         args.func(args)
     except UserError as e:

@@ -128,7 +128,7 @@ class DataConfig:
     sources: list = field(default_factory=lambda: [{"path": "builtin:stdlib", "weight": 1.0}])
     tokenizer: str = "byte"  # byte | path to a tokenizer.json (or its directory)
     split: str = "98,2"  # train,valid weights
-    cache_dir: str = ".cache/megatronlite"
+    cache_dir: str | None = None  # null: $XDG_CACHE_HOME/megatronlite, else ~/.cache/megatronlite
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 from helpers import error_of
 
 from megatronlite.cli import main
+from megatronlite.launcher import slurm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,3 +137,18 @@ def test_missing_sbatch_is_one_clear_line(capsys, monkeypatch, tmp_path):
         "megatronlite: error: sbatch not found on PATH: submit from a machine with the Slurm client tools "
         "(a login node), or use --dry-run to print the job script"
     )
+
+
+def test_launch_folder_links_to_the_packaged_templates():
+    """One copy of each template, in the package (what a pip install submits with); launch/ links to it."""
+    for name in [*slurm.TEMPLATES.values(), "slurm_helpers.sh"]:
+        link = REPO / "launch" / name
+        assert link.is_symlink() and link.resolve() == slurm.TEMPLATE_DIR / name, link
+
+
+@pytest.mark.parametrize("launcher", sorted(slurm.TEMPLATES))
+def test_print_template_needs_no_config(capsys, launcher):
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "--print-template", launcher])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == (slurm.TEMPLATE_DIR / slurm.TEMPLATES[launcher]).read_text()

@@ -169,6 +169,7 @@ def test_every_parameter_carries_its_per_axis_sharding():
     llama = GPTModel(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, ffn_hidden_size=32), mesh)
     fc1 = dict(llama.named_parameters())["layers.0.mlp.fc1.weight"].sharding
     assert fc1.split("tp") == Split(0, parts=("gate", "up")) and fc1.global_shape == (32, 16)
+    torch.nn.init.normal_(model.output.weight)  # made uninitialised (init.py fills it): give it values to compare
     copied = copy.deepcopy(model.output.weight)
     assert copied.sharding == out and torch.equal(copied, model.output.weight)
     with pytest.raises(ValueError, match=r"splits over each of \('tp',\) at most once, not over \['ep'\]"):

@@ -75,7 +75,7 @@ def test_blocked_wandb_warns_once_and_trains_on(tmp_path, corpus, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     run = tmp_path / "run"
-    with pytest.warns(UserWarning, match="wandb disabled") as warned:
+    with pytest.warns(UserWarning, match=r"wandb disabled: .*pip install 'megatronlite\[wandb\]'") as warned:
         train(run, corpus, "logging.wandb={mode: offline, project: t}")
     assert len([w for w in warned if "wandb" in str(w.message)]) == 1
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]

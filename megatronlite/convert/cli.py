@@ -6,9 +6,11 @@ import argparse
 import re
 from pathlib import Path
 
-from megatronlite.convert.formats import FORMATS, convert
-from megatronlite.convert.model_state import OUTPUT_DTYPES, Options
 from megatronlite.errors import UserError
+
+# the keys of formats.FORMATS and model_state.OUTPUT_DTYPES, named here so that `convert --help` imports no torch
+FORMAT_NAMES = ("mlite", "hf", "megatron", "torch")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 PATHS = (
@@ -28,12 +30,12 @@ def parse_size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = f"Convert a checkpoint between formats. {PATHS}."
-    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="the source's format")
-    p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="the output's format")
+    p.add_argument("--from", dest="src_format", required=True, choices=FORMAT_NAMES, help="the source's format")
+    p.add_argument("--to", dest="dst_format", required=True, choices=FORMAT_NAMES, help="the output's format")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new path (never overwritten)")
     p.add_argument("--verify", action="store_true", help="run both models on fixed tokens and compare their logits")
-    p.add_argument("--dtype", choices=OUTPUT_DTYPES, help="output dtype (default: the source's; mlite is always fp32)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype (default: the source's; mlite is always fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="hf output: split safetensors above this size")
     p.add_argument("--vocab-size", type=int, help="megatron input: the unpadded vocabulary (default: args.vocab_size)")
     p.add_argument("--megatron-format", choices=("torch_dist", "torch"), default="torch_dist", help="megatron output")
@@ -45,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    from megatronlite.convert.formats import convert
+    from megatronlite.convert.model_state import OUTPUT_DTYPES, Options
+
     options = Options(
         dtype=OUTPUT_DTYPES[args.dtype] if args.dtype else None,
         max_shard_bytes=parse_size(args.max_shard_size),
@@ -57,6 +62,10 @@ def main(args: argparse.Namespace) -> None:
     if min(args.megatron_tp, args.megatron_pp) < 1:
         raise UserError("--megatron-tp and --megatron-pp must be >= 1")
     src, dst = Path(args.src), Path(args.dst)
+    if args.verify:  # refuse before anything is written, not after the conversion
+        from megatronlite.convert.verify import transformers_for
+
+        transformers_for((args.src_format, args.dst_format))
     ckpt = convert(args.src_format, args.dst_format, src, dst, options)
     m = ckpt.cfg.model
     print(

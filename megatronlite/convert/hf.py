@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from megatronlite.checkpoint.weights import expected_shapes
-from megatronlite.convert import hf_gpt2, hf_llama, safetensors_io
+from megatronlite.convert import byte_tokenizer, hf_gpt2, hf_llama, safetensors_io
 from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
@@ -20,6 +20,7 @@ from megatronlite.convert.model_state import (
     run_config,
     side_files,
 )
+from megatronlite.data.tokenizers import ByteTokenizer
 from megatronlite.errors import UserError
 
 FAMILIES = {hf_llama.ARCHITECTURE: hf_llama, hf_gpt2.ARCHITECTURE: hf_gpt2}
@@ -78,6 +79,21 @@ def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
     shapes = mapping.their_shapes(expected_shapes(ckpt.cfg))
     safetensors_io.write_model(dst, shapes, mapping.stream_theirs(ckpt.get), dtype, options.max_shard_bytes)
     hf = {**family.hf_config(model), "dtype": DTYPE_NAMES[dtype], "torch_dtype": DTYPE_NAMES[dtype]}  # v5, v4
+    byte_level = _byte_level(ckpt)
+    if byte_level:  # transformers' generate stops at the end-of-document token
+        hf["eos_token_id"] = ByteTokenizer.eod_id
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for name, f in ckpt.side_files.items():
         shutil.copy2(f, dst / name)
+    if byte_level:
+        byte_tokenizer.write_hf_files(dst, model.max_seq_len)
+
+
+def _byte_level(ckpt: Checkpoint) -> bool:
+    """Whether the model's tokens are the byte tokenizer's, which has no files to copy: they are written instead.
+
+    A model of fewer than 257 tokens cannot be one (an HF model imported without tokenizer files is recorded
+    with `data.tokenizer: byte`).
+    """
+    byte = ckpt.cfg.data.tokenizer == "byte" and "tokenizer.json" not in ckpt.side_files
+    return byte and ckpt.cfg.model.vocab_size >= ByteTokenizer.vocab_size

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megatronlite.errors import UserError
+from megatronlite.extras import require
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -41,8 +42,7 @@ class SafetensorsStore:
     """The tensors of an HF model directory: one `model.safetensors`, or shards named by the index."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
+        safe_open = require("safetensors", "hf", "convert --from hf").safe_open
         self.where = directory
         if (directory / INDEX).is_file():
             files = self._read_index(directory / INDEX)

@@ -18,7 +18,7 @@ from megatronlite.config import ModelConfig
 from megatronlite.convert import hf
 from megatronlite.convert.formats import read
 from megatronlite.convert.model_state import Options, build_model
-from megatronlite.errors import UserError
+from megatronlite.extras import require
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # token ids [batch, seq] -> logits [batch, seq, vocab]
 SEQUENCES, LENGTH, PROMPT, NEW_TOKENS = 4, 32, 8, 16
@@ -43,13 +43,15 @@ class Report:
         ]
 
 
+def transformers_for(formats: tuple[str, str]):
+    """transformers, when one side of the check is an HF model (else None); a UserError if it is missing."""
+    return require("transformers", "hf", "convert --verify with an hf model") if "hf" in formats else None
+
+
 def _runner(fmt: str, path: Path, options: Options) -> tuple[Run, str]:
     if fmt == "hf":
         _, family = hf.read_config(path)
-        try:
-            import transformers
-        except ImportError:
-            raise UserError("--verify with an hf model needs transformers (pip install megatronlite[hf])") from None
+        transformers = transformers_for((fmt, fmt))
         transformers.utils.logging.disable_progress_bar()
         model = getattr(transformers, family.ARCHITECTURE).from_pretrained(str(path)).float().eval()
         return (lambda ids: model(ids).logits), f"transformers {family.ARCHITECTURE}"

@@ -8,6 +8,7 @@ is megatron-core's compiled `build_blending_indices`; it takes milliseconds, so 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +28,11 @@ def source_sizes(weights: Sequence[float], size: int) -> list[int]:
 
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(source of each global sample, its index within that source)."""
-    from megatron.core.datasets import helpers_cpp
+    with warnings.catch_warnings():
+        # importing megatron.core imports its optimizer and FSDP modules too, each warning that Transformer
+        # Engine and Apex are absent: true on CPU and irrelevant to a compiled loop over sample indices
+        warnings.filterwarnings("ignore", "Transformer Engine and Apex are not installed", UserWarning)
+        from megatron.core.datasets import helpers_cpp
 
     source = np.zeros(size, dtype=np.int16)
     sample = np.zeros(size, dtype=np.int64)

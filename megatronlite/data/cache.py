@@ -17,6 +17,17 @@ import numpy as np
 from filelock import FileLock
 
 
+def directory(configured: str | None) -> Path:
+    """Where a run's caches go: `data.cache_dir` when set, else the user's cache directory (XDG's rule).
+
+    Per user, not per working directory: a corpus built once is found again from wherever a command runs.
+    """
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "megatronlite"
+
+
 def fingerprint(path: str | os.PathLike) -> list:
     """What identifies a file's content cheaply: absolute path, size and modification time."""
     st = os.stat(path)

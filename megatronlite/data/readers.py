@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from megatronlite.errors import UserError
+from megatronlite.extras import require
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt",)
@@ -62,13 +63,13 @@ def _open_binary(path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     if path.suffix == ".zst":
-        import zstandard
-
-        return zstandard.open(path, "rb")
+        return require("zstandard", "data", f"reading {path.name} (.zst)").open(path, "rb")
     return open(path, "rb")
 
 
 def _unreadable(path: Path, e: Exception) -> UserError:
+    if isinstance(e, UserError):  # a missing extra (zstandard) says so itself
+        return e
     return UserError(f"{path}: unreadable ({e}); expected UTF-8 text, optionally compressed (.gz, .zst)")
 
 

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from megatronlite.config import Config, load
+from megatronlite.data import cache
 from megatronlite.data.blending import BlendedDataset
 from megatronlite.data.dataset import Dataset, GPTDataset, build_datasets
 from megatronlite.data.tokenizers import Tokenizer, build_tokenizer
@@ -44,7 +45,7 @@ def build_run_data(cfg: Config) -> RunData:
         seed=cfg.train.seed,
         split=cfg.data.split,
         num_samples=num_samples(cfg),
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=str(cache.directory(cfg.data.cache_dir)),
         vocab_size=cfg.model.vocab_size,
     )
     return RunData(tokenizer, train, valid)
@@ -81,4 +82,4 @@ def main(args: argparse.Namespace) -> None:
     cfg = load(args.config, args.set)
     data = build_run_data(cfg)
     print("\n".join(describe(data)))
-    print(f"cache: {cfg.data.cache_dir}")
+    print(f"cache: {cache.directory(cfg.data.cache_dir)}")

@@ -11,22 +11,22 @@ from pathlib import Path
 
 from megatronlite.data.readers import add_input_arguments, expand_inputs, iter_documents
 from megatronlite.errors import UserError
+from megatronlite.extras import require
 
 EOD = "<|endoftext|>"
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output_dir: str, json_key: str = "text") -> Path:
     """Learn a byte-level BPE of `vocab_size` tokens from `inputs`; return the tokenizer.json written."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tk = require("tokenizers", "hf", "tokenizer train")
+    alphabet = tk.pre_tokenizers.ByteLevel.alphabet()
     if vocab_size <= len(alphabet) + 1:
         raise UserError(f"--vocab-size {vocab_size}: must exceed {len(alphabet) + 1} (256 bytes and {EOD})")
     expand_inputs(inputs)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tokenizer = tk.Tokenizer(tk.models.BPE())
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOD], initial_alphabet=alphabet, show_progress=False
     )
     tokenizer.train_from_iterator(iter_documents(inputs, json_key), trainer=trainer)

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from megatronlite.errors import UserError
+from megatronlite.extras import require
 
 EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 
@@ -52,11 +53,10 @@ class HFTokenizer:
     """A `tokenizers` tokenizer.json read from disk; its end-of-document token must be one of EOD_TOKENS."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as _Tokenizer
-
+        tokenizers = require("tokenizers", "hf", f"the tokenizer {path}")
         self.path = path
         try:
-            self._tok = _Tokenizer.from_file(str(path))
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:
             raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
         vocab = self._tok.get_vocab(with_added_tokens=True)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatronlite.errors import UserError
+from megatronlite.extras import install_hint
 from megatronlite.kernels import external
 from megatronlite.kernels.fused_adamw import FusedAdamW
 from megatronlite.kernels.linear_cross_entropy import linear_cross_entropy as _chunked_cross_entropy
@@ -60,7 +61,7 @@ def triton_problem(device: str | torch.device = "cpu") -> str | None:
     """Why triton kernels cannot run on `device` here, or None when they can."""
     device_type = torch.device(device).type
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
+        return f"triton is not installed ({install_hint('triton')})"
     interpreter = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     if device_type == "cuda" or (device_type == "cpu" and interpreter):
         return None

@@ -1,8 +1,11 @@
-"""`megatronlite submit`: render an sbatch script from a template in launch/ and submit it.
+"""`megatronlite submit`: render an sbatch script from a template and submit it.
 
 The config and the layout are checked here, before anything is queued. The script asks Slurm for
 a warning signal before the time limit and may requeue itself: on the warning the trainer saves
-and stops, and the requeued job resumes from that checkpoint (launch/slurm_helpers.sh).
+and stops, and the requeued job resumes from that checkpoint (templates/slurm_helpers.sh).
+
+The templates are package data (templates/ beside this file), so a plain `pip install` can submit;
+a checkout's launch/ links to them, and `--print-template` writes one out for a user to edit.
 """
 
 from __future__ import annotations
@@ -19,8 +22,23 @@ from megatronlite.errors import UserError
 from megatronlite.launcher import slurmctl
 from megatronlite.launcher.template import render
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = {"torchrun": "slurm_torchrun.sbatch", "srun": "slurm_srun.sbatch"}
+
+
+class _PrintTemplate(argparse.Action):
+    """`--print-template LAUNCHER`: print that default template and exit, before the required arguments are
+    checked (like --version), so `submit --print-template torchrun > mine.sbatch` needs no config."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str,
+        option_string: str | None = None,
+    ) -> None:
+        print((TEMPLATE_DIR / TEMPLATES[values]).read_text(), end="")
+        parser.exit()
 
 
 def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +58,13 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
         default="torchrun",
         help="torchrun: one task per node starting torchrun; srun: one task per worker",
     )
-    g.add_argument("--template", type=Path, help="your own sbatch template (default: launch/slurm_<launcher>.sbatch)")
+    g.add_argument("--template", type=Path, help="your own sbatch template (default: the --launcher's own)")
+    g.add_argument(
+        "--print-template",
+        action=_PrintTemplate,
+        choices=sorted(TEMPLATES),
+        help="print the default template of a launcher (a start for your own --template) and exit",
+    )
     g.add_argument(
         "--signal-seconds",
         type=int,
@@ -118,10 +142,8 @@ def _srun_options(args: argparse.Namespace, run_root: Path) -> str:
 
 def render_script(args: argparse.Namespace, job: Job, run_root: Path) -> str:
     """The sbatch script for `job`, from the template, with this machine's python (or the image's)."""
-    template = args.template or LAUNCH_DIR / TEMPLATES[args.launcher]
-    helpers = LAUNCH_DIR / "slurm_helpers.sh"
-    if not helpers.is_file():
-        raise UserError(f"{helpers} not found: submit from a megatronlite checkout (its launch/ folder)")
+    template = args.template or TEMPLATE_DIR / TEMPLATES[args.launcher]
+    helpers = TEMPLATE_DIR / "slurm_helpers.sh"
     python = "python" if args.container_image else shlex.quote(sys.executable)
     values = {
         "sbatch": "\n".join(f"#SBATCH {shlex.quote(d)}" for d in _directives(args, job)),

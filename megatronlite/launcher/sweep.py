@@ -112,6 +112,7 @@ def main(args: argparse.Namespace) -> None:
         if args.executor == "slurm" and todo:
             print(_array_script(args, sweep, todo, out)[0], end="")
         return
+    sweep_report.pyplot()  # the report at the end plots: refuse now, not after the trials have trained
     for t in todo:
         (out / t.id).mkdir(parents=True, exist_ok=True)
         config.save(configs[t.id], out / t.id / "config.yaml")

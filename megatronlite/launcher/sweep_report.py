@@ -5,10 +5,13 @@ can be rebuilt at any time (`megatronlite sweep SWEEP.yaml --report`)."""
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import statistics
 from pathlib import Path
+from types import ModuleType
 
+from megatronlite.extras import require
 from megatronlite.launcher.sweep_spec import Sweep
 
 
@@ -69,13 +72,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing to files only; without matplotlib, a UserError naming the extra."""
+    require("matplotlib", "sweep", "a sweep's loss plot (loss.png)").use("Agg")
+    return importlib.import_module("matplotlib.pyplot")
+
+
 def plot(sweep: Sweep, out: Path, path: Path) -> None:
     """Training loss (lines) and eval loss (dashed, dots) of every trial against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for trial in sweep.trials:
         metrics = read_metrics(out / trial.id)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from megatronlite.data.tokenizers import Tokenizer, build_tokenizer
+from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
 
 
@@ -36,3 +40,29 @@ def generate_ids(
             break
         ids.append(nxt)
     return ids[len(prompt_ids) :]
+
+
+def generate(
+    model: GPTModel,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+) -> str | list[int]:
+    """The continuation of `prompt` (not the prompt again): text for a text prompt, token ids for ids.
+
+    Tokens are the run's (`model.run_config.data.tokenizer`, as `load_model` sets it) unless `tokenizer`
+    is given; generation stops early at its end-of-document token. What `megatronlite generate` runs.
+    """
+    if tokenizer is None:
+        run_config = getattr(model, "run_config", None)
+        if run_config is None:
+            raise UserError("generate: the model has no run_config (it is not from load_model); pass tokenizer=")
+        tokenizer = build_tokenizer(run_config.data.tokenizer)
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if not ids:
+        raise UserError("generate: the prompt is empty; give at least one token")
+    new = generate_ids(model, ids, max_new_tokens, temperature, top_k, seed, stop_id=tokenizer.eod_id)
+    return tokenizer.decode(new) if isinstance(prompt, str) else new

@@ -11,9 +11,10 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where it is used: `launch` imports EXIT_CODE and must start fast
+    import torch
 
 EXIT_CODE = 3  # the trainer saved and stopped on request
 FLAG_FILE = ".save_and_exit"
@@ -32,6 +33,9 @@ class PreemptionWatch:
 
     def requested(self) -> bool:
         """True on every rank once any rank saw a request."""
+        import torch
+        import torch.distributed as dist
+
         local = self.signalled or self.flag_path.exists()
         if not dist.is_initialized():
             return local

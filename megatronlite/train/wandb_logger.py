@@ -10,13 +10,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from megatronlite.extras import require
+
 
 class WandbLogger:
     def __init__(self, settings: dict, config: dict, run_dir: Path, default_name: str) -> None:
         self.run = None
         try:
-            import wandb
-
+            wandb = require("wandb", "wandb", "logging.wandb")
             self.run = wandb.init(
                 mode=settings.get("mode", "offline"),
                 project=settings.get("project", "megatronlite"),
