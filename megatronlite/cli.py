@@ -146,6 +146,12 @@ def _setup_convert(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=convert_cli.main)
 
 
+def _setup_doctor(p: argparse.ArgumentParser) -> None:
+    from megatronlite import doctor
+
+    doctor.add_arguments(p)
+
+
 # name: (help, setup). A command's setup imports its module: only the command that runs pays for it.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "train": ("train from a YAML config (one worker, or each worker under torchrun/srun)", _setup_train),
@@ -157,6 +163,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "data": ("prepare a run's data ahead of training", _setup_data),
     "generate": ("continue a prompt with a checkpoint", _setup_generate),
     "convert": ("convert a checkpoint: mlite, hf, megatron, torch (both ways)", _setup_convert),
+    "doctor": ("versions, GPUs, the kernels auto picks, Slurm: what to paste into a bug report", _setup_doctor),
 }
 
 
