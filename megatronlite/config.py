@@ -147,6 +147,7 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = 10
     wandb: dict | None = None
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard, the same scalars as metrics.jsonl
 
 
 @dataclass

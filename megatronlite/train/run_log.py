@@ -1,4 +1,4 @@
-"""What a run reports each logged step: metrics.jsonl, the console line, and wandb (logging rank only)."""
+"""What a run reports each logged step: metrics.jsonl, the console line, wandb and TensorBoard (logging rank only)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from megatronlite.models.counting import flops_per_token
 from megatronlite.optim.schedules import lr_at
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.train.metrics import MetricsWriter, console_line, drop_records_after, mfu, peak_flops, print_line
+from megatronlite.train.tensorboard_logger import TensorBoardLogger
 from megatronlite.train.wandb_logger import open_wandb
 
 
@@ -30,6 +31,7 @@ class RunLog:
         self.cfg, self.mesh, self.path = cfg, mesh, run_dir / "metrics.jsonl"
         self.writer = _open_metrics(self.path, start_step) if mesh.is_logging_rank else None
         self.wandb = open_wandb(cfg.logging.wandb, cfg.to_dict(), run_dir, cfg.name) if self.writer else None
+        self.tensorboard = TensorBoardLogger(run_dir) if self.writer and cfg.logging.tensorboard else None
         self.peak = peak_flops(device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
@@ -67,6 +69,8 @@ class RunLog:
             print_line(console_line(rec, total, eta))
         if self.wandb:
             self.wandb.log(rec)
+        if self.tensorboard:
+            self.tensorboard.log(rec)
         self.last, self.steps_since = now, 0
 
     def rewind(self, step: int) -> None:
@@ -81,3 +85,5 @@ class RunLog:
             self.writer.close()
         if self.wandb:
             self.wandb.finish()
+        if self.tensorboard:
+            self.tensorboard.close()

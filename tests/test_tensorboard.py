@@ -1,0 +1,45 @@
+"""TensorBoard event files hold the scalars of metrics.jsonl (read back with TensorBoard's own reader); a
+missing tensorboard costs one warning, never the run."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import read_metrics, tiny_overrides
+
+from megatronlite.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(run: Path, corpus: str, *extra: str) -> None:
+    args = ["train", "configs/demo.yaml", "--run-dir", str(run)]
+    for o in [*tiny_overrides(corpus, run, **{"train.steps": 4, "train.eval_interval": 2}), *extra]:
+        args += ["--set", o]
+    main(args)
+
+
+def test_event_files_hold_the_metrics(tmp_path, corpus, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    train(run, corpus, "logging.tensorboard=true")
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    records = read_metrics(run)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples", "eval_loss"):
+        scalars = events.Scalars(key)
+        want = [(r["step"], r[key]) for r in records if key in r]
+        assert [s.step for s in scalars] == [step for step, _ in want], key
+        assert [s.value for s in scalars] == pytest.approx([v for _, v in want], rel=1e-6), key  # stored as float32
+    assert [s.step for s in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_missing_tensorboard_warns_once_and_trains_on(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"tensorboard disabled: .*pip install 'megatronlite\[tensorboard\]'") as w:
+        train(run, corpus, "logging.tensorboard=true")
+    assert len([x for x in w if "tensorboard" in str(x.message)]) == 1
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4] and not (run / "tensorboard").exists()
