@@ -146,6 +146,12 @@ def _setup_convert(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=convert_cli.main)
 
 
+def _setup_plot(p: argparse.ArgumentParser) -> None:
+    from megatronlite import curves
+
+    curves.add_arguments(p)
+
+
 def _setup_doctor(p: argparse.ArgumentParser) -> None:
     from megatronlite import doctor
 
@@ -163,6 +169,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "data": ("prepare a run's data ahead of training", _setup_data),
     "generate": ("continue a prompt with a checkpoint", _setup_generate),
     "convert": ("convert a checkpoint: mlite, hf, megatron, torch (both ways)", _setup_convert),
+    "plot": ("draw runs' metrics (loss, eval loss, tokens/s, ...) against the step into one PNG", _setup_plot),
     "doctor": ("versions, GPUs, the kernels auto picks, Slurm: what to paste into a bug report", _setup_doctor),
 }
 

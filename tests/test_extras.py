@@ -22,6 +22,7 @@ def test_require_returns_the_module():
 
 def test_a_missing_module_names_its_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # even if another test imported it
     with pytest.raises(UserError) as e:
         require("matplotlib.pyplot", "sweep", "the plot")
     assert str(e.value) == "the plot needs matplotlib: pip install 'megatronlite[sweep]'"

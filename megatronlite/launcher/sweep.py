@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatronlite import config
+from megatronlite import config, curves
 from megatronlite.errors import UserError
 from megatronlite.launcher import slurm, slurmctl, sweep_report, sweep_spec
 from megatronlite.launcher.sweep_spec import Sweep, Trial
@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> None:
         if args.executor == "slurm" and todo:
             print(_array_script(args, sweep, todo, out)[0], end="")
         return
-    sweep_report.pyplot()  # the report at the end plots: refuse now, not after the trials have trained
+    curves.pyplot(sweep_report.PLOT)  # the report at the end plots: refuse now, not after the trials have trained
     for t in todo:
         (out / t.id).mkdir(parents=True, exist_ok=True)
         config.save(configs[t.id], out / t.id / "config.yaml")

@@ -5,29 +5,11 @@ can be rebuilt at any time (`megatronlite sweep SWEEP.yaml --report`)."""
 from __future__ import annotations
 
 import csv
-import importlib
-import json
 import statistics
 from pathlib import Path
-from types import ModuleType
 
-from megatronlite.extras import require
+from megatronlite.curves import draw, read_metrics
 from megatronlite.launcher.sweep_spec import Sweep
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl by step; a step logged again after a resume keeps its newest record."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed run
-            continue
-        by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def finished_step(run_dir: Path) -> int:
@@ -72,33 +54,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pyplot() -> ModuleType:
-    """matplotlib's pyplot, drawing to files only; without matplotlib, a UserError naming the extra."""
-    require("matplotlib", "sweep", "a sweep's loss plot (loss.png)").use("Agg")
-    return importlib.import_module("matplotlib.pyplot")
+PLOT = "a sweep's loss plot (loss.png)"
 
 
 def plot(sweep: Sweep, out: Path, path: Path) -> None:
     """Training loss (lines) and eval loss (dashed, dots) of every trial against the step."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    runs = []
     for trial in sweep.trials:
-        metrics = read_metrics(out / trial.id)
-        if not metrics:
-            continue
         label = f"{trial.id} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in trial.params.items())
-        (line,) = ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=label, linewidth=1.2)
-        evals = [m for m in metrics if m.get("eval_loss") is not None]
-        if evals:
-            steps, losses = [m["step"] for m in evals], [m["eval_loss"] for m in evals]
-            ax.plot(steps, losses, "o--", color=line.get_color(), markersize=3, linewidth=0.8)
-    ax.set(xlabel="step", ylabel="loss (dashed: eval)", title=f"sweep {sweep.name}")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        runs.append((label, read_metrics(out / trial.id)))
+    draw(runs, ["loss", "eval_loss"], path, f"sweep {sweep.name}", PLOT)
 
 
 def write(sweep: Sweep, out: Path, steps: dict[str, int]) -> str:
