@@ -5,6 +5,39 @@ import shutil
 from pathlib import Path
 
 
+def conversion_model(arch: str, **changes):
+    """A tiny model with every field explicit, as a conversion writes them; `changes` replace fields."""
+    import dataclasses
+
+    from megatronlite.config import ModelConfig
+
+    base = {
+        "llama": ModelConfig(
+            arch="llama",
+            num_layers=2,
+            hidden_size=32,
+            num_heads=4,
+            num_kv_heads=2,
+            ffn_hidden_size=48,
+            vocab_size=77,
+            max_seq_len=32,
+            tie_embeddings=False,
+        ),
+        "gpt2": ModelConfig(
+            arch="gpt2",
+            num_layers=2,
+            hidden_size=24,
+            num_heads=3,
+            num_kv_heads=3,
+            ffn_hidden_size=96,
+            vocab_size=77,
+            max_seq_len=32,
+            tie_embeddings=True,
+        ),
+    }[arch]
+    return dataclasses.replace(base, **changes)
+
+
 def tiny_overrides(corpus: str, run_dir: Path, arch: str = "llama", **extra) -> list[str]:
     """--set overrides for a tiny, fast run on `corpus`."""
     sets = {

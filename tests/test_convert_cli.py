@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import conversion_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatronlite import cli
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
-from megatronlite.config import ModelConfig
 from megatronlite.convert import Options, read
 from megatronlite.convert.model_state import run_config
 from megatronlite.errors import UserError
@@ -23,30 +23,7 @@ from megatronlite.untrusted import Placeholder
 from megatronlite.untrusted import load_torch_file as safe_load
 
 FORMAT_PATHS = {"mlite": "run", "hf": "hf", "megatron": "meg", "torch": "model.pt"}
-MODELS = {  # every field explicit, as a conversion writes them
-    "llama": ModelConfig(
-        arch="llama",
-        num_layers=2,
-        hidden_size=32,
-        num_heads=4,
-        num_kv_heads=2,
-        ffn_hidden_size=48,
-        vocab_size=77,
-        max_seq_len=32,
-        tie_embeddings=False,
-    ),
-    "gpt2": ModelConfig(
-        arch="gpt2",
-        num_layers=2,
-        hidden_size=24,
-        num_heads=3,
-        num_kv_heads=3,
-        ffn_hidden_size=96,
-        vocab_size=77,
-        max_seq_len=32,
-        tie_embeddings=True,
-    ),
-}
+MODELS = {arch: conversion_model(arch) for arch in ("llama", "gpt2")}
 
 
 def native(tmp_path, arch="llama", name="src"):

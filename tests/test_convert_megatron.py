@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import conversion_model
 
 from megatronlite import load_model
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
@@ -47,28 +48,8 @@ def native(tmp_path, model: ModelConfig):
     return tmp_path / "src", tensors
 
 
-LLAMA = ModelConfig(
-    arch="llama",
-    num_layers=4,
-    hidden_size=32,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=48,
-    vocab_size=77,
-    max_seq_len=32,
-    tie_embeddings=False,
-)
-GPT2 = ModelConfig(
-    arch="gpt2",
-    num_layers=4,
-    hidden_size=24,
-    num_heads=2,
-    num_kv_heads=2,
-    ffn_hidden_size=96,
-    vocab_size=77,
-    max_seq_len=32,
-    tie_embeddings=True,
-)
+LLAMA = conversion_model("llama", num_layers=4)
+GPT2 = conversion_model("gpt2", num_layers=4, num_heads=2, num_kv_heads=2)
 
 
 @pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])

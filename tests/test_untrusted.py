@@ -8,27 +8,16 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import error_of, tiny_overrides
+from helpers import conversion_model, error_of, tiny_overrides
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
-from megatronlite.config import ModelConfig
 from megatronlite.convert.model_state import run_config
 from megatronlite.untrusted import DCP_METADATA_GLOBALS, read_dcp_metadata, unpickle
 
-MODEL = ModelConfig(
-    arch="llama",
-    num_layers=2,
-    hidden_size=32,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=48,
-    vocab_size=257,
-    max_seq_len=32,
-    tie_embeddings=False,
-)
+MODEL = conversion_model("llama", vocab_size=257)
 CALLED = []
 
 
