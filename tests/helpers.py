@@ -94,26 +94,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_cmd(run_dir: Path, nproc: int, overrides: list[str], *extra: str, config="configs/demo.yaml") -> list[str]:
+    """The `megatronlite launch` command line (torchrun, gloo, a free port) of a run with `--set` overrides."""
+    import sys
+
+    cmd = [sys.executable, "-m", "megatronlite", "launch", str(config), "--nproc-per-node", str(nproc)]
+    cmd += ["--master-port", str(free_port()), "--run-dir", str(run_dir), *extra]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeout: int = 240, env=None):
     """Run `megatronlite launch` (torchrun, gloo) and return the finished process."""
     import subprocess
-    import sys
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatronlite",
-        "launch",
-        str(config),
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        "--run-dir",
-        str(run_dir),
-    ]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = launch_cmd(run_dir, nproc, overrides, config=config)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

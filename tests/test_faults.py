@@ -6,35 +6,14 @@ import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import error_of, free_port, launch, read_metrics, tiny_overrides, train
+from helpers import error_of, launch, launch_cmd, read_metrics, tiny_overrides, train
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import read_tensors
-
-
-def launch_cmd(run: Path, nproc: int, overrides: list[str], *extra: str) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatronlite",
-        "launch",
-        "configs/demo.yaml",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        "--run-dir",
-        str(run),
-        *extra,
-    ]
-    for o in overrides:
-        cmd += ["--set", o]
-    return cmd
 
 
 def children(pid: int) -> list[int]:

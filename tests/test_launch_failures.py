@@ -5,27 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import free_port, tiny_overrides
+from helpers import launch_cmd, tiny_overrides
 
 
 @pytest.mark.slow
 def test_worker_failure_names_rank_and_stops_job(tmp_path, corpus):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatronlite",
-        "launch",
-        "configs/demo.yaml",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "--run-dir",
-        str(run),
-    ]
-    for o in tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.timeout_minutes": 5}):
-        cmd += ["--set", o]
+    cmd = launch_cmd(run, 2, tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.timeout_minutes": 5}))
     # the deadline is far below the 5-minute collective timeout: nobody waits for it
     done = subprocess.run(
         cmd, capture_output=True, text=True, timeout=90, env={**os.environ, "MEGATRONLITE_FAULT": "step:3@1"}
