@@ -95,24 +95,23 @@ class Trainer:
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
         self._build_data()
 
-    def _late_sync_params(self) -> dict[str, list[torch.distributed.ProcessGroup]]:
-        """Gradients summed over other groups before the DP reduction: over each role a parameter's gradient is
-        partial in (SP norms over TP), and a tied embedding over its first and last pipeline stage."""
-        out: dict[str, list[torch.distributed.ProcessGroup]] = {}
+    def _late_sync_params(self) -> dict[str, torch.distributed.ProcessGroup]:
+        """Gradients summed over another group before the DP reduction: SP norms over TP, a tied embedding
+        over its first and last pipeline stage."""
+        out = {}
         for name, param in self.params.items():
-            groups = [self.mesh.role(r).pg for r in param.sharding.partial_grad if self.mesh.role(r).size > 1]
-            if groups:
-                out[name] = groups
+            for role in param.sharding.partial_grad:
+                if self.mesh.role(role).size > 1:
+                    out[name] = self.mesh.role(role).pg
         if self.cfg.model.tied and self.mesh.pp > 1:
             for name in ("embedding.word.weight", "output.weight"):
                 if name in self.params:
-                    out.setdefault(name, []).append(self.mesh.embedding_group)
+                    out[name] = self.mesh.embedding_group
         return out
 
     def _sum_late_grads(self) -> None:
-        for name, groups in self.late_sync.items():
-            for group in groups:
-                dist.all_reduce(self.params[name].grad, group=group)
+        for name, group in self.late_sync.items():
+            dist.all_reduce(self.params[name].grad, group=group)
 
     # --- data -------------------------------------------------------------------------------
     def _build_data(self) -> None:
