@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean gpu-wheels gpu-check
 
 # torch on its own first (TORCH_INDEX may name another index), then megatronlite: `demo` needs only the
 # package and its core dependencies; `test`, `lint` and `bench` need the dev extras (linters, triton, hf, ...).
@@ -46,3 +46,38 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .cache
+
+# A lent GPU machine (shared/FACTS.md: Python 3.12, torch + CUDA, triton and transformers; no internet) gets what
+# its image lacks as wheels: `make gpu-wheels` here fills .whl/ (git-ignored; it travels with the tree), then
+# `make gpu-check` there installs from it and writes bench/results/gpu_check_<GPU>_<date>.md (bench/gpu_check.py).
+# Without make there: the three commands of $(GPU_VENV)/.installed, then `$(GPU_VENV)/bin/python bench/gpu_check.py`.
+# GPU_WHEELS: megatron-core and the test tools with their dependencies, nothing the image has (numpy, pyyaml, ...).
+GPU_WHEELS := megatron-core==0.16.1 packaging setuptools pytest pytest-timeout iniconfig pluggy pygments \
+	hypothesis sortedcontainers
+GPU_PYTHON ?= python3
+GPU_VENV ?= .venv-gpu
+GPU_DRY_RUN ?=
+GPU_RESULTS ?= $(if $(GPU_DRY_RUN),runs/gpu_check,bench/results)
+
+gpu-wheels: $(VENV)/.torch
+	rm -rf .whl
+	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		$(GPU_WHEELS)
+	du -sh .whl
+
+# a venv over the image's python, so its CUDA torch is the one used; setuptools first (pyproject's build backend)
+$(GPU_VENV)/.installed: pyproject.toml
+	$(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl "setuptools>=77"
+	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl --no-build-isolation -e ".[gpu]"
+	touch $@
+
+# GPU_DRY_RUN=1: the same steps on a machine without CUDA, tiny sizes, in the dev venv (CI: tests/test_gpu_check.py)
+ifdef GPU_DRY_RUN
+gpu-check: install
+	$(PY) bench/gpu_check.py --dry-run --results "$(GPU_RESULTS)"
+else
+gpu-check: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python bench/gpu_check.py --results "$(GPU_RESULTS)"
+endif

@@ -1,17 +1,23 @@
 """Training tokens/s (and MFU, peak memory on GPU) of megatronlite against its peers, in one run.
 
 Peers: HF transformers' LlamaForCausalLM (sdpa attention) and, on CUDA, megatron-core's GPTModel
-with its local (non-Transformer-Engine) layer spec. All train the same random token batches with
-torch's AdamW (fused where the device has it), the same batch, sequence length and precision
-(bf16 = autocast over fp32 weights for all), alternating in rounds (first one, then the other
-first) so machine load hits them alike.
+(Transformer Engine layer spec when TE imports, else its local spec with unfused attention, named
+so in the table; RMSNorm, no dropout, like the others). All train the same random token batches
+with torch's AdamW (fused where the device has it), the same batch, sequence length and precision
+(bf16 = autocast over fp32 weights for all). `--compile both` adds megatronlite with each block
+under torch.compile (train.compile) as a row of its own.
+
+On CPU all peers stay resident and alternate in rounds (first one, then the other first) so
+machine load hits them alike; on CUDA one peer at a time is built, measured and freed, so a peer
+that runs out of memory is a row saying so and the others still run. A peer that cannot run here
+(megatron-core on CPU) is listed as skipped; one that fails is listed with its error and the
+script exits 1 after writing the table.
 
     python bench/bench_train.py [--config configs/demo.yaml] [--device cpu|cuda] [--precision fp32|bf16]
-        [--steps 10] [--rounds 6] [--markdown bench/results/train_cpu.md]
+        [--compile off|on|both] [--steps 10] [--rounds 6] [--markdown bench/results/train_cpu.md]
 
-On CPU megatron-core's model cannot run (its tensor-parallel layers need CUDA), so it is listed
-as skipped. On a GPU, e.g.: `--config configs/models/llama-1b.yaml --set train.seq_len=2048
---set train.micro_batch_size=4 --set train.global_batch_size=4 --device cuda --precision bf16`.
+On a GPU, e.g.: `--config configs/models/llama-1b.yaml --set train.seq_len=4096
+--set train.micro_batch_size=2 --set train.global_batch_size=2 --device cuda --precision bf16`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import gc
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -29,6 +38,7 @@ import torch
 from common import emit
 
 from megatronlite import config
+from megatronlite.kernels import external
 from megatronlite.models.counting import flops_per_token
 from megatronlite.train.metrics import mfu, peak_flops
 from megatronlite.train.trainer import run_options
@@ -36,13 +46,20 @@ from megatronlite.train.trainer import run_options
 Step = Callable[[list[torch.Tensor]], None]
 
 
-def megatronlite_step(cfg, device, n_micro) -> Step:
+class PeerSkipped(Exception):
+    """A peer that cannot run on this machine: listed as skipped, not as a failure."""
+
+
+def megatronlite_step(cfg, device, n_micro, compiled: bool = False) -> Step:
     from megatronlite.models.gpt import GPTModel
     from megatronlite.models.init import init_parameters
     from megatronlite.optim.adamw import build_adamw
 
     model = GPTModel(cfg.model, options=run_options(cfg, device)).to(device)
     init_parameters(model, cfg.model, seed=0)
+    if compiled:  # as the trainer does with train.compile
+        for block in model.layers.values():
+            block.compile()
     opt, _ = build_adamw(dict(model.named_parameters()), cfg.optim, device)
 
     def step(micro_batches):
@@ -58,21 +75,22 @@ def hf_step(cfg, device, n_micro) -> Step:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=m.vocab_size,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.ffn_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads,
-            num_key_value_heads=m.kv_heads,
-            max_position_embeddings=m.max_seq_len,
-            rms_norm_eps=m.norm_eps,
-            rope_theta=m.rope_theta,
-            tie_word_embeddings=m.tied,
-            attn_implementation="sdpa",
+    with torch.device(device):  # initialised where it trains: a 1B model's init on one CPU thread takes long
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=m.vocab_size,
+                hidden_size=m.hidden_size,
+                intermediate_size=m.ffn_size,
+                num_hidden_layers=m.num_layers,
+                num_attention_heads=m.num_heads,
+                num_key_value_heads=m.kv_heads,
+                max_position_embeddings=m.max_seq_len,
+                rms_norm_eps=m.norm_eps,
+                rope_theta=m.rope_theta,
+                tie_word_embeddings=m.tied,
+                attn_implementation="sdpa",
+            )
         )
-    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
 
     def step(micro_batches):
@@ -85,21 +103,27 @@ def hf_step(cfg, device, n_micro) -> Step:
     return step
 
 
+def mcore_name() -> str:
+    """The megatron-core row's name: which layer spec it runs (Transformer Engine's when TE imports)."""
+    spec = "Transformer Engine spec" if external.available("te") else "local spec, unfused"
+    return f"megatron-core GPTModel ({spec})"
+
+
 def mcore_step(cfg, device, n_micro) -> Step:
-    """megatron-core's GPTModel, local layer spec, TP = PP = 1 (CUDA only)."""
+    """megatron-core's GPTModel, TP = PP = 1 (CUDA only), configured as the others: RMSNorm, no dropout."""
     if device.type != "cuda":
-        raise RuntimeError("megatron-core's layers need CUDA")
+        raise PeerSkipped("megatron-core's layers need CUDA")
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29599")
         dist.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     m = cfg.model
     tc = TransformerConfig(
@@ -112,13 +136,19 @@ def mcore_step(cfg, device, n_micro) -> Step:
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         layernorm_epsilon=m.norm_eps,
         bf16=cfg.train.precision == "bf16",
         params_dtype=torch.float32,
     )
+    if external.available("te"):
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:  # without normalization="RMSNorm" the local spec takes apex's LayerNorm-only kernel when apex is present
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     model = GPTModel(
         tc,
-        get_gpt_layer_local_spec(),
+        spec,
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_seq_len,
         position_embedding_type="rope",
@@ -139,11 +169,16 @@ def mcore_step(cfg, device, n_micro) -> Step:
     return step
 
 
-PEERS = {
-    "megatronlite": megatronlite_step,
-    "HF LlamaForCausalLM (sdpa)": hf_step,
-    "megatron-core GPTModel (local spec)": mcore_step,
-}
+def peers(compile_mode: str) -> dict[str, Callable[..., Step]]:
+    """Row name -> builder, megatronlite first (the base of the speed ratios)."""
+    out: dict[str, Callable[..., Step]] = {}
+    if compile_mode in ("off", "both"):
+        out["megatronlite"] = megatronlite_step
+    if compile_mode in ("on", "both"):
+        out["megatronlite (torch.compile)"] = functools.partial(megatronlite_step, compiled=True)
+    out["HF LlamaForCausalLM (sdpa)"] = hf_step
+    out[mcore_name()] = mcore_step
+    return out
 
 
 def time_steps(step: Step, batches, autocast, device) -> float:
@@ -166,10 +201,53 @@ def paired_ratio(values: list[float], base: list[float]) -> str:
     Paired by round, so a slow stretch of the machine hits both sides of each ratio; the quartiles
     say how far one round's ratio swings, i.e. how large a difference the median can resolve."""
     ratios = [x / b for x, b in zip(values, base)]
+    if not ratios:
+        return "n/a"
     if len(ratios) < 2:
         return f"{ratios[0]:.3f}x"
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
     return f"{statistics.median(ratios):.3f}x ({q1:.3f}-{q3:.3f})"
+
+
+def error_text(e: BaseException) -> str:
+    """One short line for a table cell (an out-of-memory message runs over several lines)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:300]}".replace("|", "/")
+
+
+def measure(builders, cfg, device, n_micro, batches, autocast, rounds, failed) -> tuple[dict, dict, dict]:
+    """Build `builders`, time them in alternating rounds, free them: (tokens/s per round, peak GiB, skipped).
+
+    A peer that fails to build or to step goes into `failed` and leaves the rounds; the others go on."""
+    steps, skipped = {}, {}
+    for name, build in builders.items():
+        try:
+            steps[name] = build(cfg, device, n_micro)
+        except PeerSkipped as e:
+            skipped[name] = str(e)
+        except Exception as e:  # noqa: BLE001 - an out-of-memory peer is a row of the table, not the end
+            failed[name] = error_text(e)
+    tokens = len(batches) * cfg.train.global_batch_size * cfg.train.seq_len
+    tps: dict[str, list[float]] = {name: [] for name in steps}
+    memory: dict[str, float] = {}
+    for round_ in range(rounds):
+        # alternate the order: whoever runs first in a round meets a different machine state
+        for name in list(steps)[:: 1 if round_ % 2 == 0 else -1]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                tps[name].append(tokens / time_steps(steps[name], batches, autocast, device))
+            except Exception as e:  # noqa: BLE001
+                failed[name] = error_text(e)
+                del steps[name], tps[name]
+                continue
+            if device.type == "cuda":
+                memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
+    steps.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return tps, memory, skipped
 
 
 def main() -> None:
@@ -178,6 +256,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--compile", default="off", choices=("off", "on", "both"), help="megatronlite's blocks compiled")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--markdown", help="append the result to this file")
@@ -200,39 +279,37 @@ def main() -> None:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    steps, skipped = {}, {}
-    for name, build in PEERS.items():
-        try:
-            steps[name] = build(cfg, device, n_micro)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
-            skipped[name] = f"{type(e).__name__}: {e}"
-    tokens = args.steps * t.global_batch_size * t.seq_len
-    tps: dict[str, list[float]] = {name: [] for name in steps}
+    builders = peers(args.compile)
+    # CPU: all resident, rounds alternate between them; CUDA: one peer in memory at a time
+    groups = [builders] if device.type == "cpu" else [{name: b} for name, b in builders.items()]
+    tps: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
-    for round_ in range(args.rounds):
-        # alternate the order: whoever runs first in a round meets a different machine state
-        for name, step in list(steps.items())[:: 1 if round_ % 2 == 0 else -1]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            tps[name].append(tokens / time_steps(step, batches, autocast, device))
-            if device.type == "cuda":
-                memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for group in groups:
+        got_tps, got_memory, got_skipped = measure(group, cfg, device, n_micro, batches, autocast, args.rounds, failed)
+        tps.update(got_tps)
+        memory.update(got_memory)
+        skipped.update(got_skipped)
     peak = peak_flops(device)
     fpt = flops_per_token(cfg.model, t.seq_len)
     m = cfg.model
+    base_name = next(iter(builders))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    how = "all resident, alternating in rounds" if device.type == "cpu" else "one peer in memory at a time"
     lines = [
         f"## Training throughput, {datetime.date.today()}",
         "",
         f"- command: `python bench/bench_train.py --config {args.config} "
         + " ".join(f"--set {s}" for s in args.set)
-        + f" --device {args.device} --precision {args.precision} --steps {args.steps} --rounds {args.rounds}`",
+        + f" --device {args.device} --precision {args.precision} --compile {args.compile}"
+        f" --steps {args.steps} --rounds {args.rounds}`",
         f"- machine: {platform.machine()}, {where}, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}",
         f"- model: {m.arch} L={m.num_layers} h={m.hidden_size} heads={m.num_heads}/{m.kv_heads} ffn={m.ffn_size} "
         f"vocab={m.vocab_size}; batch {t.global_batch_size} x {t.seq_len} ({n_micro} micro-batches); "
-        f"{args.precision}; AdamW (torch fused) for all",
+        f"{args.precision}; AdamW (torch fused) for all; {how}",
         "",
-        "| implementation | tokens/s (median) | speed / megatronlite's in the same round: median (quartiles) "
+        f"| implementation | tokens/s (median) | speed / {base_name}'s, paired by round: median (quartiles) "
         "| rounds | MFU | peak memory GiB |",
         "|---|---|---|---|---|---|",
     ]
@@ -243,12 +320,16 @@ def main() -> None:
         mem_text = f"{memory[name]:.1f}" if name in memory else "n/a"
         rounds = ", ".join(f"{x:,.0f}" for x in values)
         lines.append(
-            f"| {name} | {med:,.0f} | {paired_ratio(values, tps['megatronlite'])} | {rounds} | {util_text} "
+            f"| {name} | {med:,.0f} | {paired_ratio(values, tps.get(base_name, []))} | {rounds} | {util_text} "
             f"| {mem_text} |"
         )
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} | | | | |")
+    for name, why in failed.items():
+        lines.append(f"| {name} | failed: {why} | | | | |")
     emit("\n".join(lines), args.markdown)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

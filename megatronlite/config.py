@@ -20,42 +20,96 @@ import yaml
 
 from megatronlite.errors import UserError, unknown_key
 
+# The value of every feature a family's preset does not name: llama's.
+FEATURE_DEFAULTS: dict[str, Any] = dict(
+    norm="rmsnorm",
+    activation="swiglu",
+    position="rope",
+    rope_theta=10000.0,
+    bias=False,
+    qkv_bias=None,  # as `bias`
+    qk_norm=False,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+)
+# What `model.arch` fills in for every feature left null: a family is a preset, not a branch in the code.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "gpt2": dict(norm="layernorm", activation="gelu", position="learned", bias=True, tie_embeddings=True),
+    "qwen2": dict(rope_theta=1e6, qkv_bias=True, norm_eps=1e-6),
+    "qwen3": dict(rope_theta=1e6, qk_norm=True, norm_eps=1e-6),
+    "mistral": dict(rope_theta=1e6),
+}
+# rope_scaling's keys per type (HF's rope_parameters names) and their defaults; `...`: required
+ROPE_SCALING: dict[str, dict[str, Any]] = {
+    "llama3": dict(factor=..., low_freq_factor=..., high_freq_factor=..., original_max_position_embeddings=...),
+    "yarn": dict(
+        factor=..., original_max_position_embeddings=..., beta_fast=32.0, beta_slow=1.0, attention_factor=None
+    ),
+}
+
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # llama | gpt2
+    """The model's shape and features. A null feature takes the value of the `arch` family's preset (`FAMILIES`),
+    so `arch: qwen3` plus shapes is a Qwen3 and any feature can still be set key by key."""
+
+    arch: str = "llama"  # the preset of null features: llama | gpt2 | qwen2 | qwen3 | mistral
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 8
     num_kv_heads: int | None = None  # None: same as num_heads (no GQA)
-    ffn_hidden_size: int | None = None  # None: 4h (gpt2) or 8h/3 rounded up to 256 (llama)
+    head_dim: int | None = None  # None: hidden_size / num_heads (Qwen3 and Mistral may differ)
+    ffn_hidden_size: int | None = None  # None: 4h (gelu) or 8h/3 rounded up to 256 (swiglu)
     vocab_size: int = 257  # the tokenizer's size; padded internally, never visible outside
     max_seq_len: int = 1024
-    tie_embeddings: bool | None = None  # None: the arch's default (gpt2 tied, llama untied)
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm: str | None = None  # rmsnorm | layernorm
+    norm_eps: float | None = None
+    activation: str | None = None  # swiglu (gated SiLU) | gelu (tanh approximation, GPT-2's)
+    position: str | None = None  # rope | learned (absolute position embeddings)
+    rope_theta: float | None = None
+    rope_scaling: dict | None = None  # null | {type: llama3 | yarn, factor, original_max_position_embeddings, ...}
+    bias: bool | None = None  # biases on every linear layer (not the output layer)
+    qkv_bias: bool | None = None  # biases on the QKV projection; null: as `bias` (Qwen2: true alone)
+    qk_norm: bool | None = None  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # a token sees itself and the window - 1 before it; null: full causal
+    tie_embeddings: bool | None = None
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        preset = FAMILIES.get(self.arch, {})  # an unknown arch is reported by `validate`
+        for name, default in FEATURE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, preset.get(name, default))
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
 
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def head_size(self) -> int:
+        """The size of one attention head (`head_dim`, or hidden_size / num_heads)."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
-        if self.arch == "gpt2":
+        if self.activation == "gelu":
             return 4 * self.hidden_size
         return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
 
     @property
     def tied(self) -> bool:
-        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+        return bool(self.tie_embeddings)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP's first layer has two halves (gate and up)."""
+        return self.activation == "swiglu"
 
     def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
@@ -129,6 +183,10 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | path to a tokenizer.json (or its directory)
     split: str = "98,2"  # train,valid weights
     cache_dir: str | None = None  # null: $XDG_CACHE_HOME/megatronlite, else ~/.cache/megatronlite
+    # packed samples: attention stays inside each document and positions restart after every end-of-document
+    # token (Megatron's --reset-attention-mask --reset-position-ids)
+    document_mask: bool = False
+    eod_mask_loss: bool = False  # no loss where the input token is end-of-document (Megatron's --eod-mask-loss)
 
 
 @dataclass
@@ -166,7 +224,10 @@ class Config:
 
 
 CHOICES = {
-    "model.arch": ("llama", "gpt2"),
+    "model.arch": tuple(FAMILIES),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.activation": ("swiglu", "gelu"),
+    "model.position": ("rope", "learned"),
     "parallel.context_attention": ("ring", "allgather"),
     "parallel.pipeline_schedule": (None, "1f1b", "interleaved", "gpipe", "zero_bubble"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -362,8 +423,8 @@ def _fraction(value: float, key: str, include_one: bool = False) -> None:
 
 # keys checked by sign alone, by section; an unset optional key (None) takes its default
 _POSITIVE = {
-    "model": "num_layers hidden_size num_heads num_kv_heads ffn_hidden_size vocab_size max_seq_len norm_eps "
-    "rope_theta init_std make_vocab_size_divisible_by",
+    "model": "num_layers hidden_size num_heads num_kv_heads head_dim ffn_hidden_size vocab_size max_seq_len norm_eps "
+    "rope_theta sliding_window init_std make_vocab_size_divisible_by",
     "parallel": "tensor pipeline context virtual_pipeline bucket_mb timeout_minutes",
     "train": "steps micro_batch_size global_batch_size seq_len eval_iters",
     "optim": "lr eps initial_loss_scale",
@@ -397,7 +458,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _fraction(o.decay_fraction, "optim.decay_fraction", include_one=True)
     if o.min_lr > o.lr:
         raise UserError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
-    if m.hidden_size % m.num_heads:
+    if m.head_dim is None and m.hidden_size % m.num_heads:
         divisors = [d for d in range(1, m.hidden_size + 1) if m.hidden_size % d == 0 and d <= 4 * m.num_heads]
         raise UserError(
             f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size}); "
@@ -405,10 +466,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if m.num_heads % m.kv_heads:
         raise UserError(f"model.num_kv_heads ({m.kv_heads}) must divide model.num_heads ({m.num_heads})")
-    if m.arch == "llama" and m.head_dim % 2:
-        raise UserError(f"llama needs an even head dim for RoPE; hidden_size/num_heads = {m.head_dim}")
+    if m.position == "rope" and m.head_size % 2:
+        raise UserError(
+            f"rotary embeddings need an even head size; model.head_dim (or hidden_size/num_heads) = {m.head_size}"
+        )
+    validate_rope_scaling(m)
     if t.seq_len > m.max_seq_len:
         raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if (
+        cfg.data.eod_mask_loss
+        and isinstance(t.kernels, dict)
+        and t.kernels.get("linear_cross_entropy", "auto") != "auto"
+    ):
+        raise UserError(
+            "data.eod_mask_loss needs the unfused loss, but train.kernels names linear_cross_entropy "
+            f"({t.kernels['linear_cross_entropy']}); drop that key or set it to auto"
+        )
     validate_wandb(cfg.logging.wandb)
     validate_kernels(t.kernels)
     if not cfg.data.sources:
@@ -417,6 +490,29 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_layout(cfg, world_size)
     else:  # the data-parallel size is not known yet: at least one micro-batch per step
         _check_batch(t, 1)
+
+
+def validate_rope_scaling(m: ModelConfig) -> None:
+    """`model.rope_scaling`: null, or a known type with its required keys and no unknown ones, on a rope model."""
+    scaling = m.rope_scaling
+    if scaling is None:
+        return
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALING:
+        raise UserError(f"config key 'model.rope_scaling.type' = {kind!r}; valid values: {', '.join(ROPE_SCALING)}")
+    if m.position != "rope":
+        raise UserError(f"model.rope_scaling is set but model.position is {m.position!r}; it scales rotary embeddings")
+    keys = ROPE_SCALING[kind]
+    for key, value in scaling.items():
+        if key != "type" and key not in keys:
+            raise unknown_key(key, ["type", *keys], "model.rope_scaling.")
+        if key != "type" and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"config key 'model.rope_scaling.{key}': expected a number, got {value!r}")
+            _positive(value, f"model.rope_scaling.{key}")
+    missing = [k for k, default in keys.items() if default is ... and k not in scaling]
+    if missing:
+        raise UserError(f"model.rope_scaling of type {kind} needs {', '.join(missing)}")
 
 
 def _check_batch(t: TrainConfig, dp: int) -> None:

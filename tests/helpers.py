@@ -45,7 +45,7 @@ def tiny_overrides(corpus: str, run_dir: Path, arch: str = "llama", **extra) -> 
         "model.num_layers": 2,
         "model.hidden_size": 64,
         "model.num_heads": 4,
-        "model.num_kv_heads": 2 if arch == "llama" else 4,
+        "model.num_kv_heads": 4 if arch == "gpt2" else 2,
         "model.ffn_hidden_size": 128,
         "model.max_seq_len": 64,
         "train.seq_len": 64,

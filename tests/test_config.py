@@ -74,6 +74,18 @@ def test_extends_cycle(tmp_path):
         ("train: {steps: 0}", r"'train.steps' must be > 0"),
         ("train: {kernels: {adamw: triton}}", r"train.kernels.adamw: the optimizer is set by optim.impl"),
         ("parallel: {pipeline_schedule: 2f2b}", r"valid values: null, 1f1b, interleaved, gpipe, zero_bubble"),
+        ("model: {arch: falcon}", r"'model.arch' = 'falcon'; valid values: llama, gpt2, qwen2, qwen3, mistral"),
+        ("model: {norm: batchnorm}", r"'model.norm' = 'batchnorm'; valid values: rmsnorm, layernorm"),
+        ("model: {hidden_size: 96, num_heads: 8, head_dim: 5}", r"even head size; .* = 5"),
+        ("model: {sliding_window: 0}", r"'model.sliding_window' must be > 0"),
+        ("model: {rope_scaling: {type: ntk}}", r"'model.rope_scaling.type' = 'ntk'; valid values: llama3, yarn"),
+        ("model: {rope_scaling: {type: yarn, factor: 4}}", r"yarn needs original_max_position_embeddings"),
+        ("model: {rope_scaling: {type: yarn, factor: 4, original_max_position_embeddings: 8, mscale: 1}}", "mscale"),
+        ("model: {arch: gpt2, rope_scaling: {type: yarn, factor: 4, original_max_position_embeddings: 8}}", "learned"),
+        (
+            "data: {eod_mask_loss: true}\ntrain: {kernels: {linear_cross_entropy: torch}}",
+            r"data.eod_mask_loss needs the unfused loss",
+        ),
     ],
 )
 def test_inconsistent_values(tmp_path, text, message):
@@ -186,3 +198,21 @@ def test_non_finite_numbers_are_refused(tmp_path, capsys, override, message):
 
     line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(tmp_path / "run"), "--set", override)
     assert line.startswith("megatronlite: error: config key") and message in line
+
+
+def test_arch_is_a_preset_of_features_each_overridable(tmp_path):
+    qwen3 = config.load(write(tmp_path, "q.yaml", "model: {arch: qwen3, qk_norm: false, head_dim: 64}\n")).model
+    assert (qwen3.norm, qwen3.activation, qwen3.position, qwen3.rope_theta) == ("rmsnorm", "swiglu", "rope", 1e6)
+    assert (qwen3.qk_norm, qwen3.head_size, qwen3.norm_eps) == (False, 64, 1e-6)
+    gpt2 = config.ModelConfig(arch="gpt2")
+    assert (gpt2.norm, gpt2.activation, gpt2.position, gpt2.bias, gpt2.qkv_bias, gpt2.tied) == (
+        "layernorm",
+        "gelu",
+        "learned",
+        True,
+        True,
+        True,
+    )
+    assert config.ModelConfig(arch="qwen2").qkv_bias and not config.ModelConfig(arch="qwen2").bias
+    # a saved run's config (every feature written out) loads back as the same model
+    assert config.from_dict({"model": qwen3.__dict__}).model == qwen3

@@ -79,9 +79,10 @@ def test_verify_runs_transformers_for_hf(tmp_path, capsys):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
     err = error_of(capsys, "--from", "hf", "--to", "mlite", tmp_path / "hf", tmp_path / "out")
-    assert "'MistralForCausalLM' is not supported" in err and "LlamaForCausalLM, GPT2LMHeadModel" in err
+    supported = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, GPT2LMHeadModel"
+    assert "'Phi3ForCausalLM' is not supported" in err and supported in err
     assert not (tmp_path / "out").exists()
 
 
@@ -136,9 +137,9 @@ def test_unsupported_llama_variants_are_refused(tmp_path, capsys):
     src, _ = native(tmp_path)
     run_cli("--from", "mlite", "--to", "hf", src, tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    scaled = {**cfg, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}
+    scaled = {**cfg, "rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 8.0}}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(scaled))
-    assert "rope scaling 'llama3' is not supported" in error_of(
+    assert "rope_parameters.rope_type 'linear' is not supported" in error_of(
         capsys, "--from", "hf", "--to", "mlite", tmp_path / "hf", tmp_path / "out"
     )
 

@@ -28,7 +28,7 @@ SHAPES = {
 
 
 def hf_model(kind: str, seed: int = 0, **overrides):
-    """A random transformers model; every weight (norms and biases too) is random so no mapping hides."""
+    """A random transformers model of one of SHAPES."""
     arch, kwargs = SHAPES[kind]
     kwargs = {**kwargs, **overrides}
     if arch == "llama":
@@ -46,6 +46,11 @@ def hf_model(kind: str, seed: int = 0, **overrides):
             n_layer=2, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0, **kwargs
         )
         cls = transformers.GPT2LMHeadModel
+    return random_model(cls, cfg, seed)
+
+
+def random_model(cls, cfg, seed: int = 0):
+    """A transformers model of `cls` whose every weight (norms and biases too) is random, so no mapping hides."""
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():

@@ -10,11 +10,13 @@ Run as a script under torch.distributed.run this file is the megatron-core side 
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import subprocess
 import sys
+import types
 import zlib
 from pathlib import Path
 
@@ -29,12 +31,39 @@ from megatronlite.convert import Options, convert, read
 from megatronlite.convert.dcp_store import stored_tensors
 from megatronlite.convert.model_state import run_config
 from megatronlite.errors import UserError
+from megatronlite.models.gpt import GPTModel
 
 VOCAB, LAYERS = 200, 4
-ARCHS = {  # megatron-core shapes: llama-style GQA untied, gpt2-style tied
-    "llama": dict(hidden_size=48, num_attention_heads=6, num_query_groups=2, ffn_hidden_size=80),
-    "gpt2": dict(hidden_size=48, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=192),
+_LLAMA_ARGS = dict(
+    hidden_size=48,
+    num_attention_heads=6,
+    num_query_groups=2,
+    ffn_hidden_size=80,
+    normalization="RMSNorm",
+    swiglu=True,
+    position_embedding_type="rope",
+    add_bias_linear=False,
+    untie_embeddings_and_output_weights=True,
+)
+ARCHS = {  # Megatron-LM args (shape and features) of each megatron-core model; unnamed args: Megatron's defaults
+    "llama": _LLAMA_ARGS,
+    "gpt2": dict(
+        hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=4,
+        ffn_hidden_size=192,
+        normalization="LayerNorm",
+        openai_gelu=True,
+        position_embedding_type="learned_absolute",
+        add_bias_linear=True,
+    ),
+    "qwen2": {**_LLAMA_ARGS, "add_qkv_bias": True, "rotary_base": 1000000, "norm_epsilon": 1e-6},
+    "qwen3": {**_LLAMA_ARGS, "num_attention_heads": 4, "kv_channels": 16, "qk_layernorm": True},
+    "llama3": {**_LLAMA_ARGS, "use_rope_scaling": True, "rope_scaling_factor": 8.0, "rotary_base": 500000},
+    "mistral": {**_LLAMA_ARGS, "window_size": (3, 0)},
 }
+PIPELINE_ARCHS = ("llama", "gpt2", "qwen3")  # pp2 is about placement, not features: fewer models keep it fast
+MATTERS = {"llama3": "rope_scaling", "mistral": "sliding_window"}  # at these sizes, without it the logits differ
 
 
 # --- without megatron-core: our writer and reader agree, and bad input is named ------------------
@@ -50,17 +79,33 @@ def native(tmp_path, model: ModelConfig):
 
 LLAMA = conversion_model("llama", num_layers=4)
 GPT2 = conversion_model("gpt2", num_layers=4, num_heads=2, num_kv_heads=2)
+LLAMA3_SCALING = dict(
+    type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=16)
+MODELS = {  # every feature Megatron expresses, each model's arch the family a reader names it by
+    "llama": LLAMA,
+    "gpt2": GPT2,
+    "qwen2": dataclasses.replace(LLAMA, arch="qwen2", qkv_bias=True, rope_theta=1e6, norm_eps=1e-6),
+    "qwen3": dataclasses.replace(LLAMA, arch="qwen3", qk_norm=True, head_dim=12, rope_theta=1e6, norm_eps=1e-6),
+    "llama3": dataclasses.replace(LLAMA, rope_scaling=LLAMA3_SCALING, rope_theta=5e5, tie_embeddings=True),
+    "mistral": dataclasses.replace(LLAMA, arch="mistral", rope_theta=1e6, sliding_window=4),
+    "gpt2_swiglu": dataclasses.replace(GPT2, activation="swiglu"),  # biases on a gated fc1
+}
 
 
-@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("layout", [(1, 1, "te"), (2, 2, "local"), (2, 4, "te")])
-def test_legacy_layouts_round_trip(tmp_path, model, layout):
-    tp, pp, spec = layout
+@pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
+@pytest.mark.parametrize(
+    "layout", [("torch", 1, 1, "te"), ("torch", 2, 2, "local"), ("torch", 2, 4, "te"), ("torch_dist", 2, 1, "te")]
+)
+def test_layouts_round_trip(tmp_path, model, layout):
+    fmt, tp, pp, spec = layout
     src, tensors = native(tmp_path, model)
-    options = Options(megatron_format="torch", megatron_tp=tp, megatron_pp=pp, megatron_spec=spec)
+    options = Options(megatron_format=fmt, megatron_tp=tp, megatron_pp=pp, megatron_spec=spec)
     convert("mlite", "megatron", src, tmp_path / "meg", options)
-    ranks = sorted(p.name for p in (tmp_path / "meg" / "release").iterdir())
-    assert len(ranks) == tp * pp and (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    ranks = sorted(p.name for p in (tmp_path / "meg" / "release").iterdir() if p.name.startswith("mp_rank"))
+    assert len(ranks) == (tp * pp if fmt == "torch" else 0)
+    assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "release"
     back = read("megatron", tmp_path / "meg", Options())
     assert back.cfg.model == model
     assert all(torch.equal(back.get(n), t) for n, t in tensors.items())
@@ -106,10 +151,52 @@ def _legacy_args(tmp_path, **changes) -> Path:
     return tmp_path / "meg"
 
 
-def test_unsupported_megatron_models_are_refused(tmp_path):
-    meg = _legacy_args(tmp_path, swiglu=False)
-    with pytest.raises(UserError, match="normalization='RMSNorm'.*swiglu=False.*megatronlite converts llama-style"):
+@pytest.mark.parametrize(
+    "arg,value",
+    [
+        ("num_experts", 8),
+        ("multi_latent_attention", True),
+        ("position_embedding_type", "yarn"),  # megatron-core's GPTModel drops yarn's attention factor
+        ("position_embedding_type", "none"),
+        ("normalization", "LayerNorm1P"),
+        ("swiglu", False),  # with openai_gelu off: erf GELU
+        ("squared_relu", True),
+        ("rotary_percent", 0.5),
+        ("rotary_interleaved", True),
+        ("rotary_seq_len_interpolation_factor", 2.0),
+        ("apply_layernorm_1p", True),
+        ("window_size", (3, 3)),
+        ("window_attn_skip_freq", 2),
+        ("softmax_type", "off-by-one"),
+    ],
+)
+def test_unsupported_megatron_args_are_refused(tmp_path, arg, value):
+    meg = _legacy_args(tmp_path, **{arg: value})
+    with pytest.raises(UserError, match=rf"release: args\.{arg}=.* is not supported; megatronlite converts dense"):
         read("megatron", meg, Options())
+
+
+def test_qk_layernorm_must_be_rmsnorm(tmp_path):
+    meg = _legacy_args(tmp_path, qk_layernorm=True, normalization="LayerNorm")
+    with pytest.raises(UserError, match="args.qk_layernorm with args.normalization='LayerNorm' is not supported"):
+        read("megatron", meg, Options())
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(rope_scaling=YARN), "model.rope_scaling.type='yarn' cannot be written"),
+        (dict(rope_scaling={**LLAMA3_SCALING, "high_freq_factor": 2.0}), "model.rope_scaling.high_freq_factor=2.0"),
+        (dict(rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096}), "original_max_position"),
+        (dict(bias=True, qkv_bias=False), "model.bias without model.qkv_bias cannot be written"),
+        (dict(qk_norm=True, norm="layernorm"), "model.qk_norm with model.norm='layernorm' cannot be written"),
+    ],
+)
+def test_features_megatron_cannot_express_are_refused(tmp_path, changes, message):
+    src, _ = native(tmp_path, dataclasses.replace(LLAMA, **changes))
+    with pytest.raises(UserError, match=message):
+        convert("mlite", "megatron", src, tmp_path / "meg", Options())
+    assert not (tmp_path / "meg").exists()
 
 
 def test_missing_rank_file_is_named(tmp_path):
@@ -148,14 +235,17 @@ def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
 @pytest.mark.parametrize("scenario,nproc", [("tp1", 1), ("tp2", 2), ("pp2", 2)])
 def test_against_megatron_core(tmp_path, scenario, nproc):
     results = _run_workers(scenario, nproc, tmp_path)
-    for arch in ARCHS:
-        r = results[arch]
+    for arch, r in results.items():
         # reading megatron-core's torch_dist and legacy files gives the same tensors
         assert r["dist_equals_legacy"]
         if scenario != "pp2":  # our model of the converted weights computes megatron-core's logits
             ids, reference = torch.load(tmp_path / arch / "reference.pt").values()
-            with torch.no_grad():
-                assert (load_model(tmp_path / arch / "ml")(ids) - reference).abs().max().item() < 1e-4
+            model = load_model(tmp_path / arch / "ml")
+            assert _logits_diff(model, ids, reference) < 1e-4
+            if arch in MATTERS:  # and the feature is tested: without it they differ
+                without = GPTModel(dataclasses.replace(model.cfg, **{MATTERS[arch]: None}))
+                without.load_state_dict(model.state_dict())
+                assert _logits_diff(without, ids, reference) > 1e-3
         # megatron-core loads what we write (strictly), and gets its own weights back
         assert r["our_legacy_param_diff"] == 0.0
         assert r["our_dist_param_diff"] == 0.0
@@ -163,23 +253,38 @@ def test_against_megatron_core(tmp_path, scenario, nproc):
             assert r["te_names_match"]
 
 
+@torch.no_grad()
+def _logits_diff(model: GPTModel, ids: torch.Tensor, reference: torch.Tensor) -> float:
+    return (model(ids) - reference).abs().max().item()
+
+
 def _cpu_shims() -> None:
     """megatron-core asks CUDA for things CPU runs do not need: the current device, a sync, a CUDA RNG
     fork around (here zero) attention dropout, moving a tied embedding to the GPU before syncing it
-    between pipeline stages; and psutil for memory logging while saving."""
+    between pipeline stages, the device of the sliding-window mask; and psutil for memory logging while saving."""
     import contextlib
 
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.fusions import fused_softmax
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a: None
     torch.Tensor.cuda = lambda self, *a, **k: self
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     filesystem_async._process_memory = lambda: 0
+    # megatron-core's own sliding-window mask code, run with a `torch` whose `ones` ignores device="cuda"
+    window_mask = fused_softmax.get_sliding_window_causal_mask
+    cpu_torch = types.SimpleNamespace(
+        ones=lambda *a, device=None, **k: torch.ones(*a, **k), triu=torch.triu, tril=torch.tril, bool=torch.bool
+    )
+    fused_softmax.get_sliding_window_causal_mask = types.FunctionType(
+        window_mask.__code__, {**window_mask.__globals__, "torch": cpu_torch}
+    )
 
 
 def _mcore_model(arch: str, seed: int):
+    """megatron-core's GPTModel of `ARCHS[arch]`, built from those args as Megatron-LM does, and the full args."""
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -187,16 +292,24 @@ def _mcore_model(arch: str, seed: int):
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    llama = arch == "llama"
+    a = ARCHS[arch]
+    gated, tied = a.get("swiglu", False), not a.get("untie_embeddings_and_output_weights", False)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     cfg = TransformerConfig(
         num_layers=LAYERS,
-        **ARCHS[arch],
-        normalization="RMSNorm" if llama else "LayerNorm",
-        gated_linear_unit=llama,
-        add_bias_linear=not llama,
-        layernorm_epsilon=1e-5,
-        activation_func=F.silu if llama else (lambda x: F.gelu(x, approximate="tanh")),
+        hidden_size=a["hidden_size"],
+        num_attention_heads=a["num_attention_heads"],
+        num_query_groups=a["num_query_groups"],
+        ffn_hidden_size=a["ffn_hidden_size"],
+        kv_channels=a.get("kv_channels"),
+        normalization=a["normalization"],
+        gated_linear_unit=gated,
+        add_bias_linear=a["add_bias_linear"],
+        add_qkv_bias=a.get("add_qkv_bias", False),
+        qk_layernorm=a.get("qk_layernorm", False),
+        window_size=a.get("window_size"),
+        layernorm_epsilon=a.get("norm_epsilon", 1e-5),
+        activation_func=F.silu if gated else (lambda x: F.gelu(x, approximate="tanh")),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
@@ -213,11 +326,14 @@ def _mcore_model(arch: str, seed: int):
     padded = 128 * tp * -(-VOCAB // (128 * tp))
     model = GPTModel(
         cfg,
-        get_gpt_layer_local_spec(normalization=cfg.normalization),
+        get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm),
         vocab_size=padded,
         max_sequence_length=64,
-        position_embedding_type="rope" if llama else "learned_absolute",
-        share_embeddings_and_output_weights=not llama,
+        position_embedding_type=a["position_embedding_type"],
+        rotary_base=a.get("rotary_base", 10000),
+        rope_scaling=a.get("use_rope_scaling", False),
+        rope_scaling_factor=a.get("rope_scaling_factor", 8.0),
+        share_embeddings_and_output_weights=tied,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         parallel_output=False,
@@ -226,7 +342,7 @@ def _mcore_model(arch: str, seed: int):
     with torch.no_grad():
         for name, p in model.named_parameters():
             # distinct values per TP shard and stage, the same on TP replicas; a tied output layer equals the embedding
-            tied_copy = name == "output_layer.weight" and not llama
+            tied_copy = name == "output_layer.weight" and tied
             source, stage = ("embedding.word_embeddings.weight", 0) if tied_copy else (name, pp_rank)
             shard = tp_rank if getattr(p, "tensor_model_parallel", False) else -1
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{source}|{shard}|{stage}".encode()))
@@ -235,25 +351,13 @@ def _mcore_model(arch: str, seed: int):
                 first = tp_rank * (padded // tp)
                 p[max(0, VOCAB - first) :] = 0
     args = argparse.Namespace(
+        **{**a, "kv_channels": cfg.kv_channels},  # Megatron-LM fills it in, as megatron-core does
         num_layers=LAYERS,
-        hidden_size=48,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=llama,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=48 // cfg.num_attention_heads,
+        group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
         max_position_embeddings=64,
         seq_length=32,
         padded_vocab_size=padded,
         vocab_size=None,
-        normalization=cfg.normalization,
-        swiglu=llama,
-        openai_gelu=not llama,
-        position_embedding_type="rope" if llama else "learned_absolute",
-        add_bias_linear=not llama,
-        untie_embeddings_and_output_weights=llama,
-        norm_epsilon=1e-5,
-        rotary_base=10000,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None,
@@ -362,7 +466,8 @@ def _worker(scenario: str, out: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=3))
     _cpu_shims()
     parallel_state.initialize_model_parallel(tp, pp)
-    results = {arch: _scenario(arch, Path(out) / arch, tp, pp) for arch in ARCHS}
+    archs = PIPELINE_ARCHS if pp > 1 else ARCHS
+    results = {arch: _scenario(arch, Path(out) / arch, tp, pp) for arch in archs}
     if dist.get_rank() == 0:
         (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

@@ -7,8 +7,9 @@ from megatronlite import config
 from megatronlite.config import ModelConfig
 from megatronlite.kernels import apply_rotary
 from megatronlite.models.counting import flops_per_token, parameter_count
-from megatronlite.models.gpt import GPTModel, RunOptions, rotary_tables
+from megatronlite.models.gpt import GPTModel, RunOptions
 from megatronlite.models.init import init_parameters
+from megatronlite.models.rope import rotary_tables
 
 # published parameter counts of the shapes the presets copy
 PUBLISHED = {
@@ -16,6 +17,9 @@ PUBLISHED = {
     "llama-8b": 8_030_261_248,  # Llama 3 8B
     "llama-70b": 70_553_706_496,  # Llama 3 70B
     "gpt2-small": 124_439_808,  # GPT-2 small
+    "qwen3-0.6b": 596_049_920,  # Qwen3 0.6B
+    "qwen3-1.7b": 1_720_574_976,  # Qwen3 1.7B
+    "mistral-7b": 7_248_023_552,  # Mistral 7B v0.3
 }
 
 
@@ -87,7 +91,7 @@ def test_rotary_matches_transformers():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
-    cos, sin = rotary_tables(16, 10, 10000.0, torch.device("cpu"))
+    cos, sin = rotary_tables(ModelConfig(hidden_size=64, num_heads=4), torch.arange(10))
     hq, hk = apply_rotary_pos_emb(q, k, cos[None], sin[None])
     torch.testing.assert_close(apply_rotary(q, cos, sin), hq)
     torch.testing.assert_close(apply_rotary(k, cos, sin), hk)

@@ -95,19 +95,50 @@ PRECISION_LAYOUTS = {  # multi-process runs in mixed precision, each against one
 }
 
 
-def overrides(corpus, run_dir, arch, precision="fp32"):
-    return tiny_overrides(corpus, run_dir, arch, **COMMON, **{"train.precision": precision})
+# model name -> (arch preset, feature overrides). "features": every feature the presets do not already cover in
+# one model: Qwen3's per-head q/k norms (a gradient partial over TP) with a head size that is not hidden / heads,
+# biases on every linear layer, llama3 rope scaling and a sliding window shorter than a sequence and longer than
+# a CP chunk (so it cuts across chunks and ring steps); packed samples of short documents with document masking
+# and the end-of-document loss mask (it trains on the `short_docs` corpus, so every sample crosses documents).
+MODELS = {
+    "llama": ("llama", {}),
+    "gpt2": ("gpt2", {}),
+    "features": (
+        "qwen3",
+        {
+            "model.head_dim": 24,
+            "model.bias": "true",
+            "model.sliding_window": 24,
+            "model.rope_scaling": "{type: llama3, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+            "original_max_position_embeddings: 16}",
+            "data.document_mask": "true",
+            "data.eod_mask_loss": "true",
+        },
+    ),
+}
+# the layouts the features model runs in: each way a parameter or the sequence is split, and mixed precision
+FEATURE_LAYOUTS = ["tp2", "tp2-sp", "pp2", "tp2xpp2", "cp2", "cp2-allgather", "cp2xtp2-sp"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):
+def overrides(corpus, short_docs):
+    def get(run_dir, model, precision="fp32"):
+        arch, features = MODELS[model]
+        data = short_docs if model == "features" else corpus
+        return tiny_overrides(data, run_dir, arch, **COMMON, **features, **{"train.precision": precision})
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, overrides):
     """One process per (flavour, precision), run on first use."""
     runs = {}
 
     def get(arch, precision="fp32"):
         if (arch, precision) not in runs:
             run = tmp_path_factory.mktemp(f"ref-{arch}-{precision}") / "run"
-            done = launch("configs/demo.yaml", run, 1, overrides(corpus, run, arch, precision))
+            done = launch("configs/demo.yaml", run, 1, overrides(run, arch, precision))
             assert done.returncode == 0, done.stderr[-3000:]
             runs[arch, precision] = (read_metrics(run), final_weights(run))
         return runs[arch, precision]
@@ -131,24 +162,28 @@ def assert_equivalent(run, reference, precision):
         torch.testing.assert_close(weights[name], want, rtol=0, atol=weight_tol, msg=name)
 
 
+LAYOUT_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in LAYOUTS]
+LAYOUT_CASES += [("features", layout) for layout in FEATURE_LAYOUTS]
+PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
+PRECISION_CASES.append(("features", "tp2-sp-bf16"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_equals_single_process(tmp_path, corpus, reference, arch, layout):
+@pytest.mark.parametrize("arch, layout", LAYOUT_CASES)
+def test_layout_equals_single_process(tmp_path, overrides, reference, arch, layout):
     nproc, sets = LAYOUTS[layout]
     run = tmp_path / "run"
-    done = launch("configs/demo.yaml", run, nproc, overrides(corpus, run, arch) + sets)
+    done = launch("configs/demo.yaml", run, nproc, overrides(run, arch) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(run, reference(arch), "fp32")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("layout", PRECISION_LAYOUTS)
-def test_mixed_precision_layout_equals_single_process(tmp_path, corpus, reference, arch, layout):
+@pytest.mark.parametrize("arch, layout", PRECISION_CASES)
+def test_mixed_precision_layout_equals_single_process(tmp_path, overrides, reference, arch, layout):
     nproc, sets = PRECISION_LAYOUTS[layout]
     precision = next(s.split("=")[1] for s in sets if s.startswith("train.precision="))
     run = tmp_path / "run"
-    done = launch("configs/demo.yaml", run, nproc, overrides(corpus, run, arch, precision) + sets)
+    done = launch("configs/demo.yaml", run, nproc, overrides(run, arch, precision) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(run, reference(arch, precision), precision)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatronlite.errors import UserError
+
+if TYPE_CHECKING:
+    from megatronlite.config import ModelConfig
 
 # the keys of formats.FORMATS and model_state.OUTPUT_DTYPES, named here so that `convert --help` imports no torch
 FORMAT_NAMES = ("mlite", "hf", "megatron", "torch")
@@ -26,6 +30,21 @@ def parse_size(text: str) -> int:
     if not found or unit not in UNITS:
         raise UserError(f"--max-shard-size {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 2GiB")
     return int(found[1]) * UNITS[unit]
+
+
+def features(m: ModelConfig) -> str:
+    """The features a reader of the summary line would not assume from the shape: biases, qk-norm, window..."""
+    named = {
+        "biases": m.bias,
+        "qkv bias": m.qkv_bias and not m.bias,
+        "qk-norm": m.qk_norm,
+        f"head_dim {m.head_size}": m.head_size * m.num_heads != m.hidden_size,
+        f"window {m.sliding_window}": m.sliding_window,
+        f"{(m.rope_scaling or {}).get('type')} rope scaling": m.rope_scaling,
+        "tied output": m.tied,
+    }
+    on = [name for name, present in named.items() if present]
+    return f"; {', '.join(on)}" if on else ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,9 +87,14 @@ def main(args: argparse.Namespace) -> None:
         transformers_for((args.src_format, args.dst_format))
     ckpt = convert(args.src_format, args.dst_format, src, dst, options)
     m = ckpt.cfg.model
+    written_as = ""
+    if args.dst_format == "hf":  # chosen by the model's features, not its preset name
+        from megatronlite.convert.hf import family_for
+
+        written_as = f" as {family_for(m).ARCHITECTURE}"
     print(
-        f"converted {args.src_format} {src} -> {args.dst_format} {dst}: {m.arch}, {m.num_layers} layers, "
-        f"hidden {m.hidden_size}, {m.num_heads} heads ({m.kv_heads} KV), vocabulary {m.vocab_size}"
+        f"converted {args.src_format} {src} -> {args.dst_format} {dst}{written_as}: {m.arch}, {m.num_layers} layers, "
+        f"hidden {m.hidden_size}, {m.num_heads} heads ({m.kv_heads} KV), vocabulary {m.vocab_size}{features(m)}"
     )
     if args.verify:
         from megatronlite.convert.verify import verify

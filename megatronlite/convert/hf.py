@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from megatronlite.checkpoint.weights import expected_shapes
+from megatronlite.config import ModelConfig
 from megatronlite.convert import byte_tokenizer, hf_gpt2, hf_llama, safetensors_io
+from megatronlite.convert.hf_features import HFFamily
 from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
@@ -23,12 +25,12 @@ from megatronlite.convert.model_state import (
 from megatronlite.data.tokenizers import ByteTokenizer
 from megatronlite.errors import UserError
 
-FAMILIES = {hf_llama.ARCHITECTURE: hf_llama, hf_gpt2.ARCHITECTURE: hf_gpt2}
-BY_ARCH = {"llama": hf_llama, "gpt2": hf_gpt2}
+FAMILIES: tuple[HFFamily, ...] = (*hf_llama.FAMILIES, hf_gpt2)  # export's order of preference
+BY_ARCHITECTURE = {f.ARCHITECTURE: f for f in FAMILIES}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def read_config(directory: Path) -> tuple[dict, object]:
+def read_config(directory: Path) -> tuple[dict, HFFamily]:
     """The raw config.json and the module that converts its architecture."""
     path = directory / "config.json"
     if not path.is_file():
@@ -38,10 +40,25 @@ def read_config(directory: Path) -> tuple[dict, object]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     archs = raw.get("architectures") or [None]
-    family = FAMILIES.get(archs[0])
+    family = BY_ARCHITECTURE.get(archs[0])
     if family is None:
-        raise UserError(f"{path}: architecture {archs[0]!r} is not supported; supported: {', '.join(FAMILIES)}")
+        raise UserError(f"{path}: architecture {archs[0]!r} is not supported; supported: {', '.join(BY_ARCHITECTURE)}")
     return raw, family
+
+
+def family_for(m: ModelConfig) -> HFFamily:
+    """The HF architecture a model is written as: its preset's (`model.arch`) if that family expresses every
+    feature, else the first that does (a llama with qk_norm is a Qwen3). None doing so is refused, naming
+    what stops each family, rather than writing a model transformers would compute differently."""
+    preset = [f for f in FAMILIES if f.PRESET == m.arch]
+    blockers = {}
+    for family in (*preset, *FAMILIES):
+        blocker = family.unexpressed(m)
+        if blocker is None:
+            return family
+        blockers[family.ARCHITECTURE] = blocker
+    lacks = "; ".join(f"{arch} lacks {blocker}" for arch, blocker in blockers.items())
+    raise UserError(f"no HF architecture expresses this {m.arch} model's features: {lacks}")
 
 
 class _Prefixed:
@@ -72,7 +89,7 @@ def read(path: Path, options: Options) -> Checkpoint:
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
     model = ckpt.cfg.model
-    family = BY_ARCH[model.arch]
+    family = family_for(model)
     dtype = output_dtype(ckpt, options)
     mapping = family.mapping(model)
     dst.mkdir(parents=True)

@@ -13,13 +13,27 @@ from pathlib import Path
 import torch
 
 from megatronlite.config import ModelConfig
+from megatronlite.convert import hf_features
 from megatronlite.convert.mapping import Mapping, Rule, group_qkv, rename, split_qkv, transposed
 from megatronlite.convert.model_state import refuse, require
 
 ARCHITECTURE = "GPT2LMHeadModel"
+PRESET = "gpt2"
 BASE_PREFIX = "transformer."  # checkpoints of the bare GPT2Model (the original gpt2 files) lack it
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # our gpt2 uses GELU's tanh approximation
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older checkpoints saved
+# GPT-2's features (hf_features.features): every one is fixed but the output layer's tying
+ALLOWED: hf_features.Allowed = {
+    "norm": ("layernorm",),
+    "activation": ("gelu",),
+    "position": ("learned",),
+    "rope_scaling": (None,),
+    "qkv_bias, bias": ((True, True),),
+    "qk_norm": (False,),
+    "sliding_window": (None,),
+    "head_dim": (None,),
+    "num_kv_heads": (None,),
+}
 
 
 def model_config(raw: dict, where: Path) -> ModelConfig:
@@ -32,18 +46,30 @@ def model_config(raw: dict, where: Path) -> ModelConfig:
         refuse(where, "add_cross_attention: true", "decoder-only gpt2")
     hidden, heads = require(raw, "n_embd", where), require(raw, "n_head", where)
     return ModelConfig(
-        arch="gpt2",
+        arch=PRESET,
         num_layers=require(raw, "n_layer", where),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=heads,
+        head_dim=None,  # hidden / heads
         ffn_hidden_size=raw.get("n_inner") or 4 * hidden,
         vocab_size=require(raw, "vocab_size", where),
         max_seq_len=require(raw, "n_positions", where),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        norm="layernorm",
         norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        activation="gelu",
+        position="learned",
+        bias=True,
+        qkv_bias=True,
+        qk_norm=False,
+        sliding_window=None,
+        tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
         init_std=float(raw.get("initializer_range", 0.02)),
     )
+
+
+def unexpressed(m: ModelConfig) -> str | None:
+    return hf_features.unexpressed(m, ALLOWED)
 
 
 def hf_config(m: ModelConfig) -> dict:

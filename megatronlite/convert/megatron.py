@@ -5,8 +5,9 @@
         torch_dist: metadata.json, common.pt (args), DCP files      -> megatron_dist
         torch (legacy): mp_rank_TT[_PPP]/model_optim_rng.pt per rank -> megatron_legacy
 
-The model's shape comes from the Megatron-LM args saved in the checkpoint; the tensor names are
-in megatron_names.
+The model's shape and every feature come from the Megatron-LM args saved in the checkpoint (`features`;
+`arch` only names the closest family), and are written back as args on export; a feature one side
+cannot express is refused, never approximated. The tensor names are in megatron_names.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from megatronlite.convert.model_state import (
     require,
     run_config,
 )
+from megatronlite.convert.presets import closest_arch
 from megatronlite.errors import UserError
+from megatronlite.models.rope import scaling_parameters
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -39,45 +42,39 @@ RELEASE = "release"
 DEFAULTS = {
     "normalization": "LayerNorm",
     "swiglu": False,
+    "openai_gelu": False,
     "position_embedding_type": "learned_absolute",
     "add_bias_linear": True,
     "add_qkv_bias": False,
-    "openai_gelu": False,
+    "qk_layernorm": False,
+    "use_rope_scaling": False,
+    "rope_scaling_factor": 8.0,
+    "window_size": None,
     "untie_embeddings_and_output_weights": False,
     "norm_epsilon": 1e-5,
     "rotary_base": 10000,
     "init_method_std": 0.02,
 }
-FLAVOURS = {
-    "llama": {
-        "normalization": "RMSNorm",
-        "swiglu": True,
-        "position_embedding_type": "rope",
-        "add_bias_linear": False,
-        "add_qkv_bias": False,
-    },
-    "gpt2": {
-        "normalization": "LayerNorm",
-        "swiglu": False,
-        "position_embedding_type": "learned_absolute",
-        "add_bias_linear": True,
-        "openai_gelu": True,  # GELU's tanh approximation, as GPT-2 and megatronlite use
-    },
-}
+NORMS = {"RMSNorm": "rmsnorm", "LayerNorm": "layernorm"}  # Megatron's name -> ours
+POSITIONS = {"rope": "rope", "learned_absolute": "learned"}
+# megatron-core's llama3 RoPE scaling takes only the factor from args; RotaryEmbedding._apply_scaling fixes the rest
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # features a megatronlite model does not have: the arg and the value that means "off"
 ABSENT = {
     "rotary_percent": 1.0,
     "rotary_interleaved": False,
+    "rotary_seq_len_interpolation_factor": None,
     "apply_layernorm_1p": False,
-    "qk_layernorm": False,
     "num_experts": None,
     "squared_relu": False,
     "multi_latent_attention": False,
-    "use_rope_scaling": False,
+    "window_attn_skip_freq": None,
+    "softmax_type": "vanilla",
 }
 SUPPORTED = (
-    "llama-style (RMSNorm, --swiglu, rope, --disable-bias-linear) or gpt2-style "
-    "(LayerNorm, --openai-gelu, learned absolute positions, biases) dense GPT models"
+    "dense GPT models: RMSNorm or LayerNorm, --swiglu or --openai-gelu, rope (optionally --use-rope-scaling) "
+    "or learned absolute positions, biases on all linear layers or QKV only, --qk-layernorm with RMSNorm, "
+    "a causal --window-size on every layer"
 )
 
 
@@ -100,45 +97,117 @@ def iteration_dir(path: Path) -> Path:
     return iterations[-1]
 
 
+def _lookup(values: dict, key: str, table: dict[str, str], where: Path) -> str:
+    if values[key] not in table:
+        refuse(where, f"args.{key}={values[key]!r}", SUPPORTED)
+    return table[values[key]]
+
+
+def _window(window_size: object, where: Path) -> int | None:
+    """Megatron's (left, right) window, left = -1 meaning unbounded, as our window: the tokens a query sees."""
+    if window_size is None:
+        return None
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and window_size[1] == 0):
+        refuse(where, f"args.window_size={window_size!r} (not a causal (left, 0) window)", SUPPORTED)
+    return None if window_size[0] == -1 else int(window_size[0]) + 1
+
+
+def features(values: dict, where: Path) -> dict:
+    """megatronlite's model features of Megatron-LM args (with Megatron's defaults filled in)."""
+    for key, off in ABSENT.items():
+        if values.get(key, off) not in (off, None):
+            refuse(where, f"args.{key}={values[key]!r}", SUPPORTED)
+    norm = _lookup(values, "normalization", NORMS, where)
+    if not (values["swiglu"] or values["openai_gelu"]):
+        refuse(where, "args.swiglu=False with args.openai_gelu=False (erf GELU)", SUPPORTED)
+    if values["qk_layernorm"] and norm != "rmsnorm":
+        refuse(where, f"args.qk_layernorm with args.normalization={values['normalization']!r}", SUPPORTED)
+    position = _lookup(values, "position_embedding_type", POSITIONS, where)
+    llama3 = {"type": "llama3", "factor": float(values["rope_scaling_factor"]), **LLAMA3_FIXED}
+    return dict(
+        norm=norm,
+        norm_eps=float(values["norm_epsilon"]),
+        activation="swiglu" if values["swiglu"] else "gelu",
+        position=position,
+        rope_theta=float(values["rotary_base"]),
+        rope_scaling=llama3 if position == "rope" and values["use_rope_scaling"] else None,
+        bias=bool(values["add_bias_linear"]),
+        qkv_bias=bool(values["add_bias_linear"] or values["add_qkv_bias"]),  # Megatron's linear_qkv: either arg
+        qk_norm=bool(values["qk_layernorm"]),
+        sliding_window=_window(values["window_size"], where),
+        tie_embeddings=not values["untie_embeddings_and_output_weights"],
+    )
+
+
 def model_config(args: dict, where: Path, vocab_size: int | None) -> tuple[ModelConfig, int]:
     """The megatronlite model of Megatron-LM args, and the padded vocabulary size the tensors have."""
     values = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
-    arch = next((a for a, want in FLAVOURS.items() if all(values.get(k) == v for k, v in want.items())), None)
-    if arch is None:
-        found = ", ".join(f"{k}={values.get(k)!r}" for k in sorted({k for w in FLAVOURS.values() for k in w}))
-        refuse(where, f"a model with args {found}", SUPPORTED)
-    for key, off in ABSENT.items():
-        if args.get(key, off) not in (off, None):
-            refuse(where, f"args.{key}={args[key]!r}", SUPPORTED)
+    found = features(values, where)
     hidden, heads = require(args, "hidden_size", where), require(args, "num_attention_heads", where)
-    if args.get("kv_channels") not in (None, hidden // heads):
-        refuse(where, f"args.kv_channels={args['kv_channels']} (not hidden_size / num_attention_heads)", SUPPORTED)
+    kv_channels = args.get("kv_channels")
     padded = require(args, "padded_vocab_size", where)
     vocab = vocab_size or args.get("vocab_size") or padded
     if vocab > padded:
         raise UserError(f"{where}: vocabulary size {vocab} exceeds the checkpoint's padded vocabulary ({padded})")
     model = ModelConfig(
-        arch=arch,
+        arch=closest_arch(found),
         num_layers=require(args, "num_layers", where),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=args.get("num_query_groups") if args.get("group_query_attention") else heads,
+        head_dim=None if kv_channels in (None, hidden // heads) else kv_channels,
         ffn_hidden_size=require(args, "ffn_hidden_size", where),
         vocab_size=vocab,
         max_seq_len=args.get("max_position_embeddings") or require(args, "seq_length", where),
-        tie_embeddings=not values["untie_embeddings_and_output_weights"],
-        norm_eps=float(values["norm_epsilon"]),
-        rope_theta=float(values["rotary_base"]),
         init_std=float(values["init_method_std"]),
+        **found,
     )
     return model, padded
 
 
+def _rope_scaling_args(m: ModelConfig) -> dict:
+    """`use_rope_scaling` and its factor: megatron-core's only RoPE scaling for GPT models is llama3 with fixed
+    frequency bands. (Its yarn is not the same model: GPTModel drops yarn's attention factor.)"""
+    if m.rope_scaling is None:
+        return {"use_rope_scaling": False}
+    p = scaling_parameters(m)
+    if p["type"] != "llama3":
+        raise UserError(f"model.rope_scaling.type={p['type']!r} cannot be written for Megatron (llama3 only)")
+    for key, fixed in LLAMA3_FIXED.items():
+        if p[key] != fixed:
+            raise UserError(
+                f"model.rope_scaling.{key}={p[key]!r} cannot be written for Megatron; megatron-core fixes it to {fixed}"
+            )
+    return {"use_rope_scaling": True, "rope_scaling_factor": p["factor"]}
+
+
+def feature_args(m: ModelConfig) -> dict:
+    """The Megatron-LM args of `m`'s features; a feature Megatron cannot express is refused."""
+    if m.bias and not m.qkv_bias:
+        raise UserError("model.bias without model.qkv_bias cannot be written for Megatron: add_bias_linear covers QKV")
+    if m.qk_norm and m.norm != "rmsnorm":
+        raise UserError(f"model.qk_norm with model.norm={m.norm!r} cannot be written for Megatron (q/k LayerNorm)")
+    return dict(
+        normalization={ours: theirs for theirs, ours in NORMS.items()}[m.norm],
+        norm_epsilon=m.norm_eps,
+        swiglu=m.gated,
+        openai_gelu=m.activation == "gelu",  # GELU's tanh approximation, as GPT-2 and megatronlite use
+        position_embedding_type={ours: theirs for theirs, ours in POSITIONS.items()}[m.position],
+        add_position_embedding=m.position == "learned",
+        rotary_base=int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
+        **_rope_scaling_args(m),
+        add_bias_linear=m.bias,
+        add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_norm,
+        window_size=None if m.sliding_window is None else (m.sliding_window - 1, 0),
+        untie_embeddings_and_output_weights=not m.tied,
+    )
+
+
 def make_args(m: ModelConfig, padded: int, dtype: torch.dtype, options: Options) -> argparse.Namespace:
     """Megatron-LM args describing `m`, enough for `--use-checkpoint-args` and for our reader."""
-    flavour = FLAVOURS[m.arch]
     return argparse.Namespace(
-        **flavour,
+        **feature_args(m),
         **{k: v for k, v in ABSENT.items() if v is not None},
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -146,16 +215,12 @@ def make_args(m: ModelConfig, padded: int, dtype: torch.dtype, options: Options)
         num_attention_heads=m.num_heads,
         group_query_attention=m.kv_heads != m.num_heads,
         num_query_groups=m.kv_heads,
-        kv_channels=m.head_dim,
+        kv_channels=m.head_size,
         max_position_embeddings=m.max_seq_len,
         seq_length=m.max_seq_len,
-        add_position_embedding=m.arch == "gpt2",
         vocab_size=m.vocab_size,
         padded_vocab_size=padded,
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
-        untie_embeddings_and_output_weights=not m.tied,
-        norm_epsilon=m.norm_eps,
-        rotary_base=int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
         init_method_std=m.init_std,
         tensor_model_parallel_size=options.megatron_tp,
         pipeline_model_parallel_size=options.megatron_pp,

@@ -3,7 +3,7 @@ a dict of `args`, `iteration`, `checkpoint_version` and `model` (`model0`, `mode
 virtual pipeline stages), beside optimizer and RNG state we do not read.
 
 A rank's `model` is its TP shard of its stage's layers, numbered from 0 within the stage.
-Column-parallel weights are split on dim 0 (SwiGLU's fc1 per rank is [gate_r; up_r]), row-parallel
+Column-parallel weights and biases are split on dim 0 (SwiGLU's fc1 per rank is [gate_r; up_r]), row-parallel
 ones on dim 1, the rest replicated. Reading memory-maps every rank file and joins a global tensor
 from its shards when asked; writing splits each global tensor as it is made and parks the shards
 in memory-mapped files until each rank's file is saved.
@@ -54,7 +54,7 @@ def _tp_dim(name: str) -> int | None:
 
 
 def _is_glu_fc1(name: str, glu: bool) -> bool:
-    return glu and name.endswith("linear_fc1.weight")
+    return glu and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
 
 
 def join(name: str, shards: list[torch.Tensor], glu: bool) -> torch.Tensor:

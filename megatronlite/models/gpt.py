@@ -1,7 +1,10 @@
-"""One GPT decoder in two flavours, built from tensor-parallel layers.
+"""One GPT decoder whose parts are chosen by `ModelConfig`'s features, built from tensor-parallel layers.
 
-`llama`: RMSNorm, rotary embeddings (half rotation, as HF and Megatron), SwiGLU, grouped-query
-attention, untied output layer. `gpt2`: LayerNorm, learned positions, GELU MLP, tied embeddings.
+The features: RMSNorm or LayerNorm; rotary embeddings (half rotation, as HF and Megatron; with
+llama3 / yarn long-context scaling) or learned positions; SwiGLU or GELU; biases on every linear
+layer or on QKV only; per-head q/k RMSNorm (Qwen3); a sliding attention window (Mistral);
+grouped-query attention with any head size; tied or untied output layer. No code here asks which
+family a model is: `model.arch` only fills in the features (config.FAMILIES).
 
 A `GPTModel` holds one pipeline stage: the layers it was given (named by their global index,
 so parameter names never depend on the layout), plus the embedding on the first stage and the
@@ -15,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -24,10 +28,12 @@ from megatronlite.config import ModelConfig
 from megatronlite.kernels import OPS
 from megatronlite.kernels.dispatch import backend_function
 from megatronlite.kernels.reference import swiglu_halves
+from megatronlite.models.attention_mask import masked_attention
+from megatronlite.models.rope import rotary_tables
 from megatronlite.parallel.context import context_attention, local_positions
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
-from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.mesh import Group, Mesh
 from megatronlite.parallel.sharding import empty_param, replicated
 from megatronlite.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -37,21 +43,30 @@ from megatronlite.parallel.tensor_parallel import (
 )
 
 Backends = Mapping[str, str]  # op -> resolved backend (megatronlite.kernels: torch | triton | apex | te)
-Rotary = tuple[torch.Tensor, torch.Tensor]  # RoPE's cos and sin, [seq, head_dim]
+Rotary = tuple[torch.Tensor, torch.Tensor]  # RoPE's cos and sin, [seq, head_dim] (packed: [batch, 1, seq, head_dim])
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The documents of one micro-batch (`data.document_mask`): attention stays inside each, positions restart."""
+
+    documents: torch.Tensor  # [b, S] every token's document id over the whole sequence (each CP rank holds it all)
+    positions: torch.Tensor  # [b, s_local] this rank's tokens' positions within their documents
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama) or LayerNorm (gpt2), computed in fp32 like HF and Megatron."""
+    """RMSNorm or LayerNorm over the last dim (`size`), computed in fp32 like HF and Megatron.
 
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, backends: Backends) -> None:
+    `partial_grad`: each TP rank's gradient is a partial sum (sequence parallelism; q/k norms, whose
+    heads are split over TP)."""
+
+    def __init__(self, kind: str, size: int, eps: float, partial_grad: bool, backends: Backends) -> None:
         super().__init__()
-        self.rms, self.eps = cfg.arch == "llama", cfg.norm_eps
-        self.norm = backend_function(
-            "rms_norm" if self.rms else "layer_norm", backends["rms_norm" if self.rms else "layer_norm"]
-        )
-        h = cfg.hidden_size
-        self.weight = empty_param((h,), replicated((h,), "ones", sequence_parallel))
-        self.bias = None if self.rms else empty_param((h,), replicated((h,), "zeros", sequence_parallel))
+        self.rms, self.eps = kind == "rmsnorm", eps
+        op = "rms_norm" if self.rms else "layer_norm"
+        self.norm = backend_function(op, backends[op])
+        self.weight = empty_param((size,), replicated((size,), "ones", partial_grad))
+        self.bias = None if self.rms else empty_param((size,), replicated((size,), "zeros", partial_grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:
@@ -59,12 +74,9 @@ class Norm(nn.Module):
         return self.norm(x, self.weight, self.bias, self.eps)
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [seq, head_dim] of the half-rotation convention: frequencies repeated over both halves."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+def hidden_norm(cfg: ModelConfig, sequence_parallel: bool, backends: Backends) -> Norm:
+    """A norm over the hidden size (before attention, before the MLP, after the last layer)."""
+    return Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, sequence_parallel, backends)
 
 
 class Attention(nn.Module):
@@ -90,38 +102,47 @@ class Attention(nn.Module):
         self.apply_rotary = backend_function("rotary", backends["rotary"])
         self.groups = cfg.kv_heads // mesh.tp
         self.q_per_group = cfg.num_heads // cfg.kv_heads
-        d, bias = cfg.head_dim, cfg.arch == "gpt2"
+        d = cfg.head_size
         qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * d
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, mesh, bias=bias, sequence_parallel=sequence_parallel)
-        self.proj = RowParallelLinear(
-            cfg.num_heads * d, cfg.hidden_size, mesh, bias=bias, sequence_parallel=sequence_parallel
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, qkv_out, mesh, bias=cfg.qkv_bias, sequence_parallel=sequence_parallel
         )
+        self.proj = RowParallelLinear(
+            cfg.num_heads * d, cfg.hidden_size, mesh, bias=cfg.bias, sequence_parallel=sequence_parallel
+        )
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:  # one weight shared by every head, whose heads are split over TP
+            self.q_norm, self.k_norm = (Norm("rmsnorm", d, cfg.norm_eps, mesh.tp > 1, backends) for _ in "qk")
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, documents: torch.Tensor | None) -> torch.Tensor:
         qkv = self.qkv(x)
         b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.cfg.head_dim)
+        d = self.cfg.head_size
+        qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, d)
         # one split (its backward writes the three gradients into one tensor, where slicing sums three)
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
-        q = q.reshape(b, s, -1, self.cfg.head_dim).transpose(1, 2)
-        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
+        q, k = q.reshape(b, s, -1, d), k.squeeze(3)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(3).transpose(1, 2)
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
         if self.selective and torch.is_grad_enabled():  # keep no s x s activations: recompute them in backward
-            out = checkpoint(self._core, q, k, v, use_reentrant=False)
+            out = checkpoint(self._core, q, k, v, documents, use_reentrant=False)
         else:
-            out = self._core(q, k, v)
+            out = self._core(q, k, v, documents)
         return self.proj(out.transpose(1, 2).reshape(b, s, -1))
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+        window = self.cfg.sliding_window
         if self.context.size > 1:
-            return context_attention(q, k, v, self.context.pg, self.context_attention)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+            return context_attention(q, k, v, self.context.pg, self.context_attention, window, documents)
+        return masked_attention(q, k, v, window, documents)
 
 
 class MLP(nn.Module):
-    """SwiGLU with a fused [gate; up] projection (llama) or fc1-GELU-fc2 (gpt2).
+    """SwiGLU with a fused [gate; up] projection, or fc1-GELU-fc2.
 
     A fused SwiGLU kernel reads gate and up from the one fused GEMM output. The pure-torch path
     instead runs one GEMM per half (the weight's halves are views) so silu and the product read
@@ -130,15 +151,15 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, backends: Backends) -> None:
         super().__init__()
-        self.gated = cfg.arch == "llama"
+        self.gated = cfg.gated
         self.split_halves = backends["swiglu"] == "torch"
         self.swiglu = None if self.split_halves else backend_function("swiglu", backends["swiglu"])
         f, h = cfg.ffn_size, cfg.hidden_size
         parts = ("gate", "up") if self.gated else ()
         self.fc1 = ColumnParallelLinear(
-            h, f * len(parts or "x"), mesh, bias=not self.gated, parts=parts, sequence_parallel=sequence_parallel
+            h, f * len(parts or "x"), mesh, bias=cfg.bias, parts=parts, sequence_parallel=sequence_parallel
         )
-        self.fc2 = RowParallelLinear(f, h, mesh, bias=not self.gated, sequence_parallel=sequence_parallel)
+        self.fc2 = RowParallelLinear(f, h, mesh, bias=cfg.bias, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated and self.split_halves:
@@ -161,19 +182,30 @@ class RunOptions:
     kernels: Backends = field(default_factory=lambda: dict.fromkeys(OPS, "torch"))  # see trainer.run_options
     fused_cross_entropy: bool = False  # output layer + loss in token chunks, never the full logits
     context_attention: str = "ring"  # CP > 1: ring | allgather (parallel.context_attention)
+    masked_loss: bool = False  # labels < 0 do not count (data.eod_mask_loss); the unfused loss path
+
+
+def masked_mean(losses: torch.Tensor, keep: torch.Tensor, context: Group) -> torch.Tensor:
+    """The mean of `losses` where `keep` is 1 over the whole sequence, as this CP rank's share: the CP ranks'
+    values average to it (each divides its own sum by the sequence's count / CP)."""
+    count = keep.sum()
+    if context.size > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count, group=context.pg)
+    return (losses * keep).sum() * context.size / count.clamp(min=1)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, options: RunOptions) -> None:
         super().__init__()
         backends, selective = options.kernels, options.recompute == "selective"
-        self.attn_norm = Norm(cfg, sequence_parallel, backends)
+        self.attn_norm = hidden_norm(cfg, sequence_parallel, backends)
         self.attention = Attention(cfg, mesh, sequence_parallel, backends, selective, options.context_attention)
-        self.mlp_norm = Norm(cfg, sequence_parallel, backends)
+        self.mlp_norm = hidden_norm(cfg, sequence_parallel, backends)
         self.mlp = MLP(cfg, mesh, sequence_parallel, backends)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, documents: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), rotary, documents)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -183,16 +215,16 @@ class Embedding(nn.Module):
         self.mesh, self.sequence_parallel = mesh, sequence_parallel
         self.word = VocabParallelEmbedding(cfg.vocab_size, padded_vocab, cfg.hidden_size, mesh, sequence_parallel)
         self.position = None
-        if cfg.arch == "gpt2":
+        if cfg.position == "learned":
             shape = (cfg.max_seq_len, cfg.hidden_size)
             self.position = empty_param(shape, replicated(shape, sequence_parallel=sequence_parallel))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`positions`: the true positions of `ids` (this CP rank's chunks of the sequence)."""
+        """`positions`: the positions of `ids` [s] (this CP rank's chunks of the sequence) or, packed, [b, s]."""
         x = self.word(ids)  # [b, s / TP under sequence parallelism, h]
         if self.position is not None:
             start = self.mesh.tp_rank * x.shape[1] if self.sequence_parallel else 0
-            x = x + self.position[positions[start : start + x.shape[1]]]
+            x = x + self.position[positions[..., start : start + x.shape[1]]]
         return x
 
 
@@ -221,7 +253,7 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp, options) for i in layer_ids})
         n_full = (options.recompute_layers or len(layer_ids)) if options.recompute == "full" else 0
         self.recomputed = set(list(self.layers)[:n_full])
-        self.final_norm = Norm(cfg, sp, k) if post_process else None
+        self.final_norm = hidden_norm(cfg, sp, k) if post_process else None
         self.output = None
         if post_process and not (cfg.tied and pre_process):
             # tied: the last stage's copy of the first stage's embedding, kept in sync
@@ -236,40 +268,46 @@ class GPTModel(nn.Module):
 
     def positional(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, Rotary | None]:
         """This rank's true token positions (contiguous, or under CP its two chunks') and RoPE's cos and sin at
-        them (llama). Made once per sequence length and device, so a step never waits on the host for them."""
+        them (rotary models). Made once per sequence length and device, so a step never waits on the host for them."""
         key = (local_len, device)
         if self._positional is None or self._positional[0] != key:
             context = self.mesh.role("context")
             positions = local_positions(local_len, context.rank, context.size, device)
-            rotary = None
-            if self.cfg.arch == "llama":
-                cos, sin = rotary_tables(self.cfg.head_dim, local_len * context.size, self.cfg.rope_theta, device)
-                rotary = (cos[positions], sin[positions])
+            rotary = rotary_tables(self.cfg, positions) if self.cfg.position == "rope" else None
             self._positional = (key, positions, rotary)
         return self._positional[1], self._positional[2]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, packing: Packing | None = None
+    ) -> torch.Tensor:
         """First stage: x is token ids [b, s]; later stages: hidden states from the previous stage.
 
-        The last stage returns the mean loss when given labels (the vocabulary stays sharded), else
-        logits over the real (unpadded) vocabulary, gathered over TP.
+        The last stage returns the mean loss when given labels (the vocabulary stays sharded; labels < 0
+        do not count), else logits over the real (unpadded) vocabulary, gathered over TP.
         """
-        x = self.hidden(x)
+        x = self.hidden(x, packing)
         if not self.post_process:
             return x
         return self.loss(x, labels) if labels is not None else self.logits(x)
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """The stage without the output layer: what a pipeline stage sends on (the last stage's is normed)."""
-        local_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel and not self.pre_process else 1)
-        positions, rotary = self.positional(local_len, x.device)
+        documents = None
+        if packing is None:
+            local_len = x.shape[1] * (self.mesh.tp if self.sequence_parallel and not self.pre_process else 1)
+            positions, rotary = self.positional(local_len, x.device)
+        else:
+            documents, positions = packing.documents, packing.positions
+            rotary = None
+            if self.cfg.position == "rope":
+                rotary = tuple(t.unsqueeze(1) for t in rotary_tables(self.cfg, positions))  # [b, 1, s, d]
         if self.pre_process:
             x = self.embedding(x, positions)
         for name, layer in self.layers.items():
             if name in self.recomputed and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary, use_reentrant=False)
+                x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
             else:
-                x = layer(x, rotary)
+                x = layer(x, rotary, documents)
         return self.final_norm(x) if self.post_process else x
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -286,7 +324,10 @@ class GPTModel(nn.Module):
                 self.options.kernels["linear_cross_entropy"],
             )
         logits = column_parallel_linear(x, self.output_weight(), None, self.mesh, self.sequence_parallel)
-        return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh).mean()
+        if not self.options.masked_loss:
+            return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.mesh).mean()
+        losses = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), self.cfg.vocab_size, self.mesh)
+        return masked_mean(losses, (labels >= 0).to(losses.dtype), self.mesh.role("context"))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(Last stage.) Logits over the real vocabulary, gathered over TP."""

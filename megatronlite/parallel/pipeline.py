@@ -23,7 +23,7 @@ from torch.distributed.pipelining import (
 )
 
 from megatronlite.config import Config
-from megatronlite.models.gpt import GPTModel, RunOptions
+from megatronlite.models.gpt import GPTModel, Packing, RunOptions
 from megatronlite.parallel.mesh import Mesh
 
 
@@ -64,14 +64,18 @@ def build_stages(cfg: Config, mesh: Mesh, options: RunOptions) -> list[Stage]:
 
 class _StageHidden(nn.Module):
     """The stage as torch's pipelining sees it: hidden states in and out; the last stage's loss function
-    (`GPTModel.loss`, through the trainer) takes its normed output."""
+    (`GPTModel.loss`, through the trainer) takes its normed output.
+
+    Packed samples (data.document_mask): each micro-batch's document ids and positions travel with its
+    hidden states from stage to stage (no gradient flows to them), so every stage masks its own micro-batch."""
 
     def __init__(self, model: GPTModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.hidden(x)
+    def forward(self, x: torch.Tensor, *packing: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        hidden = self.model.hidden(x, Packing(*packing) if packing else None)
+        return hidden if self.model.post_process or not packing else (hidden, *packing)
 
 
 class PipelineRunner:
@@ -104,12 +108,15 @@ class PipelineRunner:
             cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(pipe_stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
 
-    def run(self, inputs: torch.Tensor, labels: torch.Tensor, train: bool) -> torch.Tensor | None:
+    def run(
+        self, inputs: torch.Tensor, labels: torch.Tensor, train: bool, packing: Packing | None = None
+    ) -> torch.Tensor | None:
         """Forward (and backward if `train`) the whole batch; the sum of micro-batch losses on the last stage."""
         losses: list[torch.Tensor] = []
         # contiguous: torch >= 2.11 checks each micro-batch's strides against a contiguous example,
         # and the callers' inputs are views of [batch, seq + 1] token blocks
-        args = (inputs.contiguous(),) if self.has_first else ()
+        extra = (packing.documents, packing.positions.contiguous()) if packing is not None else ()
+        args = (inputs.contiguous(), *extra) if self.has_first else ()
         kwargs = {"target": labels, "losses": losses} if self.has_last else {}
         (self.schedule.step if train else self.schedule.eval)(*args, **kwargs)
         return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last else None

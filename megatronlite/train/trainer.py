@@ -18,9 +18,10 @@ from megatronlite import kernels
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.views import GlobalPiece, model_pieces, slice_pieces, stored_name
 from megatronlite.config import Config
+from megatronlite.data.documents import document_ids, document_positions
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.run import build_run_data
-from megatronlite.models.gpt import RunOptions
+from megatronlite.models.gpt import Packing, RunOptions
 from megatronlite.models.init import init_parameters
 from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
@@ -46,6 +47,8 @@ def run_options(cfg: Config, device: torch.device) -> RunOptions:
     choices = cfg.train.kernels
     resolved = kernels.resolve_all(choices, device)
     resolved["adamw"] = cfg.optim.impl if cfg.optim.impl in ("triton", "apex") else "torch"  # optim.impl decides
+    if cfg.data.document_mask:  # positions differ per sample; the Triton kernel reads one table for the batch
+        resolved["rotary"] = "torch"
     named = choices.get("linear_cross_entropy", "auto") if isinstance(choices, dict) else choices
     return RunOptions(
         sequence_parallel=cfg.parallel.sequence_parallel,
@@ -53,8 +56,11 @@ def run_options(cfg: Config, device: torch.device) -> RunOptions:
         recompute_layers=cfg.train.recompute_layers,
         kernels=resolved,
         # auto takes the chunked loss only where it is the fast path (triton); naming a backend takes it anyway
-        fused_cross_entropy=resolved["linear_cross_entropy"] == "triton" or named != "auto",
+        # (not under data.eod_mask_loss: the chunked loss has no per-token mask; validation refuses naming it then)
+        fused_cross_entropy=(resolved["linear_cross_entropy"] == "triton" or named != "auto")
+        and not cfg.data.eod_mask_loss,
         context_attention=cfg.parallel.context_attention,
+        masked_loss=cfg.data.eod_mask_loss,
     )
 
 
@@ -132,10 +138,23 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _inputs_and_labels(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block of [batch, seq + 1] tokens -> inputs and next-token labels; under CP this rank's two chunks."""
+    def _micro_batch(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Packing | None]:
+        """A block of [batch, seq + 1] tokens -> inputs, next-token labels (< 0: no loss) and the documents
+        (data.document_mask); under CP this rank's two chunks of the inputs, labels and positions."""
+        data, eod = self.cfg.data, self.tokenizer.eod_id
         context = self.mesh.role("context")
-        return tuple(split_sequence(t, 1, context.rank, context.size) for t in (tokens[:, :-1], tokens[:, 1:]))
+
+        def local(t: torch.Tensor) -> torch.Tensor:
+            return split_sequence(t, 1, context.rank, context.size)
+
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        if data.eod_mask_loss:
+            labels = labels.masked_fill(inputs == eod, -1)
+        packing = None
+        if data.document_mask:
+            documents = document_ids(inputs, eod)
+            packing = Packing(documents, local(document_positions(documents)))
+        return local(inputs), local(labels), packing
 
     def _pipeline_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch (the model's own loss path), pre-divided for accumulation
@@ -146,16 +165,16 @@ class Trainer:
     def _forward_backward(self, micro_batches: list[torch.Tensor], train: bool) -> torch.Tensor:
         """The sum over micro-batches of loss / num_micro (meaningful on the last stage)."""
         if self.pipeline is not None:
-            inputs, labels = self._inputs_and_labels(torch.cat(micro_batches))
+            inputs, labels, packing = self._micro_batch(torch.cat(micro_batches))
             with self._autocast():
-                total = self.pipeline.run(inputs, labels, train)
+                total = self.pipeline.run(inputs, labels, train, packing)
             if total is None:
                 return torch.zeros((), device=self.device)
             return total / self.scaler.scale if self.scaler else total  # the loss function scaled it, eval too
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
             with self._autocast():
-                loss = self.stages[0].model(*self._inputs_and_labels(tokens))
+                loss = self.stages[0].model(*self._micro_batch(tokens))
             loss = loss / self.num_micro
             if train:
                 (loss * self.scaler.scale if self.scaler else loss).backward()
