@@ -14,7 +14,7 @@ that runs out of memory is a row saying so and the others still run. A peer that
 script exits 1 after writing the table.
 
     python bench/bench_train.py [--config configs/demo.yaml] [--device cpu|cuda] [--precision fp32|bf16]
-        [--compile off|on|both] [--steps 10] [--rounds 6] [--markdown bench/results/train_cpu.md]
+        [--compile off|on|both] [--family llama|qwen3|mistral] [--steps 10] [--rounds 6] [--markdown FILE]
 
 On a GPU, e.g.: `--config configs/models/llama-1b.yaml --set train.seq_len=4096
 --set train.micro_batch_size=2 --set train.global_batch_size=2 --device cuda --precision bf16`.
@@ -44,6 +44,14 @@ from megatronlite.train.metrics import mfu, peak_flops
 from megatronlite.train.trainer import run_options
 
 Step = Callable[[list[torch.Tensor]], None]
+# --family: the config's shapes with a family's features, what distinguishes its preset in configs/models/ kept at
+# any size (Qwen3: q/k norms, a head size twice hidden / heads, tied embeddings; Mistral: rope theta 1e6 and, as
+# Mistral 7B v0.1, a sliding window, here half the demo's sequence so it cuts)
+FAMILY_SETS = {
+    "llama": ["model.arch=llama"],
+    "qwen3": ["model.arch=qwen3", "model.head_dim=64", "model.tie_embeddings=true"],
+    "mistral": ["model.arch=mistral", "model.sliding_window=128"],
+}
 
 
 class PeerSkipped(Exception):
@@ -71,26 +79,23 @@ def megatronlite_step(cfg, device, n_micro, compiled: bool = False) -> Step:
     return step
 
 
+def hf_architecture(m) -> str:
+    """The transformers class of the same model: the one `convert --to hf` would write."""
+    from megatronlite.convert.hf import family_for
+
+    return family_for(m).ARCHITECTURE
+
+
 def hf_step(cfg, device, n_micro) -> Step:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+
+    from megatronlite.convert.hf import family_for
 
     m = cfg.model
+    fields = {k: v for k, v in family_for(m).hf_config(m).items() if k not in ("architectures", "model_type")}
+    cls = getattr(transformers, hf_architecture(m))
     with torch.device(device):  # initialised where it trains: a 1B model's init on one CPU thread takes long
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=m.vocab_size,
-                hidden_size=m.hidden_size,
-                intermediate_size=m.ffn_size,
-                num_hidden_layers=m.num_layers,
-                num_attention_heads=m.num_heads,
-                num_key_value_heads=m.kv_heads,
-                max_position_embeddings=m.max_seq_len,
-                rms_norm_eps=m.norm_eps,
-                rope_theta=m.rope_theta,
-                tie_word_embeddings=m.tied,
-                attn_implementation="sdpa",
-            )
-        )
+        model = cls(cls.config_class(**fields, attn_implementation="sdpa"))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
 
     def step(micro_batches):
@@ -169,14 +174,14 @@ def mcore_step(cfg, device, n_micro) -> Step:
     return step
 
 
-def peers(compile_mode: str) -> dict[str, Callable[..., Step]]:
+def peers(compile_mode: str, model) -> dict[str, Callable[..., Step]]:
     """Row name -> builder, megatronlite first (the base of the speed ratios)."""
     out: dict[str, Callable[..., Step]] = {}
     if compile_mode in ("off", "both"):
         out["megatronlite"] = megatronlite_step
     if compile_mode in ("on", "both"):
         out["megatronlite (torch.compile)"] = functools.partial(megatronlite_step, compiled=True)
-    out["HF LlamaForCausalLM (sdpa)"] = hf_step
+    out[f"HF {hf_architecture(model)} (sdpa)"] = hf_step
     out[mcore_name()] = mcore_step
     return out
 
@@ -260,9 +265,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--markdown", help="append the result to this file")
+    ap.add_argument("--family", choices=sorted(FAMILY_SETS), help="the config's model made that family's (below)")
     args = ap.parse_args()
 
-    cfg = config.load(args.config, args.set + [f"train.precision={args.precision}"])
+    family = FAMILY_SETS.get(args.family, [])
+    cfg = config.load(args.config, family + args.set + [f"train.precision={args.precision}"])
     device, t = torch.device(args.device), cfg.train
     n_micro = t.global_batch_size // t.micro_batch_size
     gen = torch.Generator().manual_seed(0)
@@ -279,7 +286,7 @@ def main() -> None:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    builders = peers(args.compile)
+    builders = peers(args.compile, cfg.model)
     # CPU: all resident, rounds alternate between them; CUDA: one peer in memory at a time
     groups = [builders] if device.type == "cpu" else [{name: b} for name, b in builders.items()]
     tps: dict[str, list[float]] = {}
@@ -301,7 +308,8 @@ def main() -> None:
         f"## Training throughput, {datetime.date.today()}",
         "",
         f"- command: `python bench/bench_train.py --config {args.config} "
-        + " ".join(f"--set {s}" for s in args.set)
+        + (f" --family {args.family}" if args.family else "")
+        + "".join(f" --set {s}" for s in args.set)
         + f" --device {args.device} --precision {args.precision} --compile {args.compile}"
         f" --steps {args.steps} --rounds {args.rounds}`",
         f"- machine: {platform.machine()}, {where}, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}",

@@ -154,3 +154,16 @@ def test_split_gate_up_equals_the_fused_projection():
     torch.testing.assert_close(split, fused, rtol=1e-6, atol=1e-6)
     for g, f in zip(grads, fused_grads):
         torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)
+
+
+def test_the_readme_lists_every_preset_with_its_parameter_count():
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    listed = dict(re.findall(r"^\| `([\w.-]+\.yaml)`[^|]*\| ([\d.]+)B \|$", (repo / "README.md").read_text(), re.M))
+    presets = sorted(p.name for p in (repo / "configs" / "models").glob("*.yaml"))
+    assert sorted(listed) == presets
+    for name, billions in listed.items():
+        count = parameter_count(config.load(repo / "configs" / "models" / name).model)
+        assert f"{count / 1e9:.2f}" == billions, name
