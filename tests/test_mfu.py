@@ -16,18 +16,27 @@ CONFIGS = {
     "gpt2-tied": ModelConfig(
         arch="gpt2", num_layers=2, hidden_size=48, num_heads=3, ffn_hidden_size=80, max_seq_len=SEQ
     ),
+    # heads x head_dim (72) is not the hidden size (64); biases and q/k norms are no multiplies
+    "qwen3-head-dim": ModelConfig(
+        arch="qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=18, bias=True
+    ),
+    "mistral-window": ModelConfig(arch="mistral", num_layers=2, hidden_size=64, num_heads=4, sliding_window=16),
 }
 
 
 def readme_flops(model: GPTModel, seq_len: int) -> int:
-    """6 x (matmul parameters, output layer included) + 12 x layers x seq_len x hidden, from the weights' shapes.
+    """6 x (matmul parameters, output layer included) + 12 x layers x keys x heads x head_dim, from the weights'
+    shapes.
 
     The matmuls are the layers' 2-D weights (biases and norms are not multiplies) and the output layer over the
-    real vocabulary, whether or not it is tied to the embedding (the product is computed either way)."""
+    real vocabulary, whether or not it is tied to the embedding (the product is computed either way). The
+    attention width is what the output projection reads; a query attends to at most the window's keys."""
     params = dict(model.named_parameters())
     layer_matmuls = sum(p.numel() for name, p in params.items() if name.startswith("layers.") and p.ndim == 2)
     vocab, hidden = model.cfg.vocab_size, params["embedding.word.weight"].shape[1]
-    return 6 * (layer_matmuls + vocab * hidden) + 12 * len(model.layers) * seq_len * hidden
+    width = params["layers.0.attention.proj.weight"].shape[1]
+    keys = min(seq_len, model.cfg.sliding_window or seq_len)
+    return 6 * (layer_matmuls + vocab * hidden) + 12 * len(model.layers) * keys * width
 
 
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
