@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
 
     from megatronlite import config
     from megatronlite.launcher.torchrun import die_with_launcher
-    from megatronlite.parallel.mesh import build_mesh, init_distributed
+    from megatronlite.parallel.mesh import build_mesh, cuda_device, init_distributed
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
     from megatronlite.train.preemption import Preempted
     from megatronlite.train.run_lock import lock_run_dir
@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> None:
     world, rank, local_rank = init_distributed(kind, cfg.parallel.timeout_minutes)
     lock = None
     try:
-        device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+        device = cuda_device(local_rank) if kind == "cuda" else torch.device("cpu")
         if kind == "cuda":
             torch.cuda.set_device(device)
         lock = lock_run_dir(run_dir, rank, world, device)  # before anything in the run directory is written
@@ -152,6 +152,12 @@ def _setup_plot(p: argparse.ArgumentParser) -> None:
     curves.add_arguments(p)
 
 
+def _setup_plan(p: argparse.ArgumentParser) -> None:
+    from megatronlite.plan import cli as plan_cli
+
+    plan_cli.add_arguments(p)
+
+
 def _setup_doctor(p: argparse.ArgumentParser) -> None:
     from megatronlite import doctor
 
@@ -170,6 +176,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "generate": ("continue a prompt with a checkpoint", _setup_generate),
     "convert": ("convert a checkpoint: mlite, hf, megatron, torch (both ways)", _setup_convert),
     "plot": ("draw runs' metrics (loss, eval loss, tokens/s, ...) against the step into one PNG", _setup_plot),
+    "plan": ("predicted memory per GPU and step time of every legal layout on N GPUs", _setup_plan),
     "doctor": ("versions, GPUs, the kernels auto picks, Slurm: what to paste into a bug report", _setup_doctor),
 }
 

@@ -124,11 +124,19 @@ class ParallelConfig:
     context_attention: str = "ring"  # ring (K/V blocks passed around, overlapped) | allgather (all K/V at once)
     virtual_pipeline: int = 1
     sequence_parallel: bool = False
-    distributed_optimizer: bool = False
+    # 0: plain DP | 1: optimizer states sharded over DP (ZeRO-1, Megatron's distributed optimizer) | 2: gradients
+    # too, reduce-scattered into each rank's shard during backward; null: 1 with distributed_optimizer, else 0
+    zero_stage: int | None = None
+    distributed_optimizer: bool = False  # a synonym of zero_stage: 1
     # 1f1b | interleaved | gpipe | zero_bubble; null: interleaved with virtual stages, else 1f1b (as Megatron)
     pipeline_schedule: str | None = None
     pipeline_layers: list | None = None  # layers per stage (P x virtual entries); None: an even split
     bucket_mb: float = 25.0  # DP gradient bucket size
+
+    @property
+    def zero(self) -> int:
+        """The ZeRO stage that runs (`zero_stage`, or what `distributed_optimizer` implies)."""
+        return self.zero_stage if self.zero_stage is not None else int(self.distributed_optimizer)
 
     @property
     def schedule(self) -> str:
@@ -151,6 +159,7 @@ class TrainConfig:
     recompute_layers: int = 0  # full: recompute the first N layers of each stage (0: all)
     kernels: str | dict = "auto"  # one choice for every op, or {op: auto|torch|triton|apex|te}
     compile: bool = False  # torch.compile each transformer block
+    tf32: bool = True  # CUDA: fp32 matmuls run on TF32 tensor cores (10-bit mantissa); false: full fp32 (IEEE)
     eval_interval: int = 0  # 0: no periodic eval
     eval_iters: int = 4
     threads: int = 0  # CPU intra-op threads, 0: torch's default
@@ -230,6 +239,7 @@ CHOICES = {
     "model.position": ("rope", "learned"),
     "parallel.context_attention": ("ring", "allgather"),
     "parallel.pipeline_schedule": (None, "1f1b", "interleaved", "gpipe", "zero_bubble"),
+    "parallel.zero_stage": (None, 0, 1, 2),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.recompute": ("none", "selective", "full"),
@@ -444,7 +454,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            shown = ", ".join("null" if a is None else a for a in allowed)
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise UserError(f"config key '{key}' = {value!r}; valid values: {shown}")
     m, t, o = cfg.model, cfg.train, cfg.optim
     for allow_zero, keys in ((False, _POSITIVE), (True, _NON_NEGATIVE)):
@@ -482,6 +492,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "data.eod_mask_loss needs the unfused loss, but train.kernels names linear_cross_entropy "
             f"({t.kernels['linear_cross_entropy']}); drop that key or set it to auto"
         )
+    validate_zero(cfg.parallel)
     validate_wandb(cfg.logging.wandb)
     validate_kernels(t.kernels)
     if not cfg.data.sources:
@@ -490,6 +501,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_layout(cfg, world_size)
     else:  # the data-parallel size is not known yet: at least one micro-batch per step
         _check_batch(t, 1)
+
+
+def validate_zero(p: ParallelConfig) -> None:
+    """The ZeRO stage against its synonym and the pipeline."""
+    if p.zero_stage == 0 and p.distributed_optimizer:
+        raise UserError("parallel.zero_stage: 0 contradicts parallel.distributed_optimizer: true (zero_stage 1)")
+    if p.zero == 2 and p.pipeline > 1:
+        raise UserError(
+            "parallel.zero_stage: 2 runs without pipeline parallelism (parallel.pipeline = "
+            f"{p.pipeline}): its gradients are reduce-scattered per micro-batch; use zero_stage 1 with a pipeline"
+        )
 
 
 def validate_rope_scaling(m: ModelConfig) -> None:

@@ -135,3 +135,47 @@ def error_of(capsys, *args: str) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def _spawned(rank: int, world: int, port: int, fn, args: tuple, errors) -> None:
+    """One spawned gloo worker: `fn(rank, world, *args)`, its failure reported to the parent."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        fn(rank, world, *args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
+    """Run the module-level `fn(rank, world, *args)` in `world` gloo processes; fail (never hang) on any rank's
+    error or after `timeout` seconds, killing what is left."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_spawned, args=(r, world, port, fn, args, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert all(p.exitcode == 0 for p in procs) and not messages, messages or [p.exitcode for p in procs]

@@ -34,6 +34,7 @@ LAYOUTS = {
     ),
     "cp2xtp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
     "cp2xdp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
 }
 
 
@@ -112,6 +113,7 @@ def assert_continues(run, reference, first_step):
         ("tp2xpp2", "pp2xdp2-zero-bubble"),
         ("tp2xpp2", "cp2xtp2"),
         ("tp2xpp2", "cp2xdp2-distopt"),  # ZeRO shards over dp x cp
+        ("tp2xpp2", "dp2-zero2"),  # ZeRO-2: the same optimizer slices as ZeRO-1
     ],
 )
 def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):

@@ -3,16 +3,12 @@ against attention on the whole sequence, forward and backward: causal, and with 
 and/or document masking by true position."""
 
 import itertools
-import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import spawn
 from test_attention_mask import documents_of, reference
 
 from megatronlite.models.attention_mask import masked_attention
@@ -119,56 +115,28 @@ def _check(group, impl, shape, dtype, tol, seed, window=None, with_docs=False):
         )
 
 
-def _worker(rank, world, port, cp, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-    try:
-        if cp == world:
-            group = dist.group.WORLD
-        else:  # interleaved groups ({0, 2}, {1, 3}): group ranks differ from global ranks
-            n_groups = world // cp
-            group, _ = dist.new_subgroups_by_enumeration([list(range(i, world, n_groups)) for i in range(n_groups)])
-        for impl in ("ring", "allgather"):
-            for seed, shape in enumerate(SHAPES):
-                _check(group, impl, shape, torch.float32, FP32, seed)
-            _check(group, impl, SHAPES[0], torch.bfloat16, BF16, seed=len(SHAPES))
-            for seed, (shape, (window, with_docs)) in enumerate(itertools.product(SHAPES, MASKS)):
-                _check(group, impl, shape, torch.float32, FP32, seed, window, with_docs)
-            _check(group, impl, SHAPES[0], torch.bfloat16, BF16, 0, window=5, with_docs=True)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, cp):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cp, errors)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs) and not messages, messages or [p.exitcode for p in procs]
+def _worker(rank, world, cp):
+    if cp == world:
+        group = dist.group.WORLD
+    else:  # interleaved groups ({0, 2}, {1, 3}): group ranks differ from global ranks
+        n_groups = world // cp
+        group, _ = dist.new_subgroups_by_enumeration([list(range(i, world, n_groups)) for i in range(n_groups)])
+    for impl in ("ring", "allgather"):
+        for seed, shape in enumerate(SHAPES):
+            _check(group, impl, shape, torch.float32, FP32, seed)
+        _check(group, impl, SHAPES[0], torch.bfloat16, BF16, seed=len(SHAPES))
+        for seed, (shape, (window, with_docs)) in enumerate(itertools.product(SHAPES, MASKS)):
+            _check(group, impl, shape, torch.float32, FP32, seed, window, with_docs)
+        _check(group, impl, SHAPES[0], torch.bfloat16, BF16, 0, window=5, with_docs=True)
 
 
 @pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: ~10 s of start-up
 def test_context_attention_matches_full_attention(cp):
     """Both impls, fp32 (GQA, head counts not powers of two, batch > 1) and bf16, unmasked and masked."""
-    _spawn(cp, cp)
+    spawn(_worker, cp, cp)
 
 
 @pytest.mark.slow
 def test_context_attention_on_subgroups():
     """CP = 2 inside a world of 4: the ring's peers are group ranks mapped to global ranks."""
-    _spawn(4, 2)
+    spawn(_worker, 4, 2)

@@ -30,9 +30,13 @@ WIDTHS = [768, 2048]  # the 125M and 1B presets' hidden sizes; 768 is no power o
 
 
 @pytest.fixture
-def ieee_matmul(monkeypatch):
-    """fp32 matmuls in full precision (a run may have switched TF32 on): the fp32 tolerances assume it."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def ieee_matmul():
+    """fp32 matmuls in full precision (a run may have switched TF32 on): the fp32 tolerances assume it.
+    Restored by hand: the flag is a property of torch.backends.cuda.matmul, which monkeypatch cannot delete."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --- Triton kernels against the torch reference ---------------------------------------------------

@@ -5,6 +5,8 @@ padded vocabulary columns, uneven chunks, bf16 and autocast, and at TP = 2 (two 
 where one case leaves a rank with nothing but padding.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from megatronlite.kernels import linear_cross_entropy
 from megatronlite.kernels.dispatch import triton_problem
+from megatronlite.kernels.reference import CE_CHUNK_OPS as reference_ops
 from megatronlite.kernels.testing import TOLERANCES, poisoned_allocations
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mesh import Mesh
@@ -24,6 +27,7 @@ IMPLS = [
     pytest.param("triton", marks=pytest.mark.skipif(SKIP is not None, reason=f"triton cases skipped: {SKIP}")),
 ]
 HIDDEN, PADDED_VOCAB = 32, 128
+lce = importlib.import_module("megatronlite.kernels.linear_cross_entropy")  # the package exports the function
 
 
 def inputs(n_tokens, vocab_size, dtype=torch.float32, seed=0, device=DEVICE):
@@ -95,3 +99,90 @@ def test_tensor_parallel_two_ranks(tmp_path):
     """On CPU with gloo; the TP logic lives in the backend-independent driver, so CPU covers it."""
     impls = ["torch"] + (["triton"] if triton_problem("cpu") is None else [])
     mp.spawn(_tp_worker, args=(2, tmp_path / "store", impls), nprocs=2)
+
+
+def plain_fp32(hidden, weight, target, vocab_size):
+    """Loss and gradients of plain F.linear + F.cross_entropy in fp32 math on the same inputs, cast back."""
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    loss = F.cross_entropy(F.linear(h32, w32)[:, :vocab_size], target)
+    grads = torch.autograd.grad(loss, [h32, w32])
+    return loss, *(g.to(t.dtype) for g, t in zip(grads, (hidden, weight)))
+
+
+PLAIN_TOLERANCES = {  # against fp32 math: one rounding of the inputs' dtype, and fp16's shorter exponent
+    torch.float32: TOLERANCES[torch.float32],
+    torch.bfloat16: TOLERANCES[torch.bfloat16],
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rare_words_get_their_gradient(impl, dtype):
+    """Words no token targets, with softmax terms near e^-10, still get their small weight gradient.
+
+    Their gradient is the sum over tokens of p * h / n; at n = 512 each p / n is about 1e-9, under
+    fp16's smallest subnormal, so scaling by 1/n before the cast to fp16 zeroed those rows.
+    """
+    n, vocab_size, common = 512, 101, 10
+    hidden, weight, _ = inputs(n, vocab_size, seed=3, device="cpu")
+    target = torch.randint(0, common, (n,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # a constant feature makes every uncommon word's logit about 10 lower
+        hidden[:, 0] = 1.0
+        weight[:, 0] = 0.0
+        weight[common:, 0] = -10.0
+    hidden, weight, target = (t.detach().to(DEVICE) for t in (hidden, weight, target))
+    hidden, weight = (t.to(dtype).requires_grad_() for t in (hidden, weight))
+    expected = plain_fp32(hidden, weight, target, vocab_size)
+    got = fused(hidden, weight, target, vocab_size, impl, chunk_size=100)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g.float(), e.float(), **PLAIN_TOLERANCES[dtype])
+    rare_got, rare_expected = got[2][common:vocab_size].float(), expected[2][common:vocab_size].float()
+    scale = rare_expected.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(rare_got, rare_expected, rtol=2e-2, atol=1e-2 * scale)
+
+
+def test_default_chunks_hold_thousands_of_tokens_within_the_budget(monkeypatch):
+    assert lce.default_chunk_size(16_384, 128_256) == lce.CHUNK_BYTES // (4 * 128_256) > 2000
+    assert lce.default_chunk_size(100, 128_256) == 100
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 4 * PADDED_VOCAB * 3)  # three tokens' fp32 logits: uneven chunks
+    hidden, weight, target = inputs(13, 101, seed=5)
+    for g, e in zip(fused(hidden, weight, target, 101, "torch"), reference(hidden, weight, target, 101)):
+        torch.testing.assert_close(g, e, **TOLERANCES[torch.float32])
+
+
+def _refuse(*args):
+    raise AssertionError("a gradient was computed although none was asked for")
+
+
+@pytest.mark.parametrize("no_grad", [True, False], ids=["under-no_grad", "inputs-without-grad"])
+def test_evaluation_computes_no_gradient(no_grad):
+    """No graph, and the chunk ops' gradient step never runs, under no_grad or for inputs that need none."""
+    hidden, weight, target = inputs(13, 101, seed=6)
+    expected = reference(hidden, weight, target, 101)[0]
+    ops = reference_ops._replace(grad_=_refuse)
+    if no_grad:
+        with torch.no_grad():
+            loss = lce.linear_cross_entropy(hidden, weight, target, 101, None, 4, ops)
+    else:
+        loss = lce.linear_cross_entropy(hidden.detach(), weight.detach(), target, 101, None, 4, ops)
+    assert loss.grad_fn is None and not loss.requires_grad
+    torch.testing.assert_close(loss, expected.detach(), **TOLERANCES[torch.float32])
+
+
+def test_frozen_weight_gets_no_gradient_buffer(monkeypatch):
+    """Only the hidden states need a gradient: the fp32 [V, h] weight gradient is never allocated."""
+    hidden, weight, target = inputs(13, 101, seed=7)
+    expected = reference(hidden, weight, target, 101)[1]
+    zeros = torch.zeros
+
+    def no_weight_gradient(*shape, **kwargs):
+        assert tuple(shape[0] if len(shape) == 1 else shape) != tuple(weight.shape)
+        return zeros(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", no_weight_gradient)
+    loss = lce.linear_cross_entropy(hidden, weight.detach(), target, 101, None, 4, reference_ops)
+    (got,) = torch.autograd.grad(loss, [hidden])
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])

@@ -15,6 +15,8 @@ LAYOUTS = {
     # the pipeline's loss goes through the model's own loss path: here the chunked (fused) cross-entropy
     "pp2-fused-ce": (2, ["parallel.pipeline=2", "train.kernels={linear_cross_entropy: torch}"]),
     "dp2-distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "tp2xdp2-zero2-sp": (4, ["parallel.tensor=2", "parallel.zero_stage=2", "parallel.sequence_parallel=true"]),
     "pp2xdp2-zero-bubble": (
         4,
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zero_bubble"],

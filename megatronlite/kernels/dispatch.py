@@ -177,7 +177,7 @@ def linear_cross_entropy(
     columns at or past `vocab_size` are padding and masked out. `tp_group` None means TP = 1. `hidden`
     must already be the column-parallel input (after copy_to_tp / gather_from_sp): its gradient is
     this rank's partial sum, which that mapping reduces, exactly as for F.linear. `chunk_size` tokens
-    per chunk; None picks it so a chunk's logits are about the size of the hidden states.
+    per chunk; None picks it so a chunk's fp32 logits stay within a fixed budget (linear_cross_entropy.CHUNK_BYTES).
     """
     ops = implementation("linear_cross_entropy", impl, hidden.device)
     return _chunked_cross_entropy(hidden, weight, target, vocab_size, tp_group, chunk_size, ops)

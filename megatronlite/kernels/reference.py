@@ -61,14 +61,13 @@ def ce_stats(logits: torch.Tensor, target: torch.Tensor, n_valid: int) -> tuple[
 
 
 def ce_grad_(
-    logits: torch.Tensor, target: torch.Tensor, n_valid: int, row_max: torch.Tensor, sum_exp: torch.Tensor, scale: float
+    logits: torch.Tensor, target: torch.Tensor, n_valid: int, row_max: torch.Tensor, sum_exp: torch.Tensor
 ) -> None:
-    """Overwrite logits with scale * d(loss)/d(logits): softmax minus the one-hot target, 0 on padding."""
+    """Overwrite logits with each row's d(loss)/d(logits): softmax minus the one-hot target, 0 on padding."""
     logits.sub_(row_max[:, None]).exp_().div_(sum_exp[:, None])
     logits[:, n_valid:] = 0.0
     owned = target >= 0
     logits.scatter_add_(1, target.clamp(min=0)[:, None], -owned[:, None].to(logits.dtype))
-    logits.mul_(scale)
 
 
 CE_CHUNK_OPS = ChunkOps(stats=ce_stats, grad_=ce_grad_)

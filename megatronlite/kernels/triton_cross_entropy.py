@@ -34,7 +34,7 @@ def _stats_kernel(LOGITS, TARGET, MAX, SUM, PICKED, stride, n_valid, BLOCK: tl.c
 
 
 @triton.jit
-def _grad_kernel(LOGITS, TARGET, MAX, SUM, stride, n_cols, n_valid, scale, BLOCK: tl.constexpr):
+def _grad_kernel(LOGITS, TARGET, MAX, SUM, stride, n_cols, n_valid, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     row_max = tl.load(MAX + row)
@@ -46,7 +46,7 @@ def _grad_kernel(LOGITS, TARGET, MAX, SUM, stride, n_cols, n_valid, scale, BLOCK
         p = tl.exp(tl.load(base + cols, mask=mask, other=0.0) - row_max) * inv_sum
         p = tl.where(cols < n_valid, p, 0.0)
         p = tl.where(cols == target, p - 1.0, p)
-        tl.store(base + cols, p * scale, mask=mask)
+        tl.store(base + cols, p, mask=mask)
 
 
 def _block(n_cols: int) -> int:
@@ -64,7 +64,7 @@ def ce_stats(logits: torch.Tensor, target: torch.Tensor, n_valid: int) -> tuple[
 
 
 def ce_grad_(
-    logits: torch.Tensor, target: torch.Tensor, n_valid: int, row_max: torch.Tensor, sum_exp: torch.Tensor, scale: float
+    logits: torch.Tensor, target: torch.Tensor, n_valid: int, row_max: torch.Tensor, sum_exp: torch.Tensor
 ) -> None:
     rows, cols = logits.shape
     block = _block(cols)
@@ -76,7 +76,6 @@ def ce_grad_(
         logits.stride(0),
         cols,
         n_valid,
-        scale,
         BLOCK=block,
         num_warps=num_warps(block),
     )

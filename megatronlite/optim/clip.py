@@ -26,18 +26,25 @@ def owned_grads(params: list[torch.nn.Parameter], mesh: Mesh) -> list[torch.Tens
     return grads
 
 
-def global_grad_norm(grads: list[torch.Tensor], mesh: Mesh, device: torch.device, dp_sharded: bool = False) -> float:
+def global_grad_norm(
+    grads: list[torch.Tensor], mesh: Mesh, device: torch.device, dp_sharded: bool = False
+) -> torch.Tensor:
+    """The global norm as a 0-dim fp32 tensor on `device`: no host sync here, whoever needs the number reads it.
+
+    torch._foreach_norm reads each gradient once, in fp32 whatever its dtype, without an fp32 copy.
+    """
     total = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
-        total = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
     roles = ["tensor", "pipeline"] + (["grad"] if dp_sharded else [])
     for group in (mesh.role(r) for r in roles):
         if group.size > 1:
             dist.all_reduce(total, group=group.pg)
-    return total.sqrt().item()
+    return total.sqrt()
 
 
-def clip_grads(grads: list[torch.Tensor], norm: float, max_norm: float) -> None:
-    """Scale `grads` in place so their global norm is at most `max_norm` (0: no clipping)."""
-    if max_norm > 0 and norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+def clip_grads(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` in place so their global norm is at most `max_norm` (0: no clipping), on the device:
+    the factor is min(1, max_norm / norm), so no host decision (and no sync) is needed."""
+    if max_norm > 0 and grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))

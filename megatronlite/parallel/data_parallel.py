@@ -9,13 +9,19 @@ gradients. A post-accumulate-grad hook counts the gradients each bucket has rece
 bucket has all of them for the last micro-batch, its reduction is launched asynchronously, so
 reduction overlaps the rest of backward and nothing is communicated during accumulation.
 
-Two ways to reduce a bucket:
-- plain DP: all-reduce, then every rank steps every parameter;
-- distributed optimizer (ZeRO-1): reduce-scatter, each DP rank steps only its 1/D of every
-  bucket (its fp32 weights and Adam states), then the updated weights are all-gathered.
+Three ways to reduce a bucket (`parallel.zero_stage`):
+- 0, plain DP: all-reduce, then every rank steps every parameter;
+- 1, distributed optimizer (ZeRO-1): reduce-scatter, each DP rank steps only its 1/D of every
+  bucket (its fp32 weights and Adam states), then the updated weights are all-gathered;
+- 2 (ZeRO-2): as 1, but no full-size gradient is kept. A parameter's gradient is copied into its
+  bucket's buffer as backward produces it (and the parameter's own freed); each micro-batch's
+  complete bucket is reduce-scattered at once and its 1/D added into the rank's shard, and the
+  buffer is dropped when that reduction is done. Full-size gradient memory is the buckets in
+  flight, not the model.
 
 Gradients that need a sum over another group first (sequence-parallel norms over TP; a tied
-embedding over the first and last pipeline stage) go into a last bucket, reduced after those sums.
+embedding over the first and last pipeline stage) go into a last bucket, reduced after those sums
+(accumulated full-size under ZeRO-2 too: norms and the tied embedding only).
 """
 
 from __future__ import annotations
@@ -44,8 +50,11 @@ class OwnedSlice:
 class Bucket:
     params: list[nn.Parameter]
     param_buf: torch.Tensor
-    grad_buf: torch.Tensor
+    grad_buf: torch.Tensor | None  # ZeRO-2: the micro-batch's gradients, only while they are being gathered
+    offsets: list[int] = field(default_factory=list)  # each parameter's start in the buffers
     grad_shard: torch.Tensor | None = None  # distributed optimizer: this rank's reduced slice
+    streamed: bool = False  # ZeRO-2: reduce-scattered per micro-batch into grad_shard
+    in_flight: list[tuple[object, torch.Tensor]] = field(default_factory=list)  # ZeRO-2: (request, 1/D result)
     expected: int = 0  # gradient accumulations that complete the bucket in one step
     received: int = 0
     handle: object | None = None
@@ -60,11 +69,12 @@ class DataParallel:
         named_params: dict[str, nn.Parameter],
         group: Group,
         n_micro: int,
-        distributed_optimizer: bool,
+        zero_stage: int,
         bucket_mb: float,
         late_names: set[str],
     ) -> None:
-        self.group, self.n_micro, self.sharded = group, n_micro, distributed_optimizer and group.size > 1
+        self.group, self.n_micro, self.sharded = group, n_micro, zero_stage >= 1 and group.size > 1
+        self.streams = self.sharded and zero_stage == 2
         self.buckets: list[Bucket] = []
         names = list(named_params)[::-1]
         groups, current, size = [], [], 0
@@ -85,6 +95,7 @@ class DataParallel:
         if late:
             self.buckets.append(self._make_bucket(late, late=True))
         self.owner_of = {id(p): b for b in self.buckets for p in b.params}
+        self.offset_of = {id(p): start for b in self.buckets for p, start in zip(b.params, b.offsets)}
         for p in named_params.values():
             p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -93,17 +104,19 @@ class DataParallel:
         dp = self.group.size
         padded = -(-numel // dp) * dp if self.sharded else numel
         ref = params[0]
+        streamed = self.streams and not late
         param_buf = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
-        grad_buf = torch.zeros(padded, dtype=torch.float32, device=ref.device)
+        grad_buf = None if streamed else torch.zeros(padded, dtype=torch.float32, device=ref.device)
         offsets, offset = [], 0
         for p in params:
             n = p.numel()
             param_buf[offset : offset + n].copy_(p.data.reshape(-1))
             p.data = param_buf[offset : offset + n].view_as(p)
-            p.grad = grad_buf[offset : offset + n].view_as(p)
+            p.grad = None if streamed else grad_buf[offset : offset + n].view_as(p)
             offsets.append(offset)
             offset += n
-        bucket = Bucket(params, param_buf, grad_buf, expected=len(params) * self.n_micro, late=late)
+        bucket = Bucket(params, param_buf, grad_buf, offsets, expected=len(params) * self.n_micro, late=late)
+        bucket.streamed = streamed
         if self.sharded:
             per = padded // dp
             lo, hi = self.group.rank * per, (self.group.rank + 1) * per
@@ -137,8 +150,32 @@ class DataParallel:
     def _on_grad(self, p: nn.Parameter) -> None:
         bucket = self.owner_of[id(p)]
         bucket.received += 1
-        if bucket.received == bucket.expected and not bucket.late:
+        if bucket.streamed:
+            self._gather_grad(bucket, p)
+        elif bucket.received == bucket.expected and not bucket.late:
             self._launch(bucket)
+
+    def _gather_grad(self, bucket: Bucket, p: nn.Parameter) -> None:
+        """ZeRO-2: move `p`'s gradient into the bucket's buffer; a complete micro-batch's bucket is reduced."""
+        if bucket.grad_buf is None:
+            bucket.grad_buf = torch.zeros_like(bucket.param_buf, dtype=torch.float32)
+        start = self.offset_of[id(p)]
+        bucket.grad_buf[start : start + p.numel()].add_(p.grad.reshape(-1))
+        p.grad = None
+        if bucket.received % len(bucket.params) == 0:
+            self._settle(bucket)  # at most one reduction of a bucket in flight
+            out = torch.empty_like(bucket.grad_shard)
+            request = dist.reduce_scatter_tensor(out, bucket.grad_buf, group=self.group.pg, async_op=True)
+            bucket.in_flight.append((request, out))
+            bucket.grad_buf = None  # the reduction holds it until done
+
+    @staticmethod
+    def _settle(bucket: Bucket) -> None:
+        """ZeRO-2: wait for the bucket's reductions and add their results into its shard."""
+        for request, out in bucket.in_flight:
+            request.wait()
+            bucket.grad_shard.add_(out)
+        bucket.in_flight.clear()
 
     def _launch(self, bucket: Bucket) -> None:
         if self.group.size == 1:
@@ -157,6 +194,13 @@ class DataParallel:
         autograd's accumulation, like zero-bubble's split backward) is reduced here instead.
         """
         for bucket in self.buckets:
+            if bucket.streamed:
+                if bucket.received != bucket.expected:
+                    raise RuntimeError(f"ZeRO-2: a bucket got {bucket.received} of {bucket.expected} gradients")
+                self._settle(bucket)
+                bucket.grad_shard.div_(self.group.size)
+                bucket.received = 0
+                continue
             if bucket.late:
                 pre_reduce_late()
             if bucket.handle is None:
@@ -178,6 +222,7 @@ class DataParallel:
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
-            bucket.grad_buf.zero_()
+            if bucket.grad_buf is not None:
+                bucket.grad_buf.zero_()
             if bucket.grad_shard is not None:
                 bucket.grad_shard.zero_()

@@ -196,11 +196,17 @@ def init_distributed(device_kind: str, timeout_minutes: float) -> tuple[int, int
         backend = "nccl" if device_kind == "cuda" else "gloo"
         kwargs = {}
         if device_kind == "cuda":
-            kwargs["device_id"] = torch.device("cuda", local_rank)
+            kwargs["device_id"] = cuda_device(local_rank)
         dist.init_process_group(
             backend, timeout=collective_timeout(timeout_minutes), rank=rank, world_size=world_size, **kwargs
         )
     return world_size, rank, local_rank
+
+
+def cuda_device(local_rank: int) -> torch.device:
+    """This worker's GPU. Under srun's per-task binding (`--gpus-per-task`, cgroups) each task sees only its own
+    GPU as cuda:0 while LOCAL_RANK counts every task on the node, so the index wraps over the visible devices."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _first_slurm_host() -> str:

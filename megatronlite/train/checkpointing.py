@@ -43,11 +43,6 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rng_states(device: torch.device, rank: int) -> dict[str, torch.Tensor]:
     """This rank's generator states (CPU, and the GPU's when training on one), keyed per rank."""
     out = {f"rng.cpu.rank{rank}": torch.get_rng_state()}
@@ -86,10 +81,12 @@ def _meta(trainer) -> dict:
 class Checkpointer:
     """Saves the trainer's state, synchronously or (checkpoint.async) in the background.
 
-    Async: the step blocks only while the tensors are copied into CPU buffers made at start-up.
-    One writer thread then plans and writes them through DCP, coordinated over a dedicated
-    gloo group so it never interleaves with training collectives; DCP's save returns on rank 0
-    after every rank's write is done, and rank 0 commits.
+    Every rank coordinates saves (the barrier before, DCP's plan exchange, the vote after) over a
+    dedicated gloo group made at start-up: ranks waiting for a slow write or fsync wait on the host,
+    never inside an NCCL collective of the training group, and async writes never interleave with
+    training collectives. Async: the step blocks only while the tensors are copied into CPU buffers
+    made at start-up; one writer thread then plans and writes them through DCP; DCP's save returns
+    on rank 0 after every rank's write is done, and rank 0 commits.
 
     A failed write (a full disk, a lost mount) commits nothing: rank 0 removes the temporary
     directory, reports one line with the bytes needed and free, and the last good checkpoint stays
@@ -100,7 +97,7 @@ class Checkpointer:
         self.trainer = trainer
         self.root = trainer.run_dir / "checkpoints"
         self.is_async = trainer.cfg.checkpoint.async_save and trainer.cfg.checkpoint.save
-        self.group = new_group(trainer.cfg, backend="gloo") if self.is_async and dist.is_initialized() else None
+        self.group = new_group(trainer.cfg, backend="gloo") if dist.is_initialized() else None
         self.pending: Future | None = None
         self.writer: ThreadPoolExecutor | None = None
         self.stager: PieceStager | None = None
@@ -119,7 +116,8 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             self._warn_if_short_of_space(step)
             store.prepare(self.root, step)
-        _barrier()
+        if self.group is not None:
+            dist.barrier(group=self.group)
         start = time.perf_counter()
         pieces = trainer.state_tensors(True)
         rng = rng_states(trainer.device, mesh.rank)
@@ -159,9 +157,8 @@ class Checkpointer:
 
     def _settle(self, failure: str | None) -> None:
         """(Every rank, in the training thread.) Agree whether a save failed; stop if checkpoints are required."""
-        device = "cpu" if self.group is not None else self.trainer.device  # the async group is gloo
-        failed = torch.tensor([float(failure is not None)], device=device)
-        if dist.is_initialized():
+        failed = torch.tensor([float(failure is not None)])  # on the host: the group is gloo
+        if self.group is not None:
             dist.all_reduce(failed, group=self.group)  # also the barrier after a save
         if failed.item() and self.trainer.cfg.checkpoint.required:
             raise UserError(f"{failure or 'a checkpoint save failed on another rank'}; stopping: checkpoint.required")

@@ -2,14 +2,19 @@
 
 A request is SIGUSR1 to any worker (Slurm's `--signal=USR1@N` with srun-launched workers) or
 the file `RUN_DIR/.save_and_exit` (what the sbatch template's trap writes, visible to every
-node on a shared filesystem). Ranks agree through a one-element all-reduce after each step, so
-they all save the same step and stop together; the job then requeues and resumes from it.
+node on a shared filesystem). Ranks agree through a small all-reduce at a poll, so they all save the
+same step and stop together; the job then requeues and resumes from it. Polling only every few steps
+keeps the file stat, the copy to the device and the world-wide all-reduce (each a wait for the slowest
+rank and, on GPU, a host sync) off most steps. The gap between polls adapts so a request waits about
+POLL_SECONDS at most whatever the step time: each poll also agrees on the slowest rank's seconds per
+step since the last one, and all ranks derive the same next gap (1 to POLL_STEPS steps) from it.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +23,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: `launch` imports EXIT_C
 
 EXIT_CODE = 3  # the trainer saved and stopped on request
 FLAG_FILE = ".save_and_exit"
+POLL_STEPS = 10  # the most steps between two looks for a request (one call of `requested` per step)
+POLL_SECONDS = 10.0  # ... and about the most seconds
 
 
 class PreemptionWatch:
@@ -25,6 +32,9 @@ class PreemptionWatch:
         self.flag_path = run_dir / FLAG_FILE
         self.device = device
         self.signalled = False
+        self.calls = 0  # every rank calls `requested` once per step, so all of them poll at the same calls
+        self.next_poll = 1  # the call that polls next (agreed by every rank at the previous poll)
+        self.last_poll: tuple[int, float] | None = None  # (call, time) of the previous poll
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR1, self._on_signal)
 
@@ -32,19 +42,34 @@ class PreemptionWatch:
         self.signalled = True
 
     def requested(self) -> bool:
-        """True on every rank once any rank saw a request."""
+        """True on every rank at the first poll after any rank saw a request (see the module doc)."""
         import torch
         import torch.distributed as dist
 
+        self.calls += 1
+        if self.calls < self.next_poll:
+            return False
+        now = time.monotonic()
+        step_seconds = 0.0 if self.last_poll is None else (now - self.last_poll[1]) / (self.calls - self.last_poll[0])
+        self.last_poll = (self.calls, now)
         local = self.signalled or self.flag_path.exists()
-        if not dist.is_initialized():
-            return local
-        flag = torch.tensor([int(local)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if dist.is_initialized():  # any rank's request, and the slowest rank's step time
+            agreed = torch.tensor([float(local), step_seconds], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            local, step_seconds = bool(agreed[0].item()), agreed[1].item()
+        self.next_poll = self.calls + poll_gap(step_seconds)
+        return local
 
     def clear(self) -> None:
         self.flag_path.unlink(missing_ok=True)
+
+
+def poll_gap(step_seconds: float) -> int:
+    """Steps until the next poll: POLL_STEPS for fast steps, fewer (at least 1) so a poll comes every
+    POLL_SECONDS or so when steps are slow."""
+    if step_seconds <= 0:
+        return 1
+    return max(1, min(POLL_STEPS, int(POLL_SECONDS / step_seconds)))
 
 
 class Preempted(Exception):

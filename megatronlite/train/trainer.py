@@ -64,6 +64,22 @@ def run_options(cfg: Config, device: torch.device) -> RunOptions:
     )
 
 
+def late_sync_groups(cfg: Config, mesh: Mesh, params: dict[str, torch.nn.Parameter]) -> dict[str, list]:
+    """Gradients summed over other groups before the DP reduction, with every group each is partial in: SP norms
+    and q/k norms over TP, a tied embedding over its first and last pipeline stage. (DataParallel reduces them
+    in its last bucket, after these sums.)"""
+    out: dict[str, list] = {}
+    for name, param in params.items():
+        for role in param.sharding.partial_grad:
+            if mesh.role(role).size > 1:
+                out.setdefault(name, []).append(mesh.role(role).pg)
+    if cfg.model.tied and mesh.pp > 1:
+        for name in ("embedding.word.weight", "output.weight"):
+            if name in params:
+                out.setdefault(name, []).append(mesh.embedding_group)
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device) -> None:
         self.cfg, self.run_dir, self.mesh, self.device = cfg, run_dir, mesh, device
@@ -81,10 +97,8 @@ class Trainer:
             if t.compile:
                 for block in model.layers.values():
                     block.compile()
-        self.late_sync = self._late_sync_params()
-        self.dp = DataParallel(
-            self.params, mesh.role("grad"), self.num_micro, p.distributed_optimizer, p.bucket_mb, set(self.late_sync)
-        )
+        self.late_sync = late_sync_groups(cfg, mesh, self.params)
+        self.dp = DataParallel(self.params, mesh.role("grad"), self.num_micro, p.zero, p.bucket_mb, set(self.late_sync))
         self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
         self.scaler = LossScaler(cfg.optim.initial_loss_scale) if t.precision == "fp16" else None
         self.pipeline = None
@@ -101,23 +115,10 @@ class Trainer:
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
         self._build_data()
 
-    def _late_sync_params(self) -> dict[str, torch.distributed.ProcessGroup]:
-        """Gradients summed over another group before the DP reduction: SP norms over TP, a tied embedding
-        over its first and last pipeline stage."""
-        out = {}
-        for name, param in self.params.items():
-            for role in param.sharding.partial_grad:
-                if self.mesh.role(role).size > 1:
-                    out[name] = self.mesh.role(role).pg
-        if self.cfg.model.tied and self.mesh.pp > 1:
-            for name in ("embedding.word.weight", "output.weight"):
-                if name in self.params:
-                    out[name] = self.mesh.embedding_group
-        return out
-
     def _sum_late_grads(self) -> None:
-        for name, group in self.late_sync.items():
-            dist.all_reduce(self.params[name].grad, group=group)
+        for name, groups in self.late_sync.items():
+            for group in groups:
+                dist.all_reduce(self.params[name].grad, group=group)
 
     # --- data -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -211,11 +212,12 @@ class Trainer:
         if checkpointing.fault_hook("spike", self.step + 1, self.mesh.rank):
             total = total * 100
         self.beat("gradient norm")
-        norm = global_grad_norm(owned_grads(opt_params, self.mesh), self.mesh, self.device, self.dp.sharded)
+        norm_on_device = global_grad_norm(owned_grads(opt_params, self.mesh), self.mesh, self.device, self.dp.sharded)
         loss, loss_finite = self._global_mean(total)
+        norm = norm_on_device.item()  # after the loss's sync, which already waited for the norm: no second stall
         if self._may_step(loss, loss_finite, norm, total, grads):
             self.beat("optimizer step")
-            clip_grads(grads, norm, self.cfg.optim.clip_grad)
+            clip_grads(grads, norm_on_device, self.cfg.optim.clip_grad)
             lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -318,11 +320,13 @@ class Trainer:
         log = RunLog(cfg, self.run_dir, mesh, self.device, start_step=self.step)
         saver = checkpointing.Checkpointer(self)
         watch = PreemptionWatch(self.run_dir, self.device)
+        tf32 = use_tf32(self.device, cfg.train.tf32)
         if mesh.rank == 0:
             print_line(
                 f"megatronlite: {cfg.name} on {mesh.world_size} worker(s) "
                 f"(tp={mesh.tp} pp={mesh.pp} cp={mesh.cp} dp={mesh.dp}), device {self.device}, "
-                f"precision {cfg.train.precision}, optimizer {self.optim_impl}, from step {self.step}"
+                f"precision {cfg.train.precision}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
+                f"optimizer {self.optim_impl}, from step {self.step}"
             )
             print_line(kernels.summary(self.options.kernels, self.device))
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
@@ -389,6 +393,15 @@ class Trainer:
         import yaml
 
         return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+
+
+def use_tf32(device: torch.device, tf32: bool) -> bool:
+    """On CUDA, let fp32 matmuls use TF32 (`train.tf32`, default on: several times the fp32 rate); returns
+    whether they do. The legacy flag, as tests/test_gpu.py sets it: torch refuses to mix it with the new API."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return tf32
 
 
 def write_resolved_config(cfg: Config, run_dir: Path) -> None:

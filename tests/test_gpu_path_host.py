@@ -1,0 +1,113 @@
+"""The GPU path's host-side choices, checked on CPU: no host sync in the gradient norm and clipping,
+preemption polled every few steps, TF32 on CUDA by default, the GPU index under srun's binding, and
+checkpoint barriers on a gloo group of their own."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import tiny_overrides
+
+from megatronlite import config
+from megatronlite.errors import UserError
+from megatronlite.optim.clip import clip_grads, global_grad_norm
+from megatronlite.parallel.mesh import Mesh, build_mesh, cuda_device
+from megatronlite.train import checkpointing, preemption
+from megatronlite.train.trainer import Trainer, use_tf32
+
+
+def _grads() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*s, generator=g).to(dt) for s, dt in (((7, 5), torch.float32), ((300,), torch.bfloat16))]
+
+
+def _no_item(monkeypatch) -> None:
+    def refuse(self):
+        raise AssertionError(".item() synchronizes with the device")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "under-the-limit"])
+def test_norm_and_clipping_stay_on_the_device(monkeypatch, max_norm):
+    """The same norm and clipped gradients as torch's clip_grad_norm_, with no .item() on the way."""
+    grads, theirs = _grads(), [g.float().requires_grad_() for g in _grads()]
+    for t in theirs:
+        t.grad = t.detach().clone()
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    with monkeypatch.context() as m:
+        _no_item(m)
+        norm = global_grad_norm(grads, Mesh(), torch.device("cpu"))
+        clip_grads(grads, norm, max_norm)
+    assert norm.shape == () and norm.dtype == torch.float32
+    torch.testing.assert_close(norm, want)
+    for got, t in zip(grads, theirs):
+        torch.testing.assert_close(got, t.grad.to(got.dtype))
+
+
+@pytest.mark.parametrize("step_seconds, polls", [(0.01, [1, 2, 12, 22]), (4.0, [1, 2, 4, 6, 8]), (30.0, [1, 2, 3])])
+def test_preemption_is_polled_about_every_ten_seconds_or_ten_steps(tmp_path, monkeypatch, step_seconds, polls):
+    """The flag file is looked at only at polls: the first steps, then every POLL_STEPS steps when steps are
+    fast, every POLL_SECONDS / step time steps (at least 1) when they are slow; a request is seen at a poll."""
+    watch = preemption.PreemptionWatch(tmp_path, torch.device("cpu"))
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: step_seconds * watch.calls)  # a step per call
+    looked = []
+    exists = type(tmp_path).exists
+    monkeypatch.setattr(type(tmp_path), "exists", lambda self: looked.append(watch.calls) or exists(self))
+    seen = [watch.requested() for _ in range(polls[-1])]
+    assert looked == polls and not any(seen)
+    (tmp_path / preemption.FLAG_FILE).touch()
+    while not watch.requested():
+        assert watch.calls <= polls[-1] + preemption.POLL_STEPS
+    assert looked[-1] == watch.calls
+
+
+def test_tf32_on_cuda_unless_told_otherwise():
+    """(Restored by hand: monkeypatch cannot undo a setattr on torch's cuBLAS flag module.)"""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert config.TrainConfig().tf32 is True
+        assert not use_tf32(torch.device("cpu"), True) and torch.backends.cuda.matmul.allow_tf32 is False
+        assert use_tf32(torch.device("cuda", 0), True) and torch.backends.cuda.matmul.allow_tf32 is True
+        assert not use_tf32(torch.device("cuda", 0), False) and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_tf32_key_is_a_checked_boolean(tmp_path, corpus):
+    overrides = tiny_overrides(corpus, tmp_path / "run")
+    assert config.load("configs/demo.yaml", [*overrides, "train.tf32=false"]).train.tf32 is False
+    with pytest.raises(UserError, match="train.tf32"):
+        config.load("configs/demo.yaml", [*overrides, "train.tf32=sometimes"])
+
+
+@pytest.mark.parametrize(("local_rank", "visible", "index"), [(0, 8, 0), (5, 8, 5), (3, 1, 0), (5, 2, 1)])
+def test_gpu_index_wraps_over_the_visible_devices(monkeypatch, local_rank, visible, index):
+    """srun with one GPU per task: every task sees its GPU as cuda:0 whatever its LOCAL_RANK."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert cuda_device(local_rank) == torch.device("cuda", index)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_checkpoint_barriers_use_their_own_gloo_group(tmp_path, corpus, monkeypatch):
+    run = tmp_path / "run"
+    cfg = config.load("configs/demo.yaml", [*tiny_overrides(corpus, run), "train.device=cpu"])
+    trainer = Trainer(cfg, run, build_mesh(cfg, 1, 0), torch.device("cpu"))
+    saver = checkpointing.Checkpointer(trainer)
+    assert saver.group is not None and saver.group is not dist.group.WORLD
+    assert dist.get_backend(saver.group) == "gloo"
+    groups = []
+    for name in ("barrier", "all_reduce"):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _f=original, **kw: groups.append(kw.get("group")) or _f(*a, **kw))
+    trainer.step = 1
+    saver.save()
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000001"
+    assert len(groups) >= 2 and all(g is saver.group for g in groups), groups

@@ -1,0 +1,156 @@
+"""`megatronlite plan`: model-state bytes equal what the real code allocates, activations within 10% of what
+autograd keeps for backward, FLOPs per token as Narayanan et al. (2021), the command's output and errors."""
+
+import gc
+
+import pytest
+import torch
+from helpers import error_of
+
+from megatronlite import config
+from megatronlite.config import ModelConfig
+from megatronlite.models.counting import flops_per_token
+from megatronlite.optim.adamw import build_adamw
+from megatronlite.parallel.data_parallel import DataParallel
+from megatronlite.parallel.mesh import ROLES, _lines, rank_grid
+from megatronlite.parallel.pipeline import build_stages
+from megatronlite.plan.layout import mesh_at
+from megatronlite.plan.memory import _late_sync_names, model_states, stage_saved
+from megatronlite.train.trainer import run_options
+
+
+def tiny(*sets: str) -> config.Config:
+    base = ["model.num_layers=4", "model.vocab_size=301", "train.seq_len=64", "model.max_seq_len=64"]
+    return config.load("configs/demo.yaml", [*base, "train.micro_batch_size=2", "train.global_batch_size=8", *sets])
+
+
+@pytest.mark.parametrize("world,tp,pp,cp", [(8, 2, 2, 1), (8, 1, 2, 2), (4, 4, 1, 1)])
+def test_mesh_at_groups_are_build_mesh_groups(world, tp, pp, cp):
+    cfg = tiny(f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.context={cp}")
+    grid = rank_grid(world, tp, pp, cp)
+    for rank in range(world):
+        mesh = mesh_at(cfg, world, rank)
+        for role, axes in ROLES.items():
+            line = next(line for line in _lines(grid, axes) if rank in line)
+            assert mesh.role(role).ranks == tuple(line) and mesh.role(role).rank == line.index(rank)
+
+
+def _allocated(cfg: config.Config, world: int, rank: int) -> dict[str, int]:
+    """Bytes the trainer's own calls allocate on `rank` (its stages, DataParallel, AdamW after one step), by kind."""
+    mesh = mesh_at(cfg, world, rank)
+    stages = build_stages(cfg, mesh, run_options(cfg, torch.device("cpu")))
+    params = {n: p for _, model in stages for n, p in model.named_parameters()}
+    p = cfg.parallel
+    dp = DataParallel(params, mesh.role("grad"), 1, p.zero, p.bucket_mb, _late_sync_names(cfg, mesh, params))
+    optimizer, _ = build_adamw(dp.optimizer_params(params), cfg.optim, torch.device("cpu"))
+    optimizer.step()
+    seen: dict[str, dict[int, int]] = {"weights": {}, "grads": {}, "optimizer": {}}
+
+    def add(kind: str, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        seen[kind][storage.data_ptr()] = storage.nbytes()
+
+    stepped = [q for group in optimizer.param_groups for q in group["params"]]
+    for q in params.values():
+        add("weights", q)
+    for q in [*params.values(), *stepped]:
+        if q.grad is not None:  # ZeRO-2 keeps none of its own
+            add("grads", q.grad)
+    for state in optimizer.state.values():
+        for t in state.values():
+            add("optimizer", t)
+    return {kind: sum(sizes.values()) for kind, sizes in seen.items()}
+
+
+@pytest.mark.parametrize(
+    "world,sets",
+    [
+        (2, ["parallel.tensor=2"]),
+        (2, ["parallel.pipeline=2"]),
+        (2, ["parallel.distributed_optimizer=true", "parallel.bucket_mb=0.05"]),
+        (2, ["parallel.zero_stage=2", "parallel.bucket_mb=0.05"]),
+        (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]),
+    ],
+    ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "tp2xpp2-sp"],
+)
+def test_model_state_bytes_equal_allocated(world, sets):
+    cfg = tiny("model.tie_embeddings=true", *sets)
+    for rank in range(world):
+        states = model_states(cfg, world, rank)
+        predicted = {"weights": states.weights, "grads": states.grads, "optimizer": states.optimizer}
+        assert predicted == _allocated(cfg, world, rank), rank
+
+
+def _saved_bytes(model, tokens, labels) -> int:
+    """Bytes one forward leaves for backward: tensors autograd saved (hooks) and tensors Python still holds
+    (a checkpoint's inputs), unique storages, minus what existed before the forward."""
+
+    def live() -> dict[int, int]:
+        out = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) and obj.device.type == "cpu":
+                out[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        return out
+
+    before = live()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, labels)
+    held = {**saved, **live()}
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = sum(n for ptr, n in held.items() if ptr not in before and ptr not in owned)
+    del loss
+    return total
+
+
+GPT2 = ["model.arch=gpt2", "model.num_kv_heads=8", "model.ffn_hidden_size=512"]
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("sets", [[], ["train.precision=bf16"], GPT2], ids=["llama", "llama-bf16", "gpt2"])
+def test_activation_bytes_within_10_percent_of_saved(recompute, sets):
+    from megatronlite.models.gpt import GPTModel
+    from megatronlite.models.init import init_parameters
+
+    size = ["train.seq_len=128", "model.max_seq_len=128", "model.hidden_size=128"]
+    cfg = tiny(f"train.recompute={recompute}", *size, *sets)
+    options = run_options(cfg, torch.device("cpu"))
+    model = GPTModel(cfg.model, options=options)
+    init_parameters(model, cfg.model, 0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len))
+    half = cfg.train.precision == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+        model(tokens, tokens)  # the rotary tables, made once per sequence length
+        measured = _saved_bytes(model, tokens, tokens)
+    predicted = stage_saved(cfg, options, cfg.model.num_layers, first=True, last=True)
+    if recompute != "full":  # the GEMMs saved autocast's weight copies (under full recompute only its cache,
+        predicted += model_states(cfg, 1, 0).weight_copies  # which the hooks cannot see, holds them)
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+def test_flops_per_token_is_narayanan_for_gpt3_shapes():
+    layers, h, s, v = 96, 12288, 2048, 51200  # GPT-3 175B (Narayanan et al. 2021, table 1 shapes)
+    cfg = ModelConfig(arch="gpt2", num_layers=layers, hidden_size=h, num_heads=96, vocab_size=v, max_seq_len=s)
+    assert cfg.ffn_size == 4 * h
+    narayanan = 72 * layers * h**2 * (1 + s / (6 * h) + v / (12 * layers * h))  # per token: the paper's / (B s)
+    assert flops_per_token(cfg, s) == pytest.approx(narayanan, rel=1e-12)
+
+
+def test_plan_prints_the_layouts_that_fit(capsys):
+    from megatronlite.cli import main
+
+    main(["plan", "configs/demo.yaml", "--gpus", "8", "--top", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["layout", "mem/GPU", "w+g+opt"]
+    assert len(out[2:5]) == 3 and all(line.startswith("tp") for line in out[2:5])
+    assert "faster than" in out[5] or "ties" in out[5]
+
+
+def test_plan_bad_gpus_is_one_line(capsys):
+    assert "--gpus must be a positive number" in error_of(capsys, "plan", "configs/demo.yaml", "--gpus", "0")
+    assert "--gpu 'tpu'" in error_of(capsys, "plan", "configs/demo.yaml", "--gpus", "8", "--gpu", "tpu")
