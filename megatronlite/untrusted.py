@@ -154,16 +154,20 @@ class Placeholder:
 REBUILT = {"argparse.Namespace": argparse.Namespace, "types.SimpleNamespace": types.SimpleNamespace}
 
 
-def load_torch_file(path: Path) -> Any:
+def load_torch_file(path: Path, only: frozenset[str] | None = None) -> Any:
     """A `.pt` file through torch's weights-only unpickler; tensors memory-mapped, so opening reads no weights.
 
     Megatron files also pickle objects we never use (numpy RNG state, Megatron enums, TE extra state):
-    each is bound to `Placeholder`, so unpickling it constructs nothing of the file's choosing.
+    each is bound to `Placeholder`, so unpickling it constructs nothing of the file's choosing. With `only`,
+    a file naming any other foreign global (`module.name`) is refused: for formats whose few classes are known.
     """
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        refused = sorted(set(names) - only) if only is not None else []
+        if refused:
+            raise UserError(f"{path}: refusing to unpickle {refused[0]} (not a class this format holds)")
         allowed = [REBUILT[n] if n in REBUILT else (Placeholder, n) for n in names]
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

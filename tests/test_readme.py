@@ -106,6 +106,10 @@ PLANS = {
         "by our converter, whose files tests/test_convert_megatron.py loads with megatron-core).",
         (("/ckpts/megatron-run", "ckpts/megatron-run"),),
     ),
+    "megatronlite plan configs/models/llama-8b.yaml --gpus 64 --gpu h100 --seq-len 8192 "
+    "--global-batch 512 --top 5": Plan(
+        "The preset is shrunk to the tiny model, whose positions stop at 64.", (("--seq-len 8192", "--seq-len 64"),)
+    ),
     "megatronlite preprocess --input 'corpus/*.jsonl.zst' --output-prefix data/web": Plan(
         "2 tokenizing workers rather than 8 (2 CPUs).",
         (("--workers 8", "--workers 2"),),

@@ -13,13 +13,14 @@ if TYPE_CHECKING:
     from megatronlite.config import ModelConfig
 
 # the keys of formats.FORMATS and model_state.OUTPUT_DTYPES, named here so that `convert --help` imports no torch
-FORMAT_NAMES = ("mlite", "hf", "megatron", "torch")
+FORMAT_NAMES = ("mlite", "hf", "megatron", "torch", "deepspeed")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 PATHS = (
     "mlite: a run directory, its checkpoints/ or a step directory; hf: a model directory; "
-    "megatron: a checkpoint root or an iter_*/release directory; torch: a .pt file"
+    "megatron: a checkpoint root or an iter_*/release directory; torch: a .pt file; "
+    "deepspeed: a run directory holding `latest`, or a global_stepN directory"
 )
 
 
@@ -60,16 +61,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--megatron-format", choices=("torch_dist", "torch"), default="torch_dist", help="megatron output")
     p.add_argument("--megatron-tp", type=int, default=1, help="megatron output: tensor-parallel size (vocab padding)")
     p.add_argument("--megatron-pp", type=int, default=1, help="megatron output (torch format): pipeline stages")
+    p.add_argument("--hf-config", metavar="DIR", help="deepspeed input: the directory of the model's config.json")
     p.add_argument(
         "--megatron-spec", choices=("te", "local"), default="te", help="megatron torch output: TE or local norm names"
     )
 
 
 def main(args: argparse.Namespace) -> None:
+    from megatronlite.convert.deepspeed import DeepSpeedOptions
     from megatronlite.convert.formats import convert
-    from megatronlite.convert.model_state import OUTPUT_DTYPES, Options
+    from megatronlite.convert.model_state import OUTPUT_DTYPES
 
-    options = Options(
+    options = DeepSpeedOptions(
+        hf_config=Path(args.hf_config) if args.hf_config else None,
         dtype=OUTPUT_DTYPES[args.dtype] if args.dtype else None,
         max_shard_bytes=parse_size(args.max_shard_size),
         megatron_format=args.megatron_format,
@@ -78,6 +82,8 @@ def main(args: argparse.Namespace) -> None:
         megatron_spec=args.megatron_spec,
         vocab_size=args.vocab_size,
     )
+    if args.hf_config and args.src_format != "deepspeed":
+        raise UserError("--hf-config is for --from deepspeed (an hf source holds its config.json)")
     if min(args.megatron_tp, args.megatron_pp) < 1:
         raise UserError("--megatron-tp and --megatron-pp must be >= 1")
     src, dst = Path(args.src), Path(args.dst)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from megatronlite.convert import hf, megatron, mlite, torch_file
+from megatronlite.convert import deepspeed, hf, megatron, mlite, mlite_training, torch_file
 from megatronlite.convert.model_state import Checkpoint, Options
 from megatronlite.errors import UserError
 
-FORMATS = {"mlite": mlite, "hf": hf, "megatron": megatron, "torch": torch_file}
+FORMATS = {"mlite": mlite, "hf": hf, "megatron": megatron, "torch": torch_file, "deepspeed": deepspeed}
 
 
 def read(fmt: str, path: Path, options: Options) -> Checkpoint:
@@ -24,7 +24,10 @@ def convert(src_format: str, dst_format: str, src: Path, dst: Path, options: Opt
         raise UserError(f"{dst} already exists; conversion never overwrites, choose a new path")
     ckpt = read(src_format, src, options)  # checks names and shapes before anything is written
     try:
-        FORMATS[dst_format].write(ckpt, dst, options)
+        if dst_format == "mlite" and isinstance(ckpt, deepspeed.TrainingCheckpoint):  # Adam's state has a place
+            mlite_training.write(ckpt, dst, options)
+        else:
+            FORMATS[dst_format].write(ckpt, dst, options)
     except BaseException:
         if dst.is_dir():
             shutil.rmtree(dst)
