@@ -118,8 +118,16 @@ MODELS = {
         },
     ),
 }
-# the layouts the features model runs in: each way a parameter or the sequence is split, and mixed precision
-FEATURE_LAYOUTS = ["tp2", "tp2-sp", "pp2", "tp2xpp2", "cp2", "cp2-allgather", "cp2xtp2-sp"]
+# the layouts the features model runs in: each way a parameter or the sequence is split, recompute (packed
+# documents through a pipeline and full recompute of their masks), and mixed precision
+FEATURE_LAYOUTS = {
+    name: LAYOUTS[name]
+    for name in (
+        *("tp2", "tp2-sp", "pp2", "tp2xpp2", "cp2", "cp2-allgather", "cp2xtp2-sp"),
+        "cp2xpp2-gpipe-full-recompute",
+    )
+}
+FEATURE_LAYOUTS["tp2-selective-recompute"] = (2, ["parallel.tensor=2", "train.recompute=selective"])
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +174,7 @@ def assert_equivalent(run, reference, precision):
 
 LAYOUT_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in LAYOUTS]
 LAYOUT_CASES += [("features", layout) for layout in FEATURE_LAYOUTS]
+LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS}
 PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 
@@ -173,7 +182,7 @@ PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, layout", LAYOUT_CASES)
 def test_layout_equals_single_process(tmp_path, overrides, reference, arch, layout):
-    nproc, sets = LAYOUTS[layout]
+    nproc, sets = LAYOUT_OF[layout]
     run = tmp_path / "run"
     done = launch("configs/demo.yaml", run, nproc, overrides(run, arch) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
