@@ -100,6 +100,19 @@ def test_flex_forward_matches_dense_on_cpu(window, with_docs):
     torch.testing.assert_close(got, want, **FP32)
 
 
+@pytest.mark.parametrize("impl", ["dense", "flex"])
+def test_queries_at_given_positions_see_the_whole_sequence(impl):
+    """CP's all-gather: a rank's queries (two chunks, out of order) against every key, masked by true
+    position, equal the whole sequence's attention at those rows (flex: forward only on CPU)."""
+    q, k, v, _ = _inputs(SHAPES[0], SEQ, torch.float32, seed=4)
+    documents = documents_of(2, SEQ)
+    rows = torch.cat([torch.arange(2, 5), torch.arange(SEQ - 5, SEQ - 2)])
+    with torch.no_grad():
+        got = masked_attention(q[:, :, rows], k, v, 4, documents, impl=impl, q_positions=rows)
+        want = masked_attention(q, k, v, 4, documents, impl="dense")[:, :, rows]
+    torch.testing.assert_close(got, want, **FP32)
+
+
 def test_block_masks_are_cached_per_documents_tensor():
     documents = documents_of(2, SEQ)
     first = am._block_mask(3, documents, SEQ, documents.device)

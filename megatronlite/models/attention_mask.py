@@ -69,43 +69,52 @@ def masked_attention(
     window: int | None,
     documents: torch.Tensor | None,
     impl: str = "auto",
+    q_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention where a query sees only keys of its window and document.
 
-    q: [b, hq, s, d]; k, v: [b, hkv, s, d] with hq a multiple of hkv; window: tokens a query
+    q: [b, hq, sq, d]; k, v: [b, hkv, s, d] with hq a multiple of hkv; window: tokens a query
     sees counting itself (None: all earlier ones); documents: [b, s] integer document ids,
-    non-decreasing along s (None: one document). impl "auto" is FlexAttention on CUDA and a
-    dense mask elsewhere; "dense" and "flex" force one. With neither window nor documents this
-    is plain causal SDPA, whatever impl.
+    non-decreasing along s (None: one document). The keys are the positions 0..s-1; the queries
+    too (sq = s) unless `q_positions` [sq] names theirs (CP's all-gather: this rank's chunks
+    against the whole sequence). impl "auto" is FlexAttention on CUDA and a dense mask elsewhere;
+    "dense" and "flex" force one. With neither window, documents nor query positions this is plain
+    causal SDPA, whatever impl.
     """
     if impl not in IMPLS:
         raise ValueError(f"masked attention impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     gqa = q.shape[1] != k.shape[1]
-    if window is None and documents is None:
+    if window is None and documents is None and q_positions is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    b, s = q.shape[0], q.shape[2]
+    b, s = q.shape[0], k.shape[2]
     check_mask_args(window, documents, b, s)
     if impl == "flex" or (impl == "auto" and q.is_cuda):
-        return _flex_attention(q, k, v, window, documents)
-    positions = torch.arange(s, device=q.device)
-    mask = attention_mask(positions, positions, window, documents).unsqueeze(1)  # [B, 1, s, s]
+        return _flex_attention(q, k, v, window, documents, q_positions)
+    keys = torch.arange(s, device=q.device)
+    queries = keys if q_positions is None else q_positions
+    mask = attention_mask(queries, keys, window, documents).unsqueeze(1)  # [B, 1, sq, s]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 # --- FlexAttention ------------------------------------------------------------------------------
 
-_block_masks: dict[tuple, tuple[torch.Tensor | None, object]] = {}
+_block_masks: dict[tuple, tuple[tuple[torch.Tensor | None, ...], object]] = {}
 _compiled: dict[str, Callable] = {}
 
 
 def _flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, documents: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+    documents: torch.Tensor | None,
+    q_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FlexAttention with this (window, documents) block mask: compiled on CUDA, eager (forward only) elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compile("flex_attention", flex_attention) if q.is_cuda else flex_attention
-    block_mask = _block_mask(window, documents, q.shape[2], q.device)
+    block_mask = _block_mask(window, documents, k.shape[2], q.device, q_positions)
     return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -116,29 +125,38 @@ def _compile(name: str, fn: Callable) -> Callable:
     return _compiled[name]
 
 
-def _block_mask(window: int | None, documents: torch.Tensor | None, seq: int, device: torch.device):
+def _block_mask(
+    window: int | None,
+    documents: torch.Tensor | None,
+    seq: int,
+    device: torch.device,
+    q_positions: torch.Tensor | None = None,
+):
     """The block mask of `allowed`, cached so every layer of a forward (and its backward) builds it once.
 
-    Keyed by the documents tensor's identity and version (an in-place edit changes the version);
-    the cache holds that tensor, so its id cannot be reused while the entry lives.
+    Keyed by the identity and version of the documents and query-position tensors (an in-place edit
+    changes the version); the cache holds those tensors, so their ids cannot be reused while the entry lives.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (id(documents), documents._version if documents is not None else 0, window, seq, str(device))
+    held = (documents, q_positions)
+    key = (*((id(t), t._version if t is not None else 0) for t in held), window, seq, str(device))
     hit = _block_masks.get(key)
-    if hit is not None and hit[0] is documents:
+    if hit is not None and all(a is b for a, b in zip(hit[0], held)):
         return hit[1]
 
     def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx if q_positions is None else q_positions[q_idx]
         if documents is None:
-            return allowed(q_idx, kv_idx, window, None, None)
-        return allowed(q_idx, kv_idx, window, documents[b, q_idx], documents[b, kv_idx])
+            return allowed(q_pos, kv_idx, window, None, None)
+        return allowed(q_pos, kv_idx, window, documents[b, q_pos], documents[b, kv_idx])
 
     # compiled on CUDA: the eager builder materialises the dense mask it is meant to avoid
     build = _compile("create_block_mask", create_block_mask) if device.type == "cuda" else create_block_mask
     batch = None if documents is None else documents.shape[0]
-    block_mask = build(mask_mod, batch, None, seq, seq, device=device)
+    queries = seq if q_positions is None else q_positions.shape[0]
+    block_mask = build(mask_mod, batch, None, queries, seq, device=device)
     if len(_block_masks) >= _BLOCK_MASK_CACHE_SIZE:
         del _block_masks[next(iter(_block_masks))]  # the oldest entry
-    _block_masks[key] = (documents, block_mask)
+    _block_masks[key] = (held, block_mask)
     return block_mask

@@ -23,11 +23,11 @@ documents); rows with nothing to attend inside a block contribute nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from megatronlite.models.attention_mask import attention_mask, check_mask_args, masked_attention
@@ -113,10 +113,13 @@ def _allgather_attention(
     s_local = q.shape[2]
     kv = gather_from_sp(torch.stack((k, v)), dim=3, group=group)  # [2, b, hkv, cp * s_local, d], rank order
     k_full, v_full = unsplit_sequence(list(kv.chunk(cp, dim=3)), dim=3).unbind(0)
-    q_pos = local_positions(s_local, rank, cp, q.device)
-    mask = attention_mask(q_pos, torch.arange(cp * s_local, device=q.device), window, documents)
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
+    q_pos = _query_positions(s_local, rank, cp, q.device)
+    return masked_attention(q, k_full, v_full, window, documents, q_positions=q_pos)
+
+
+# one tensor per (length, rank, CP, device), so FlexAttention's block-mask cache recognises it (on CUDA the
+# all-gather path masks with a block mask, never a dense [S / C, S] one)
+_query_positions = functools.lru_cache(maxsize=16)(local_positions)
 
 
 # --- ring attention -------------------------------------------------------------------------------
