@@ -154,3 +154,47 @@ def test_plan_prints_the_layouts_that_fit(capsys):
 def test_plan_bad_gpus_is_one_line(capsys):
     assert "--gpus must be a positive number" in error_of(capsys, "plan", "configs/demo.yaml", "--gpus", "0")
     assert "--gpu 'tpu'" in error_of(capsys, "plan", "configs/demo.yaml", "--gpus", "8", "--gpu", "tpu")
+
+
+def _finished_run(tmp_path, cfg: config.Config, tokens_per_sec: float, gpus: int, peak: float):
+    """A run directory as training leaves it: its resolved config and a few logged steps."""
+    import json
+
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    records = [{"step": s, "tokens_per_sec": tokens_per_sec * (0.5 if s == 1 else 1)} for s in range(1, 6)]
+    for r in records:
+        r["mfu"] = r["tokens_per_sec"] / gpus * fpt / peak  # as train/run_log.py computes it
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_calibration_fits_the_efficiency_that_predicts_the_run(tmp_path, capsys):
+    """A run that went at the speed the planner predicts at efficiency 0.4 calibrates to 0.4 (its warm-up step
+    left out); afterwards the planner's MFU for that layout is the run's logged MFU."""
+    import json
+
+    from megatronlite.errors import UserError
+    from megatronlite.plan import calibrate, hardware
+    from megatronlite.plan.estimate import Planner
+    from megatronlite.plan.layout import layout_of
+
+    cfg, gpus, hw = tiny("parallel.tensor=2", "parallel.pipeline=2"), 8, hardware.gpu("h100")
+    layout = layout_of(cfg, gpus)
+    speed = Planner(cfg, gpus, 8, hw, 0.4).estimate(layout).tokens_per_sec
+    run = _finished_run(tmp_path, cfg, speed, gpus, hw.peak_flops)
+    assert calibrate.fit(run, gpus, 8, "h100") == pytest.approx(0.4, rel=1e-9)
+    store = tmp_path / "plan.json"
+    calibrate.store("h100", 0.4, run, store)
+    eff, source = hardware.efficiency("h100", store)
+    assert eff == 0.4 and source == f"calibrated from {run}"
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["mfu"]
+    assert Planner(cfg, gpus, 8, hw, eff).estimate(layout).mfu == pytest.approx(logged, rel=1e-9)
+    with pytest.raises(UserError, match="faster than 8 x h100 at their peak"):
+        calibrate.fit(_finished_run(tmp_path / "fast", cfg, speed * 10, gpus, hw.peak_flops), gpus, 8, "h100")
+    (tmp_path / "bad").mkdir()
+    assert "config.yaml: not found" in error_of(capsys, "plan", str(tmp_path / "bad"), "--calibrate", "--gpus", "8")

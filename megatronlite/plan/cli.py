@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 from dataclasses import asdict
+from pathlib import Path
 
 from megatronlite import config
 from megatronlite.errors import UserError
@@ -24,7 +25,7 @@ def token_count(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
+    p.add_argument("config", help="the config to plan (with --calibrate: the finished run's directory)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs the run would use")
     p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays inside one node (default 8)")
     p.add_argument("--gpu", default="h100", help=f"GPU type: {', '.join(hardware.GPUS)} (default h100)")
@@ -34,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="15T", help="token budget for the days-to-train column (default 15T)")
     p.add_argument("--json", action="store_true", help="every layout as one JSON document")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (YAML)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit the --gpu type's matmul efficiency to the run directory given as CONFIG (its config.yaml and "
+        f"metrics.jsonl, trained on --gpus GPUs) and store it in {hardware.CALIBRATION_FILE}",
+    )
     p.set_defaults(func=main)
 
 
@@ -80,6 +87,14 @@ def main(args: argparse.Namespace) -> None:
     if args.gpus_per_node < 1:
         raise UserError(f"--gpus-per-node must be positive, got {args.gpus_per_node}")
     hw = hardware.gpu(args.gpu)
+    if args.calibrate:
+        from megatronlite.plan import calibrate
+
+        run = Path(args.config)
+        eff = calibrate.fit(run, args.gpus, args.gpus_per_node, args.gpu)
+        calibrate.store(args.gpu, eff, run)
+        print(f"{args.gpu}: matmul efficiency {eff:.3f} from {run} on {args.gpus} GPUs -> {hardware.CALIBRATION_FILE}")
+        return
     tokens = token_count(args.tokens)
     cfg = _load(args)
     eff, source = hardware.efficiency(args.gpu)

@@ -71,8 +71,9 @@ def gpu(kind: str) -> GPU:
     return GPUS[kind]
 
 
-def efficiency(kind: str, path: Path = CALIBRATION_FILE) -> tuple[float, str]:
+def efficiency(kind: str, path: Path | None = None) -> tuple[float, str]:
     """The matmul efficiency for `kind` and where it comes from (a calibration, or the default assumption)."""
+    path = path or CALIBRATION_FILE
     if path.is_file():
         try:
             fitted = json.loads(path.read_text()).get(kind)

@@ -54,6 +54,14 @@ def apply(cfg: Config, layout: Layout) -> Config:
     return out
 
 
+def layout_of(cfg: Config, gpus: int) -> Layout:
+    """The layout `cfg` trains with on `gpus` GPUs (the inverse of `apply`)."""
+    p, t = cfg.parallel, cfg.train
+    dp = validate_layout(cfg, gpus)
+    sp = p.sequence_parallel and p.tensor > 1
+    return Layout(p.tensor, p.pipeline, p.virtual_pipeline, p.context, dp, t.micro_batch_size, p.zero, t.recompute, sp)
+
+
 def mesh_at(cfg: Config, world_size: int, rank: int) -> Mesh:
     """Rank `rank`'s mesh for `cfg`'s layout, every group described (sizes, ranks) but no process group made:
     what model building reads, laid out as `parallel.mesh.build_mesh` lays it out."""
