@@ -47,7 +47,8 @@ def apply(cfg: Config, layout: Layout) -> Config:
     p, t = out.parallel, out.train
     p.tensor, p.pipeline, p.virtual_pipeline, p.context = layout.tp, layout.pp, layout.vp, layout.cp
     p.sequence_parallel, p.zero_stage, p.distributed_optimizer = layout.sequence_parallel, layout.zero, False
-    p.pipeline_layers = None
+    if p.pipeline_layers is not None and len(p.pipeline_layers) != layout.pp * layout.vp:
+        p.pipeline_layers = None  # the config's split is for another number of stages: an even one
     if p.pipeline_schedule is not None and (layout.vp > 1) != (p.schedule in ("interleaved", "zero_bubble")):
         p.pipeline_schedule = None  # the config's schedule does not fit this layout: the one its stages imply
     t.micro_batch_size, t.recompute = layout.micro_batch, layout.recompute
