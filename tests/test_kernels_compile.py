@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent(
                  "n_cols"), BLOCK=1024)
     rows = {"LOGITS": "*fp32", "TARGET": "*i64", "MAX": "*fp32", "SUM": "*fp32"}
     compile_(triton_cross_entropy._stats_kernel, {**rows, "PICKED": "*fp32"}, ("stride", "n_valid"), BLOCK=4096)
-    compile_(triton_cross_entropy._grad_kernel, rows, ("stride", "n_cols", "n_valid"), ("scale",), BLOCK=4096)
+    compile_(triton_cross_entropy._grad_kernel, rows, ("stride", "n_cols", "n_valid"), BLOCK=4096)
     for grad, model in ((tl.float32, None), (tl.bfloat16, tl.bfloat16), (tl.float16, tl.float16)):
         compile_(triton_adamw._adamw_kernel, {"BLOCK_TENSOR": "*i32", "BLOCK_START": "*i64", "NUMEL": "*i64",
                  "ADDRS": "*i64", "SCALARS": "*fp32"}, ("n_tensors",), GRAD_DTYPE=grad,

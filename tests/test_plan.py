@@ -88,7 +88,8 @@ def _saved_bytes(model, tokens, labels) -> int:
     def live() -> dict[int, int]:
         out = {}
         for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) and obj.device.type == "cpu":
+            # plain tensors only: not parameters, nor the fake tensors an earlier torch.compile left for gc
+            if type(obj) is torch.Tensor and obj.device.type == "cpu":
                 out[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
         return out
 
