@@ -28,7 +28,6 @@ from megatronlite.config import ModelConfig
 from megatronlite.kernels import OPS
 from megatronlite.kernels.dispatch import backend_function
 from megatronlite.kernels.reference import swiglu_halves
-from megatronlite.models.attention_mask import masked_attention
 from megatronlite.models.rope import rotary_tables
 from megatronlite.parallel.context import context_attention, local_positions
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -57,16 +56,16 @@ class Packing:
 class Norm(nn.Module):
     """RMSNorm or LayerNorm over the last dim (`size`), computed in fp32 like HF and Megatron.
 
-    `partial_grad`: each TP rank's gradient is a partial sum (sequence parallelism; q/k norms, whose
+    `partial_over_tp`: each TP rank's gradient is a partial sum (sequence parallelism; q/k norms, whose
     heads are split over TP)."""
 
-    def __init__(self, kind: str, size: int, eps: float, partial_grad: bool, backends: Backends) -> None:
+    def __init__(self, kind: str, size: int, eps: float, partial_over_tp: bool, backends: Backends) -> None:
         super().__init__()
         self.rms, self.eps = kind == "rmsnorm", eps
         op = "rms_norm" if self.rms else "layer_norm"
         self.norm = backend_function(op, backends[op])
-        self.weight = empty_param((size,), replicated((size,), "ones", partial_grad))
-        self.bias = None if self.rms else empty_param((size,), replicated((size,), "zeros", partial_grad))
+        self.weight = empty_param((size,), replicated((size,), "ones", partial_over_tp))
+        self.bias = None if self.rms else empty_param((size,), replicated((size,), "zeros", partial_over_tp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:
@@ -135,10 +134,8 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
-        window = self.cfg.sliding_window
-        if self.context.size > 1:
-            return context_attention(q, k, v, self.context.pg, self.context_attention, window, documents)
-        return masked_attention(q, k, v, window, documents)
+        group = self.context.pg if self.context.size > 1 else None  # one rank: masked_attention
+        return context_attention(q, k, v, group, self.context_attention, self.cfg.sliding_window, documents)
 
 
 class MLP(nn.Module):
@@ -217,7 +214,7 @@ class Embedding(nn.Module):
         self.position = None
         if cfg.position == "learned":
             shape = (cfg.max_seq_len, cfg.hidden_size)
-            self.position = empty_param(shape, replicated(shape, sequence_parallel=sequence_parallel))
+            self.position = empty_param(shape, replicated(shape, partial_over_tp=sequence_parallel))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`positions`: the positions of `ids` [s] (this CP rank's chunks of the sequence) or, packed, [b, s]."""

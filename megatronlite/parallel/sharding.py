@@ -98,9 +98,10 @@ def tp_split(
     return Sharding(global_shape, (("tp", Split(dim, parts, padded)),), init, alias=alias)
 
 
-def replicated(global_shape: tuple[int, ...], init: str = "normal", sequence_parallel: bool = False) -> Sharding:
-    """A tensor whole on every rank; under sequence parallelism its gradient is partial over TP."""
-    return Sharding(global_shape, init=init, partial_grad=("tensor",) if sequence_parallel else ())
+def replicated(global_shape: tuple[int, ...], init: str = "normal", partial_over_tp: bool = False) -> Sharding:
+    """A tensor whole on every rank; `partial_over_tp`: each TP rank's gradient is a partial sum (sequence
+    parallelism: each rank saw its share of the tokens; q/k norms: each rank normed its own heads)."""
+    return Sharding(global_shape, init=init, partial_grad=("tensor",) if partial_over_tp else ())
 
 
 class ShardedParameter(nn.Parameter):
