@@ -72,15 +72,26 @@ def write_checkpoint(run_dir: Path, cfg: Config, tensors: Iterable[tuple[str, to
     return write_checkpoint_lazily(run_dir, cfg, got.__getitem__, step)
 
 
-def write_checkpoint_lazily(run_dir: Path, cfg: Config, load: Callable[[str], torch.Tensor], step: int = 0) -> Path:
+def write_checkpoint_lazily(
+    run_dir: Path,
+    cfg: Config,
+    load: Callable[[str], torch.Tensor],
+    step: int = 0,
+    moments: dict[str, Callable[[str], torch.Tensor]] | None = None,
+    optimizer_steps: int = 0,
+) -> Path:
     """`write_checkpoint`, asking `load(name)` for each tensor only when DCP writes it.
 
+    With Adam's `moments` ({"exp_avg": load, "exp_avg_sq": load}) and its step count, the checkpoint is a
+    training one at `step` (what `train` resumes, optimizer included), else weights-only.
     DCP's FileSystemWriter (read in torch 2.13) keeps a reference to every tensor it has written until
     the file is closed, and there is one file: to hold one tensor in memory at a time, `load` should
     return file-backed tensors (see megatronlite.convert.parking).
     """
+    sources = {"model": load, **{f"optim.{kind}": get for kind, get in (moments or {}).items()}}
     chunks = [
-        LazyChunk(f"model.{name}", shape, (0,) * len(shape), shape, torch.float32, functools.partial(load, name))
+        LazyChunk(f"{prefix}.{name}", shape, (0,) * len(shape), shape, torch.float32, functools.partial(get, name))
+        for prefix, get in sources.items()
         for name, shape in expected_shapes(cfg).items()
     ]
     root = run_dir / "checkpoints"
@@ -91,8 +102,10 @@ def write_checkpoint_lazily(run_dir: Path, cfg: Config, load: Callable[[str], to
     (run_dir / "config.yaml").write_text(config_yaml)
     meta = {
         "step": step,
-        "consumed_samples": 0,
-        "weights_only": True,
+        "consumed_samples": 0,  # the data position does not convert
+        # a training checkpoint's RNG states are re-derived from the seed (never a run's layout)
+        **({"optimizer_steps": optimizer_steps, "nonfinite_skips": 0, "loss_scale": None} if moments else {}),
+        **({} if moments else {"weights_only": True}),
         "layout": {"tensor": 1, "pipeline": 1, "data": 1, "world_size": 1},
         "model": cfg.to_dict()["model"],
         "versions": versions(),

@@ -35,6 +35,7 @@ from megatronlite.convert.mapping import Get
 from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
+    TrainingState,
     from_store,
     output_dtype,
     run_config,
@@ -66,15 +67,6 @@ class DeepSpeedOptions(Options):
     """Options plus where the HF config.json is when it is not beside the checkpoint (`--hf-config`)."""
 
     hf_config: Path | None = None
-
-
-@dataclass
-class TrainingCheckpoint(Checkpoint):
-    """A checkpoint that also carries Adam's state, by our global names, to continue training."""
-
-    moments: dict[str, Get] | None = None  # "exp_avg" | "exp_avg_sq" -> our name -> fp32 tensor
-    step: int = 0  # the source's training step
-    optimizer_steps: int = 0  # Adam's step count (its bias correction)
 
 
 def _load(path: Path) -> dict:
@@ -271,7 +263,8 @@ def read(path: Path, options: Options) -> Checkpoint:
     if flat is None or "exp_avg" not in flat.vectors:
         return ckpt
     moments = {kind: _renamed(mapping.ours, _MomentStore(store, kind).get) for kind in MOMENTS}
-    return TrainingCheckpoint(**vars(ckpt), moments=moments, step=store.step, optimizer_steps=flat.optimizer_steps)
+    ckpt.training = TrainingState(moments, store.step, flat.optimizer_steps)
+    return ckpt
 
 
 def _renamed(ours: Callable[[str, Get], torch.Tensor], get_theirs: Get) -> Get:

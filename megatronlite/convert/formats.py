@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from megatronlite.convert import deepspeed, hf, megatron, mlite, mlite_training, torch_file
+from megatronlite.convert import deepspeed, hf, megatron, mlite, torch_file
 from megatronlite.convert.model_state import Checkpoint, Options
 from megatronlite.errors import UserError
 
@@ -24,10 +24,7 @@ def convert(src_format: str, dst_format: str, src: Path, dst: Path, options: Opt
         raise UserError(f"{dst} already exists; conversion never overwrites, choose a new path")
     ckpt = read(src_format, src, options)  # checks names and shapes before anything is written
     try:
-        if dst_format == "mlite" and isinstance(ckpt, deepspeed.TrainingCheckpoint):  # Adam's state has a place
-            mlite_training.write(ckpt, dst, options)
-        else:
-            FORMATS[dst_format].write(ckpt, dst, options)
+        FORMATS[dst_format].write(ckpt, dst, options)
     except BaseException:
         if dst.is_dir():
             shutil.rmtree(dst)

@@ -2,21 +2,25 @@
 
 Reading takes the `model.*` tensors of any checkpoint (weights-only or a training one with
 optimizer state). Writing makes a run directory skeleton, `DST/config.yaml` plus
-`DST/checkpoints/step_0000000/` (weights only), ready for `train --set checkpoint.load=DST`,
-with the tokenizer files in `DST/tokenizer/` and `data.tokenizer` pointing at them.
+`DST/checkpoints/step_0000000/` (weights only; from a source that carries Adam's state, such as
+DeepSpeed's, a training checkpoint at the source's step instead), ready for `train --set
+checkpoint.load=DST`, with the tokenizer files in `DST/tokenizer/` and `data.tokenizer` pointing at them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.model_loader import load_config
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
 from megatronlite.convert.dcp_store import DcpStore, stored_tensors, whole
-from megatronlite.convert.mapping import Mapping, rename
+from megatronlite.convert.mapping import Get, Mapping, rename
 from megatronlite.convert.model_state import Checkpoint, Options, from_store, side_files
 from megatronlite.convert.parking import Staging
 
@@ -58,4 +62,13 @@ def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
             shutil.copy2(f, tokenizer_dir / name)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer_dir.resolve())))
     with Staging(dst) as staging:  # DCP's writer holds every tensor of a file until the file is done
-        write_checkpoint_lazily(dst, cfg, lambda name: staging.put(ckpt.get(name).float()))
+
+        def parked(get: Get) -> Callable[[str], torch.Tensor]:
+            return lambda name: staging.put(get(name).float())
+
+        training = ckpt.training
+        if training is None:  # weights only: `train` starts from them at step 0
+            write_checkpoint_lazily(dst, cfg, parked(ckpt.get))
+        else:  # Adam's state too: `train` continues the source's run at its step
+            moments = {kind: parked(get) for kind, get in training.moments.items()}
+            write_checkpoint_lazily(dst, cfg, parked(ckpt.get), training.step, moments, training.optimizer_steps)

@@ -63,12 +63,22 @@ class TensorStore(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """Adam's state by our global names, so `train` continues the source's run (where a format holds it)."""
+
+    moments: dict[str, Get]  # "exp_avg" | "exp_avg_sq" -> our global name -> fp32 tensor
+    step: int  # the source's training step (the LR schedule's position)
+    optimizer_steps: int  # Adam's step count (its bias correction)
+
+
 @dataclass
 class Checkpoint:
     cfg: Config
     get: Get  # our global name (see weights.expected_shapes) -> tensor, in `dtype`
     dtype: torch.dtype
     side_files: dict[str, Path] = field(default_factory=dict)  # name to copy as -> file (tokenizer and co)
+    training: TrainingState | None = None  # weights only unless the source carries Adam's state
 
 
 def from_store(
