@@ -153,6 +153,9 @@ def _spawned(rank: int, world: int, port: int, fn, args: tuple, errors) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    # done and reported: skip the interpreter's teardown, where gloo's threads may abort the process
+    # ("terminate called without an active exception") after the work has succeeded
+    os._exit(0)
 
 
 def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:

@@ -91,6 +91,16 @@ def main(args: argparse.Namespace) -> None:
         print(f"megatronlite: restarting the workers ({attempt + 1} of {args.max_restarts})", file=sys.stderr)
 
 
+def _telling_failure(e) -> tuple:
+    """(rank, failure) that says why the job ended: the first worker that exited by itself (with its error or
+    the watchdog's clue) before any torchrun killed by a signal on the way out; else the first failure."""
+    exited = sorted((f.timestamp, rank) for rank, f in e.failures.items() if f.exitcode >= 0)
+    if not exited:
+        return e.get_first_failure()
+    rank = exited[0][1]
+    return rank, e.failures[rank]
+
+
 def _run_attempt(args: argparse.Namespace, attempt: int) -> int:
     """Run the workers once; the exit code the launcher would end with, having printed why."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -104,7 +114,7 @@ def _run_attempt(args: argparse.Namespace, attempt: int) -> int:
         print(f"megatronlite: stopped by {name}; the workers were stopped with it", file=sys.stderr)
         sys.exit(128 + int(e.sigval))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _telling_failure(e)
         if failure.exitcode == PREEMPTED:
             print("megatronlite: the workers saved a checkpoint and stopped on request", file=sys.stderr)
             return PREEMPTED
