@@ -19,7 +19,37 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(_train)(args)
+    record(_dry_run if args.dry_run else _train)(args)
+
+
+def _device_kind(cfg) -> str:
+    """cuda or cpu, per train.device (auto: cuda where there is one)."""
+    import torch
+
+    kind = cfg.train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = cuda but no CUDA device is available; use train.device: cpu or auto")
+    return kind
+
+
+def _dry_run(args: argparse.Namespace) -> None:
+    import torch
+
+    from megatronlite import config
+    from megatronlite.train.dry_run import dry_run
+
+    cfg = config.load(args.config, args.set)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    world = args.workers or int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1:
+        raise UserError(f"--workers must be a positive number of workers, got {world}")
+    device = torch.device(_device_kind(cfg))
+    report, fits = dry_run(cfg, run_dir, world, device, _workers_here(world))
+    print("\n".join(report))
+    warned = "" if fits else " (but see the memory warning)"
+    print(f"megatronlite: dry run of {cfg.name}: every check passed{warned}; nothing was started")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -29,19 +59,17 @@ def _train(args: argparse.Namespace) -> None:
     from megatronlite import config
     from megatronlite.launcher.torchrun import die_with_launcher
     from megatronlite.parallel.mesh import build_mesh, cuda_device, init_distributed
+    from megatronlite.plan.device_fit import memory_report
+    from megatronlite.train.metrics import print_line
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
     from megatronlite.train.preemption import Preempted
     from megatronlite.train.run_lock import lock_run_dir
-    from megatronlite.train.trainer import Trainer, write_resolved_config
+    from megatronlite.train.trainer import Trainer, run_options, write_resolved_config
 
     die_with_launcher()
     cfg = config.load(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    kind = cfg.train.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = cuda but no CUDA device is available; use train.device: cpu or auto")
+    kind = _device_kind(cfg)
     world, rank, local_rank = init_distributed(kind, cfg.parallel.timeout_minutes)
     lock = None
     try:
@@ -50,6 +78,10 @@ def _train(args: argparse.Namespace) -> None:
             torch.cuda.set_device(device)
         lock = lock_run_dir(run_dir, rank, world, device)  # before anything in the run directory is written
         mesh = build_mesh(cfg, world, rank)
+        if rank == 0:  # before anything is allocated: a layout predicted not to fit is named with its figure
+            line, fits = memory_report(cfg, world, run_options(cfg, device), device, _workers_here(world))
+            if not fits:
+                print_line(f"megatronlite: {line}")
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, run_dir, mesh, device)
         if rank == 0:  # only once nothing at start-up refused the run: a refused one leaves config.yaml as it was
@@ -75,9 +107,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + new)
 
 
+def _workers_here(world: int) -> int:
+    """Workers on this node (they share its RAM on CPU): torchrun's and srun's local world size."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return world
+
+
 def _setup_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
     _add_train_options(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="make every check a run makes before its first step (layout, memory, checkpoint, data), print the "
+        "resolved config and start nothing",
+    )
+    p.add_argument("--workers", type=int, help="with --dry-run: the job's world size (default $WORLD_SIZE or 1)")
     p.set_defaults(func=cmd_train)
 
 

@@ -637,5 +637,10 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     return dp
 
 
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as the run directory's config.yaml holds it."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(to_yaml(cfg))

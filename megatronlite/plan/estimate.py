@@ -10,7 +10,7 @@ from megatronlite.models.counting import flops_per_token
 from megatronlite.models.gpt import RunOptions
 from megatronlite.plan.hardware import GPU
 from megatronlite.plan.layout import Layout, apply, layouts
-from megatronlite.plan.memory import Memory, ModelStates, model_states, rank_memory, stage_rank
+from megatronlite.plan.memory import Memory, ModelStates, model_states, stage_memories, stage_rank
 from megatronlite.plan.steptime import StepTime, step_time
 
 
@@ -76,14 +76,13 @@ class Planner:
     def estimate(self, layout: Layout) -> Estimate:
         cfg = apply(self.cfg, layout)
         n_micro = micro_batches(cfg.train, layout.dp)
-        options = gpu_options(cfg)
-        stages = sorted({0, layout.pp - 1})
-        mems = [rank_memory(cfg, self._model_states(cfg, layout, s), s, n_micro, options) for s in stages]
-        worst = max(range(len(stages)), key=lambda i: mems[i].total)
-        time = step_time(cfg, self.gpus, self.gpus_per_node, self.hw, self.efficiency, max(m.weights for m in mems))
+        mems = stage_memories(cfg, n_micro, gpu_options(cfg), lambda s: self._model_states(cfg, layout, s))
+        worst = max(mems, key=lambda s: mems[s].total)
+        weights = max(m.weights for m in mems.values())
+        time = step_time(cfg, self.gpus, self.gpus_per_node, self.hw, self.efficiency, weights)
         tokens_per_sec = cfg.train.global_batch_size * cfg.train.seq_len / time.total
         mfu = tokens_per_sec / self.gpus * flops_per_token(cfg.model, cfg.train.seq_len) / self.hw.peak_flops
-        return Estimate(layout, mems[worst], stages[worst], time, tokens_per_sec, mfu, self.hw.memory)
+        return Estimate(layout, mems[worst], worst, time, tokens_per_sec, mfu, self.hw.memory)
 
     def all(self) -> list[Estimate]:
         """Every legal layout, those that fit first, each group fastest first (then the least memory)."""

@@ -20,6 +20,7 @@ the micro-batches (or interleaved chunks) a stage holds at once under its schedu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -270,3 +271,10 @@ def rank_memory(cfg: Config, states: ModelStates, pp_rank: int, n_micro: int, op
         pp_buffers + states.transient,
         allowance,
     )
+
+
+def stage_memories(cfg: Config, n_micro: int, options: RunOptions, states: Callable[[int], ModelStates]) -> dict:
+    """{pp_rank: Memory} of the first and the last pipeline stage, the two candidates for the heaviest rank: the
+    first holds the most micro-batches in flight and the embedding, the last the output layer and the loss.
+    `states(pp_rank)`: that stage's model states."""
+    return {s: rank_memory(cfg, states(s), s, n_micro, options) for s in sorted({0, cfg.parallel.pipeline - 1})}

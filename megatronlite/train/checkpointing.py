@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.staging import PieceStager
 from megatronlite.checkpoint.views import GlobalPiece, model_pieces
+from megatronlite.config import Config
 from megatronlite.errors import UserError
 from megatronlite.parallel.mesh import new_group
 from megatronlite.train.metrics import print_line
@@ -246,22 +247,22 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
     return False
 
 
-def resolve_load(trainer) -> Path | None:
-    """The step directory to resume from, per `checkpoint.load`: auto, null, or a path."""
-    load = trainer.cfg.checkpoint.load
+def resolve_load(cfg: Config, run_dir: Path) -> Path | None:
+    """The step directory a run in `run_dir` resumes from, per `checkpoint.load`: auto, null, or a path."""
+    load = cfg.checkpoint.load
     if restart_count() > 0:  # an automatic restart goes on from where the failed attempt got to
-        latest = store.latest_complete(trainer.run_dir / "checkpoints")
+        latest = store.latest_complete(run_dir / "checkpoints")
         if latest is not None:
             return latest
     if load is None:
         return None
     if load == "auto":
-        return store.latest_complete(trainer.run_dir / "checkpoints")
+        return store.latest_complete(run_dir / "checkpoints")
     return store.find_step_dir(load)  # the config checked that the path exists
 
 
 def maybe_resume(trainer) -> None:
-    step_dir = resolve_load(trainer)
+    step_dir = resolve_load(trainer.cfg, trainer.run_dir)
     if step_dir is not None:
         load(trainer, step_dir)
 

@@ -34,6 +34,14 @@ def describe(holder: dict) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, job {holder.get('job') or 'none'}"
 
 
+def in_use(run_dir: Path, holder: dict | None) -> UserError:
+    who = describe(holder) if holder else "a process that has not yet written its name"
+    return UserError(
+        f"run directory {run_dir} is in use by another trainer ({who}); wait for it to end, stop it, or give "
+        "another --run-dir"
+    )
+
+
 def read_holder(path: Path) -> dict | None:
     """The holder a lock file names; None when it names none (empty after a clean end, missing, or garbage)."""
     try:
@@ -59,12 +67,7 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            holder = read_holder(self.path)
-            who = describe(holder) if holder else "a process that has not yet written its name"
-            raise UserError(
-                f"run directory {self.path.parent} is in use by another trainer ({who}); "
-                "wait for it to end, stop it, or give another --run-dir"
-            ) from None
+            raise in_use(self.path.parent, read_holder(self.path)) from None
         self._claim()
 
     def _claim(self) -> None:
@@ -80,6 +83,23 @@ class RunLock:
         os.ftruncate(self.fd, 0)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def held_by(run_dir: Path) -> dict | None:
+    """Who holds `run_dir`'s lock now ({} when the holder has not written its name, None when nobody holds it),
+    found without taking it or writing anything."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_holder(path) or {}
+    finally:
+        os.close(fd)  # closing drops the lock if it was ours for a moment
+    return None
 
 
 def lock_run_dir(run_dir: Path, rank: int, world_size: int, device: torch.device) -> RunLock | None:

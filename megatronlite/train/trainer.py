@@ -390,9 +390,7 @@ class Trainer:
         return {"nonfinite_skipped": self.nonfinite_skips} if self.cfg.train.on_nonfinite == "skip" else {}
 
     def resolved_config_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        return config_mod.to_yaml(self.cfg)
 
 
 def use_tf32(device: torch.device, tf32: bool) -> bool:
