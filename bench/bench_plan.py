@@ -14,6 +14,10 @@ Sources:
   activation recompute, 140 TFLOP/s per GPU counted with recompute (their 8 x params per token, our
   6 x: 105 TFLOP/s of model FLOPs), 34 days for 300B tokens. The layout, TP 8 x PP 16 (its table's
   for this model) with DP 8 at 1024 GPUs and the plain 1F1B schedule, is our reading.
+- 530B (the MT-NLG shape): Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models": 2240 A100s, 105 layers, hidden 20480, 128 heads, seq 2048, TP 8 x PP 35 (DP 8), batch 2240, MFU
+  54.2% with sequence parallelism and selective recompute, 42.1% with full recompute. The 1F1B schedule (no
+  virtual stages) is our reading.
 - Llama 3 405B: Dubey et al. 2024, "The Llama 3 Herd of Models", table 4: 16,384 H100s, seq 8192,
   16M tokens per batch, TP 8 x CP 1 x PP 16 x DP 128, BF16 MFU 38-43% (41% at 16,384 GPUs).
 """
@@ -29,8 +33,10 @@ from common import emit
 
 from megatronlite import config
 from megatronlite.plan import hardware
-from megatronlite.plan.estimate import Planner
-from megatronlite.plan.layout import Layout
+from megatronlite.plan.estimate import Planner, gpu_options
+from megatronlite.plan.layout import Layout, apply
+from megatronlite.plan.megatron_reference import differences, megatron_memory
+from megatronlite.plan.memory import layout_memories
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,17 @@ GPT3 = [
     "model.max_seq_len=2048",
     "train.seq_len=2048",
     "train.global_batch_size=1536",
+    "train.precision=bf16",
+]
+MT_NLG_530B = [
+    "model.arch=gpt2",
+    "model.num_layers=105",
+    "model.hidden_size=20480",
+    "model.num_heads=128",
+    "model.vocab_size=51200",
+    "model.max_seq_len=2048",
+    "train.seq_len=2048",
+    "train.global_batch_size=2240",
     "train.precision=bf16",
 ]
 LLAMA3_405B = [
@@ -82,6 +99,24 @@ RUNS = [
         "140 TFLOP/s per GPU with recompute (105 of model FLOPs), 34 days for 300B tokens",
     ),
     Published(
+        "530B, SP + selective recompute (Korthikanti et al.)",
+        MT_NLG_530B,
+        2240,
+        "a100",
+        Layout(tp=8, pp=35, vp=1, cp=1, dp=8, micro_batch=1, zero=0, recompute="selective", sequence_parallel=True),
+        0.542,
+        "MFU 54.2% on 2240 A100s",
+    ),
+    Published(
+        "530B, full recompute (Korthikanti et al.)",
+        MT_NLG_530B,
+        2240,
+        "a100",
+        Layout(tp=8, pp=35, vp=1, cp=1, dp=8, micro_batch=1, zero=0, recompute="full", sequence_parallel=False),
+        0.421,
+        "MFU 42.1% on 2240 A100s (the same run recomputing every layer)",
+    ),
+    Published(
         "Llama 3 405B",
         LLAMA3_405B,
         16384,
@@ -106,6 +141,30 @@ def predict(run: Published) -> str:
     )
 
 
+def against_megatron(run: Published) -> str:
+    """One row: Megatron-LM's theoretical memory for the run's layout beside the planner's first stage, the raw
+    differences, what is left after the named causes (plan/megatron_reference.py), and the largest causes."""
+    cfg = apply(config.from_dict(config.apply_overrides({}, run.sets)), run.layout)
+    options = gpu_options(cfg)
+    ours = layout_memories(cfg, run.gpus, options)[0]
+    megatron = megatron_memory(cfg, run.gpus)
+    weight_causes, activation_causes = differences(cfg, run.gpus, options.kernels["swiglu"] != "torch")
+    ours_states = ours.weights + ours.weight_copies + ours.grads + ours.optimizer
+    cells = [run.name, run.layout.name()]
+    for figure, reference, causes in (
+        (ours_states, megatron.weights_and_optimizer, weight_causes),
+        (ours.activations, megatron.activations, activation_causes),
+    ):
+        left = figure / (reference + sum(causes.values())) - 1
+        gib = f"{reference / 2**30:.1f} / {figure / 2**30:.1f} GiB"
+        cells.append(f"{gib}: {figure / reference - 1:+.0%}, {left:+.1%} left")
+    causes = sorted({**weight_causes, **activation_causes}.items(), key=lambda kv: -abs(kv[1]))[:3]
+    cells.append("; ".join(f"{name} {value / 2**30:+.1f} GiB" for name, value in causes))
+    if cfg.train.recompute == "full":
+        cells[-1] = "not comparable: the formula ignores full recompute (it counts every activation); " + cells[-1]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", help="append the result to this file")
@@ -120,6 +179,14 @@ def main() -> None:
         "| predicted days / 300B tokens | reported |",
         "|---|---|---|---|---|---|---|---|---|",
         *(predict(run) for run in RUNS),
+        "",
+        "Against Megatron-LM's theoretical memory (`report_theoretical_memory`: Korthikanti et al. 2022, table 2),",
+        "the first stage's rank of each layout; each cell is Megatron's figure / the planner's, the raw",
+        "difference, and what is left once the named causes are added to Megatron's figure:",
+        "",
+        "| run | layout | weights + grads + optimizer | activations | largest causes |",
+        "|---|---|---|---|---|",
+        *(against_megatron(run) for run in RUNS),
     ]
     emit("\n".join(lines), args.markdown)
 

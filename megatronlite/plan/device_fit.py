@@ -12,21 +12,16 @@ import os
 
 import torch
 
-from megatronlite.config import Config, micro_batches, validate_layout
+from megatronlite.config import Config, validate_layout
 from megatronlite.models.gpt import RunOptions
 from megatronlite.plan.estimate import gib
-from megatronlite.plan.memory import Memory, model_states, stage_memories, stage_rank
+from megatronlite.plan.memory import Memory, layout_memories
 
 
 def heaviest_rank(cfg: Config, world_size: int, options: RunOptions) -> tuple[int, Memory]:
     """(pipeline stage, predicted memory) of the rank of `cfg`'s layout on `world_size` workers that needs most."""
-    dp = validate_layout(cfg, world_size)
-    mems = stage_memories(
-        cfg,
-        micro_batches(cfg.train, dp),
-        options,
-        lambda s: model_states(cfg, world_size, stage_rank(cfg, world_size, s)),
-    )
+    validate_layout(cfg, world_size)
+    mems = layout_memories(cfg, world_size, options)
     worst = max(mems, key=lambda s: mems[s].total)
     return worst, mems[worst]
 

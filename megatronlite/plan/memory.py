@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from megatronlite.config import Config
+from megatronlite.config import Config, micro_batches
 from megatronlite.models.gpt import RunOptions
 from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.pipeline import build_stages, stage_layers
@@ -278,3 +278,14 @@ def stage_memories(cfg: Config, n_micro: int, options: RunOptions, states: Calla
     first holds the most micro-batches in flight and the embedding, the last the output layer and the loss.
     `states(pp_rank)`: that stage's model states."""
     return {s: rank_memory(cfg, states(s), s, n_micro, options) for s in sorted({0, cfg.parallel.pipeline - 1})}
+
+
+def layout_memories(cfg: Config, world_size: int, options: RunOptions) -> dict:
+    """`stage_memories` of `cfg`'s own layout on `world_size` GPUs, each stage's model states built for it."""
+    p = cfg.parallel
+    dp = world_size // (p.tensor * p.pipeline * p.context)
+
+    def states(pp_rank: int) -> ModelStates:
+        return model_states(cfg, world_size, stage_rank(cfg, world_size, pp_rank))
+
+    return stage_memories(cfg, micro_batches(cfg.train, dp), options, states)
