@@ -10,12 +10,10 @@ from helpers import error_of
 from megatronlite import config
 from megatronlite.config import ModelConfig
 from megatronlite.models.counting import flops_per_token
-from megatronlite.optim.adamw import build_adamw
-from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import ROLES, _lines, rank_grid
-from megatronlite.parallel.pipeline import build_stages
 from megatronlite.plan.layout import mesh_at
-from megatronlite.plan.memory import _late_sync_names, model_states, stage_saved
+from megatronlite.plan.measure import allocated_states
+from megatronlite.plan.memory import model_states, stage_saved
 from megatronlite.train.trainer import run_options
 
 
@@ -35,33 +33,6 @@ def test_mesh_at_groups_are_build_mesh_groups(world, tp, pp, cp):
             assert mesh.role(role).ranks == tuple(line) and mesh.role(role).rank == line.index(rank)
 
 
-def _allocated(cfg: config.Config, world: int, rank: int) -> dict[str, int]:
-    """Bytes the trainer's own calls allocate on `rank` (its stages, DataParallel, AdamW after one step), by kind."""
-    mesh = mesh_at(cfg, world, rank)
-    stages = build_stages(cfg, mesh, run_options(cfg, torch.device("cpu")))
-    params = {n: p for _, model in stages for n, p in model.named_parameters()}
-    p = cfg.parallel
-    dp = DataParallel(params, mesh.role("grad"), 1, p.zero, p.bucket_mb, _late_sync_names(cfg, mesh, params))
-    optimizer, _ = build_adamw(dp.optimizer_params(params), cfg.optim, torch.device("cpu"))
-    optimizer.step()
-    seen: dict[str, dict[int, int]] = {"weights": {}, "grads": {}, "optimizer": {}}
-
-    def add(kind: str, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        seen[kind][storage.data_ptr()] = storage.nbytes()
-
-    stepped = [q for group in optimizer.param_groups for q in group["params"]]
-    for q in params.values():
-        add("weights", q)
-    for q in [*params.values(), *stepped]:
-        if q.grad is not None:  # ZeRO-2 keeps none of its own
-            add("grads", q.grad)
-    for state in optimizer.state.values():
-        for t in state.values():
-            add("optimizer", t)
-    return {kind: sum(sizes.values()) for kind, sizes in seen.items()}
-
-
 @pytest.mark.parametrize(
     "world,sets",
     [
@@ -78,7 +49,7 @@ def test_model_state_bytes_equal_allocated(world, sets):
     for rank in range(world):
         states = model_states(cfg, world, rank)
         predicted = {"weights": states.weights, "grads": states.grads, "optimizer": states.optimizer}
-        assert predicted == _allocated(cfg, world, rank), rank
+        assert predicted == allocated_states(cfg, world, rank), rank
 
 
 def _saved_bytes(model, tokens, labels) -> int:
@@ -188,14 +159,14 @@ def test_calibration_fits_the_efficiency_that_predicts_the_run(tmp_path, capsys)
     layout = layout_of(cfg, gpus)
     speed = Planner(cfg, gpus, 8, hw, 0.4).estimate(layout).tokens_per_sec
     run = _finished_run(tmp_path, cfg, speed, gpus, hw.peak_flops)
-    assert calibrate.fit(run, gpus, 8, "h100") == pytest.approx(0.4, rel=1e-9)
+    assert calibrate.fit(run, gpus, 8, hw) == pytest.approx(0.4, rel=1e-9)
     store = tmp_path / "plan.json"
     calibrate.store("h100", 0.4, run, store)
     eff, source = hardware.efficiency("h100", store)
     assert eff == 0.4 and source == f"calibrated from {run}"
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["mfu"]
     assert Planner(cfg, gpus, 8, hw, eff).estimate(layout).mfu == pytest.approx(logged, rel=1e-9)
-    with pytest.raises(UserError, match="faster than 8 x h100 at their peak"):
-        calibrate.fit(_finished_run(tmp_path / "fast", cfg, speed * 10, gpus, hw.peak_flops), gpus, 8, "h100")
+    with pytest.raises(UserError, match="faster than these 8 devices at their peak"):
+        calibrate.fit(_finished_run(tmp_path / "fast", cfg, speed * 10, gpus, hw.peak_flops), gpus, 8, hw)
     (tmp_path / "bad").mkdir()
     assert "config.yaml: not found" in error_of(capsys, "plan", str(tmp_path / "bad"), "--calibrate", "--gpus", "8")

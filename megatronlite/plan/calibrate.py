@@ -39,8 +39,8 @@ def measured_tokens_per_sec(run_dir: Path) -> float:
     return statistics.median(rates[1:])
 
 
-def fit(run_dir: Path, gpus: int, gpus_per_node: int, kind: str) -> float:
-    """The efficiency at which the planner predicts the run's measured step time on `gpus` GPUs of `kind`.
+def fit(run_dir: Path, gpus: int, gpus_per_node: int, hw: hardware.GPU) -> float:
+    """The efficiency at which the planner predicts the run's measured step time on `gpus` devices `hw`.
 
     The predicted step time falls as the efficiency rises (compute and the bubble shrink, and with them
     the overlap that hides DP's reduction), so the efficiency is found by bisection on (0, 1]."""
@@ -49,7 +49,6 @@ def fit(run_dir: Path, gpus: int, gpus_per_node: int, kind: str) -> float:
         raise UserError(f"{path}: not found (a run directory holds the config.yaml it ran with)")
     cfg = config.from_dict(config.load_raw(path))
     layout = layout_of(cfg, gpus)
-    hw = hardware.gpu(kind)
 
     def step(efficiency: float) -> float:
         return Planner(cfg, gpus, gpus_per_node, hw, efficiency).estimate(layout).time.total
@@ -57,7 +56,7 @@ def fit(run_dir: Path, gpus: int, gpus_per_node: int, kind: str) -> float:
     measured = cfg.train.global_batch_size * cfg.train.seq_len / measured_tokens_per_sec(run_dir)
     if measured < step(1.0):
         raise UserError(
-            f"{run_dir}: a measured step of {measured:.3g} s is faster than {gpus} x {kind} at their peak "
+            f"{run_dir}: a measured step of {measured:.3g} s is faster than these {gpus} devices at their peak "
             f"({step(1.0):.3g} s predicted): it is not explained; check --gpus and --gpu"
         )
     low, high = 1e-6, 1.0

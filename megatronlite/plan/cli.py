@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> None:
         from megatronlite.plan import calibrate
 
         run = Path(args.config)
-        eff = calibrate.fit(run, args.gpus, args.gpus_per_node, args.gpu)
+        eff = calibrate.fit(run, args.gpus, args.gpus_per_node, hw)
         calibrate.store(args.gpu, eff, run)
         print(f"{args.gpu}: matmul efficiency {eff:.3f} from {run} on {args.gpus} GPUs -> {hardware.CALIBRATION_FILE}")
         return
