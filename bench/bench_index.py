@@ -5,7 +5,8 @@ is written with np.memmap plus our index writer, then, interleaved `--rounds` ti
 first alternates), each side builds the train and valid indices (document, sample, shuffle) for the same
 seq_len, seed, 98/2 split and sample counts into a fresh cache (cold), then opens them again (warm).
 Megatron-core's builder runs on CPU without torch.distributed, with a stand-in tokenizer (it only reads
-vocab_size, eod and pad). Our token-id validation scan (the largest id in the .bin, cached by file
+vocab_size, eod and pad). Afterwards, untimed, both sides' train and valid index arrays are compared
+(`same_order_as_megatron`). Our token-id validation scan (the largest id in the .bin, cached by file
 identity) is timed apart: with the .bin evicted from the page cache (posix_fadvise, this file only), with
 it cached, and from its cached result.
 
@@ -79,14 +80,14 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def ours(prefix: str, cache: str, args: argparse.Namespace) -> None:
-    build_datasets(
+def ours(prefix: str, cache: str, args: argparse.Namespace) -> tuple:
+    return build_datasets(
         [{"path": prefix}], build_tokenizer("byte"), args.seq_len, args.seed, "98,2",
         (args.train_samples, args.valid_samples), cache, VOCAB,
     )  # fmt: skip
 
 
-def megatron(prefix: str, cache: str, args: argparse.Namespace) -> None:
+def megatron(prefix: str, cache: str, args: argparse.Namespace) -> list:
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_len,
@@ -99,7 +100,19 @@ def megatron(prefix: str, cache: str, args: argparse.Namespace) -> None:
         eod_mask_loss=False,
     )
     sizes = [args.train_samples, args.valid_samples, None]
-    BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def same_order(prefix: str, workdir: Path, args: argparse.Namespace) -> bool:
+    """Whether both sides' train and valid document, sample and shuffle indices are equal, array for array."""
+    mine, theirs = ours(prefix, str(workdir / "check-ours"), args), megatron(prefix, str(workdir / "check-mc"), args)
+    return all(
+        np.array_equal(getattr(a, ours_name), getattr(b, their_name))
+        for a, b in zip(mine, theirs[:2])
+        for ours_name, their_name in (
+            ("doc_index", "document_index"), ("sample_index", "sample_index"), ("shuffle_index", "shuffle_index")
+        )
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -155,6 +168,7 @@ def main() -> None:
         results["cold_cpu_s"] = {k: [round(t, 3) for t in v] for k, v in cpus.items()}
         results["median_cold_cpu_s"] = {k: round(statistics.median(v), 3) for k, v in cpus.items()}
         results["load_after"] = os.getloadavg()
+        results["same_order_as_megatron"] = same_order(prefix, workdir, args)  # after the timings: untimed
     finally:
         shutil.rmtree(workdir)
     print(json.dumps(results, indent=2))

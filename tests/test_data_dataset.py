@@ -1,5 +1,7 @@
 """GPT samples: seq_len+1 tokens overlapping by one, megatron-core's sample index, blending, caching, errors."""
 
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,7 +10,7 @@ import pytest
 from filelock import FileLock
 
 from megatronlite.data import cache
-from megatronlite.data.blending import normalize, source_sizes
+from megatronlite.data.blending import BlendedDataset, normalize, source_sizes
 from megatronlite.data.dataset import build_datasets, sample_index, split_bounds
 from megatronlite.data.indexed import IndexedDataset, IndexedWriter
 from megatronlite.data.tokenizers import build_tokenizer
@@ -51,16 +53,23 @@ def test_samples_cover_the_stream_overlapping_by_one_token(tmp_path):
     assert train.doc_index.min() >= 0 and train.doc_index.max() < 36 <= valid.doc_index.min()
 
 
-def test_every_document_once_per_epoch_and_shuffle_within_epoch(tmp_path):
-    train, _ = build(tmp_path, [{"path": corpus(tmp_path / "c")}], num_samples=(200, 5))
-    docs = np.asarray(train.doc_index).reshape(-1, 36)  # 36 train documents per epoch
-    assert len(docs) > 1
-    for epoch in docs:
-        assert sorted(epoch) == list(range(36))
-    assert not (docs[0] == docs[1]).all()
-    tokens_per_epoch = int(IndexedDataset(tmp_path / "c").sizes[:36].sum())
-    first_epoch = -(-tokens_per_epoch // SEQ)
-    assert sorted(train.shuffle_index[:first_epoch]) == list(range(first_epoch))
+@pytest.mark.parametrize("fraction, apart", [(0.3, True), (0.9, False)])
+def test_every_document_once_per_epoch_and_the_final_epoch_apart_when_little_used(tmp_path, fraction, apart):
+    """Epochs 1..E-1 are one shuffled pool; the final epoch joins it only when at least 80% of it is used."""
+    prefix = corpus(tmp_path / "c")
+    tokens_per_epoch = int(IndexedDataset(prefix).sizes[:36].sum())  # 36 train documents
+    per_epoch = (tokens_per_epoch - 1) // SEQ
+    wanted = (3 * tokens_per_epoch - 1) // SEQ + int(fraction * per_epoch)  # 3 epochs and part of a 4th
+    train, _ = build(tmp_path, [{"path": prefix}], num_samples=(wanted, 5))
+    assert (train.num_epochs, train.separate_final_epoch) == (4, apart)
+    docs = np.asarray(train.doc_index)
+    assert (np.bincount(docs, minlength=36) == 4).all()
+    assert (sorted(docs[108:]) == np.arange(36)).all() == apart  # the final epoch by itself
+    assert not (sorted(docs[:36]) == np.arange(36)).all()  # epochs shuffled together, not one by one
+    first_pool = (3 * tokens_per_epoch - 1) // SEQ  # the samples wholly inside epochs 1..3
+    shuffle = np.asarray(train.shuffle_index)
+    assert (sorted(shuffle[:first_pool]) == np.arange(first_pool)).all() == apart
+    assert sorted(shuffle) == list(range(len(train)))
 
 
 def test_sample_index_matches_megatron_core(tmp_path):
@@ -70,7 +79,7 @@ def test_sample_index_matches_megatron_core(tmp_path):
     docs = np.concatenate([np.random.default_rng(e).permutation(40) for e in range(3)]).astype(np.int32)
     tokens_per_epoch = int(sizes.sum())
     theirs = build_sample_idx(sizes, docs, SEQ, 3, tokens_per_epoch, True, True)
-    ours = sample_index(sizes, docs, SEQ, len(theirs) - 1)
+    ours = sample_index(sizes, docs, SEQ, 3, tokens_per_epoch)
     np.testing.assert_array_equal(ours, theirs)
 
 
@@ -84,8 +93,12 @@ def test_deterministic_cached_and_seeded(tmp_path):
     np.testing.assert_array_equal(np.stack([a[i] for i in range(len(a))]), np.stack([b[i] for i in range(len(b))]))
     c, _ = build(tmp_path, sources, seed=8)
     assert not np.array_equal(a.shuffle_index, c.shuffle_index)
-    longer, _ = build(tmp_path, sources, num_samples=(500, 5))  # more samples extend the same first epoch
-    np.testing.assert_array_equal(longer.doc_index[:36], a.doc_index[:36])
+    # a count with the same epochs and the same final-epoch rule has the same order: the same cache files
+    more, _ = build(tmp_path, sources, num_samples=(51, 5))
+    assert (more.num_epochs, more.separate_final_epoch) == (a.num_epochs, a.separate_final_epoch)
+    assert more.cache_files == a.cache_files and not more.built
+    fewer, _ = build(tmp_path, sources, num_samples=(10, 5))  # one epoch: another order
+    assert fewer.num_epochs == 1 < a.num_epochs and fewer.built
 
 
 def test_blending_follows_the_weights_deterministically(tmp_path):
@@ -113,6 +126,11 @@ def test_blend_source_sizes_match_megatron_core():
     sizes = [1, 400, 12345]
     theirs = _get_size_per_split_per_dataset(list(normalize(weights)), sizes, surplus=0.005)
     assert [[source_sizes(weights, size)[k] for size in sizes] for k in range(3)] == theirs
+
+
+def test_a_blend_that_oversamples_a_source_is_a_user_error():
+    with pytest.raises(UserError, match="the blend takes 5 samples from source 0, which has only 4"):
+        BlendedDataset([np.zeros((4, 2)), np.zeros((100, 2))], [1.0, 1.0], 10)
 
 
 def test_concurrent_builders_build_once_and_the_others_wait(tmp_path, monkeypatch):
@@ -155,9 +173,10 @@ def test_a_corpus_of_empty_documents_is_a_user_error(tmp_path):
 
 
 def test_split_bounds():
-    assert split_bounds([98, 2], 100) == [0, 98, 100]
+    assert split_bounds([98, 2], 100) == [0, 98, 100, 100]
     assert split_bounds([949, 50, 1], 1000) == [0, 949, 999, 1000]
-    assert split_bounds([1, 0], 10) == [0, 10, 10]
+    assert split_bounds([1, 0], 10) == [0, 10, 10, 10]
+    assert split_bounds([1, 1], 5) == [0, 2, 5, 5]  # 2.5 rounds half to even, as megatron-core rounds it
 
 
 def test_valid_split_may_be_empty_when_no_samples_are_asked(tmp_path):
@@ -171,6 +190,7 @@ def test_valid_split_may_be_empty_when_no_samples_are_asked(tmp_path):
         ([{"path": "C"}], {"vocab": 50}, r"c\.bin: token id 99 >= model.vocab_size 50"),
         ([{"path": "C"}], {"split": "100,0"}, r"gives the valid split none of the 40 documents of .*c"),
         ([{"path": "C"}], {"split": "abc"}, r"data.split 'abc'"),
+        ([{"path": "C"}], {"seed": -1}, r"train.seed = -1: .* \[0, 2\*\*32\)"),
         ([{"path": "C", "weight": 0}], {}, r"data.sources\[0\].weight = 0 .*c\): must be a positive number"),
         ([{"path": "C"}, {"path": "C", "weight": -2}], {}, r"data.sources\[1\].weight = -2"),
         ([{"path": "C", "weight": "x"}], {}, r"weight = 'x'"),
@@ -182,6 +202,7 @@ def test_valid_split_may_be_empty_when_no_samples_are_asked(tmp_path):
         "vocab",
         "empty-split",
         "bad-split",
+        "bad-seed",
         "zero-weight",
         "negative-weight",
         "text-weight",
@@ -196,3 +217,18 @@ def test_bad_data_raises_user_error(tmp_path, sources, kwargs, message):
     sources = [{**s, "path": names.get(s["path"], s["path"])} for s in sources]
     with pytest.raises(UserError, match=message):
         build(tmp_path, sources, **kwargs)
+
+
+def test_building_an_index_imports_neither_torch_nor_megatron_core(tmp_path):
+    """megatron-core's compiled helpers are loaded from their file: its package (torch, 2.5 s and more) is not."""
+    prefix = corpus(tmp_path / "c")
+    code = (
+        "import sys; from megatronlite.data.dataset import build_datasets; "
+        "from megatronlite.data.tokenizers import build_tokenizer; "
+        f"build_datasets([{{'path': {prefix!r}}}, {{'path': {prefix!r}, 'weight': 2}}], build_tokenizer('byte'), "
+        f"8, 1, '90,10', (50, 5), {str(tmp_path / 'cache')!r}, 257); "
+        "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]" and not out.stderr, (out.stdout, out.stderr)
