@@ -211,6 +211,12 @@ def _setup_doctor(p: argparse.ArgumentParser) -> None:
     doctor.add_arguments(p)
 
 
+def _setup_config(p: argparse.ArgumentParser) -> None:
+    from megatronlite.from_megatron import cli as config_cli
+
+    config_cli.add_arguments(p)
+
+
 # name: (help, setup). A command's setup imports its module: only the command that runs pays for it.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "train": ("train from a YAML config (one worker, or each worker under torchrun/srun)", _setup_train),
@@ -225,6 +231,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "plot": ("draw runs' metrics (loss, eval loss, tokens/s, ...) against the step into one PNG", _setup_plot),
     "plan": ("predicted memory per GPU and step time of every legal layout on N GPUs", _setup_plan),
     "doctor": ("versions, GPUs, the kernels auto picks, Slurm: what to paste into a bug report", _setup_doctor),
+    "config": ("write a megatronlite config from a Megatron-LM training script or checkpoint", _setup_config),
 }
 
 

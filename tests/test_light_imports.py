@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ("train", "launch", "submit", "sweep", "preprocess", "tokenizer", "data", "generate", "convert")
+COMMANDS = ("train", "launch", "submit", "sweep", "preprocess", "tokenizer", "data", "generate", "convert", "config")
 
 
 def imports_torch(*args: str) -> bool:
