@@ -50,6 +50,34 @@ ROPE_SCALING: dict[str, dict[str, Any]] = {
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts in place of the MLP (`num_experts` > 0), as Mixtral, Qwen3-MoE and DeepSeek-V3 build it."""
+
+    num_experts: int = 0  # 0: every layer has a dense MLP
+    top_k: int = 2  # experts each token goes to
+    ffn_hidden_size: int | None = None  # of one expert; null: model.ffn_hidden_size
+    layer_freq: int | list = 1  # an MoE layer every N layers from layer 0, or a 0/1 list with one entry per layer
+    shared_expert_ffn_hidden_size: int = 0  # a dense MLP every token also goes through (0: none)
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) (Qwen2-MoE)
+    router: str = "softmax"  # softmax (Mixtral, Qwen) | sigmoid (DeepSeek-V3) scores of the experts
+    normalize_top_k: bool = True  # the chosen experts' weights rescaled to sum to 1
+    scaling_factor: float = 1.0  # the routed experts' weights times this (DeepSeek-V3: 2.5)
+    aux_loss_coeff: float = 0.0  # load-balancing loss (Switch/GShard form) per MoE layer
+    z_loss_coeff: float = 0.0  # router z-loss (ST-MoE): mean squared log-sum-exp of the router logits
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3): per step, each expert's selection
+    # bias moves by this towards the mean load; 0: no bias
+    capacity_factor: float | None = None  # null: dropless; else each expert takes at most this x its fair share
+
+    def layers(self, num_layers: int) -> list[bool]:
+        """Which layers are MoE layers (Megatron's --moe-layer-freq)."""
+        if self.num_experts == 0:
+            return [False] * num_layers
+        if isinstance(self.layer_freq, list):
+            return [bool(x) for x in self.layer_freq]
+        return [i % self.layer_freq == 0 for i in range(num_layers)]
+
+
+@dataclass
 class ModelConfig:
     """The model's shape and features. A null feature takes the value of the `arch` family's preset (`FAMILIES`),
     so `arch: qwen3` plus shapes is a Qwen3 and any feature can still be set key by key."""
@@ -76,6 +104,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         preset = FAMILIES.get(self.arch, {})  # an unknown arch is reported by `validate`
@@ -101,6 +130,10 @@ class ModelConfig:
         if self.activation == "gelu":
             return 4 * self.hidden_size
         return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe.ffn_hidden_size or self.ffn_size
 
     @property
     def tied(self) -> bool:
@@ -481,6 +514,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"rotary embeddings need an even head size; model.head_dim (or hidden_size/num_heads) = {m.head_size}"
         )
     validate_rope_scaling(m)
+    validate_moe(m)
     if t.seq_len > m.max_seq_len:
         raise UserError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if (
@@ -501,6 +535,32 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_layout(cfg, world_size)
     else:  # the data-parallel size is not known yet: at least one micro-batch per step
         _check_batch(t, 1)
+
+
+def validate_moe(m: ModelConfig) -> None:
+    """The experts' counts, router and layer pattern (`model.moe`)."""
+    e = m.moe
+    if e.num_experts < 0:
+        raise UserError(f"model.moe.num_experts must be >= 0 (0: dense), got {e.num_experts}")
+    if e.num_experts == 0:
+        return
+    if not 1 <= e.top_k <= e.num_experts:
+        raise UserError(f"model.moe.top_k must be between 1 and num_experts ({e.num_experts}), got {e.top_k}")
+    if e.router not in ("softmax", "sigmoid"):
+        raise UserError(f"model.moe.router = {e.router!r}; valid values: softmax, sigmoid")
+    for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "shared_expert_ffn_hidden_size"):
+        _positive(getattr(e, name), f"model.moe.{name}", allow_zero=True)
+    for name in ("ffn_hidden_size", "capacity_factor", "scaling_factor"):
+        if getattr(e, name) is not None:
+            _positive(getattr(e, name), f"model.moe.{name}")
+    if e.shared_expert_gate and not e.shared_expert_ffn_hidden_size:
+        raise UserError("model.moe.shared_expert_gate needs a shared expert (model.moe.shared_expert_ffn_hidden_size)")
+    freq = e.layer_freq
+    if isinstance(freq, list):
+        if len(freq) != m.num_layers or any(x not in (0, 1) for x in freq):
+            raise UserError(f"model.moe.layer_freq as a list needs one 0 or 1 per layer ({m.num_layers}), got {freq}")
+    elif isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+        raise UserError(f"model.moe.layer_freq must be a positive integer or a 0/1 list per layer, got {freq!r}")
 
 
 def validate_zero(p: ParallelConfig) -> None:
@@ -597,6 +657,11 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         )
     if m.ffn_size % p.tensor:
         raise UserError(f"parallel.tensor ({p.tensor}) must divide the FFN size ({m.ffn_size})")
+    if m.moe.num_experts and p.tensor > 1:
+        raise UserError(
+            f"parallel.tensor = {p.tensor} with model.moe: experts are not split over tensor parallelism yet; "
+            "use parallel.tensor: 1 with pipeline, context and data parallelism"
+        )
     stages = p.pipeline * p.virtual_pipeline
     if p.pipeline_layers is not None:
         counts = p.pipeline_layers

@@ -215,4 +215,4 @@ def test_arch_is_a_preset_of_features_each_overridable(tmp_path):
     )
     assert config.ModelConfig(arch="qwen2").qkv_bias and not config.ModelConfig(arch="qwen2").bias
     # a saved run's config (every feature written out) loads back as the same model
-    assert config.from_dict({"model": qwen3.__dict__}).model == qwen3
+    assert config.from_dict({"model": config.Config(model=qwen3).to_dict()["model"]}).model == qwen3

@@ -117,6 +117,30 @@ MODELS = {
             "data.eod_mask_loss": "true",
         },
     ),
+    # mixtures of experts (every expert on every rank: no expert parallelism yet): a softmax router with the
+    # balance and z losses and a gated shared expert in every layer; a sigmoid router with scaled weights and
+    # the aux-loss-free selection bias (its load summed over DP x CP each step) in every other layer
+    "moe-softmax": (
+        "llama",
+        {
+            "model.moe.num_experts": 4,
+            "model.moe.ffn_hidden_size": 48,
+            "model.moe.aux_loss_coeff": 0.01,
+            "model.moe.z_loss_coeff": 0.001,
+            "model.moe.shared_expert_ffn_hidden_size": 32,
+            "model.moe.shared_expert_gate": "true",
+        },
+    ),
+    "moe-sigmoid": (
+        "llama",
+        {
+            "model.moe.num_experts": 4,
+            "model.moe.router": "sigmoid",
+            "model.moe.scaling_factor": 2.0,
+            "model.moe.bias_update_rate": 0.01,
+            "model.moe.layer_freq": 2,
+        },
+    ),
 }
 # the layouts the features model runs in: each way a parameter or the sequence is split, recompute (packed
 # documents through a pipeline and full recompute of their masks), and mixed precision
@@ -174,6 +198,8 @@ def assert_equivalent(run, reference, precision):
 
 LAYOUT_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in LAYOUTS]
 LAYOUT_CASES += [("features", layout) for layout in FEATURE_LAYOUTS]
+LAYOUT_CASES += [("moe-softmax", layout) for layout in ("pp2", "dp2-distopt", "cp2")]
+LAYOUT_CASES += [("moe-sigmoid", layout) for layout in ("pp2xdp2", "cp2xpp2-gpipe-full-recompute")]
 LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS}
 PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))

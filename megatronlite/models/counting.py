@@ -10,7 +10,8 @@ are not multiplies. The second term is attention itself: per layer and token, QK
 2 * s * heads * head_size FLOPs forward (h when head_size = h / heads), over the full s x s score
 matrix (causal masking is not discounted, as in Megatron-LM and PaLM, so MFU figures are comparable
 with theirs). With a sliding window a query attends to at most `window` keys, so s becomes
-min(s, window).
+min(s, window). In a mixture-of-experts layer the MLP term counts the *active* weights: the top-k experts a
+token goes to, the shared expert and the router (so MFU is of the compute a token really gets).
 """
 
 from __future__ import annotations
@@ -18,30 +19,49 @@ from __future__ import annotations
 from megatronlite.config import ModelConfig
 
 
-def layer_matmul_params(cfg: ModelConfig) -> int:
-    h, d, f = cfg.hidden_size, cfg.head_size, cfg.ffn_size
+def mlp_params(cfg: ModelConfig, f: int, bias: bool) -> int:
+    """Weights (and biases) of one dense MLP of width `f`."""
+    h = cfg.hidden_size
+    return (3 if cfg.gated else 2) * h * f + (f * (2 if cfg.gated else 1) + h if bias else 0)
+
+
+def moe_params(cfg: ModelConfig, experts: int) -> int:
+    """An MoE layer's weights when `experts` of its experts count: the router, those experts, the shared one."""
+    moe, h = cfg.moe, cfg.hidden_size
+    shared = mlp_params(cfg, moe.shared_expert_ffn_hidden_size, cfg.bias) if moe.shared_expert_ffn_hidden_size else 0
+    gate = h if moe.shared_expert_gate else 0
+    return moe.num_experts * h + experts * mlp_params(cfg, cfg.expert_ffn_size, False) + shared + gate
+
+
+def layer_matmul_params(cfg: ModelConfig, experts: bool = False) -> int:
+    """Weights a token is multiplied by in one layer (an MoE layer: its active experts)."""
+    h, d = cfg.hidden_size, cfg.head_size
     qkv = h * (cfg.num_heads + 2 * cfg.kv_heads) * d
     proj = cfg.num_heads * d * h
-    mlp = (3 if cfg.gated else 2) * h * f
+    mlp = moe_params(cfg, cfg.moe.top_k) if experts else mlp_params(cfg, cfg.ffn_size, False)
     return qkv + proj + mlp
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    """Trainable parameters of the whole model, unpadded vocabulary, tied weights counted once."""
-    h, d, f, v = cfg.hidden_size, cfg.head_size, cfg.ffn_size, cfg.vocab_size
+    """Trainable parameters of the whole model (every expert), unpadded vocabulary, tied weights counted once."""
+    h, d, v = cfg.hidden_size, cfg.head_size, cfg.vocab_size
     norm = 2 * h if cfg.norm == "layernorm" else h
-    biases = (cfg.num_heads + 2 * cfg.kv_heads) * d if cfg.qkv_bias else 0
-    if cfg.bias:
-        biases += h + f * (2 if cfg.gated else 1) + h
+    attention = h * (cfg.num_heads + 2 * cfg.kv_heads) * d + cfg.num_heads * d * h
+    attention += (cfg.num_heads + 2 * cfg.kv_heads) * d if cfg.qkv_bias else 0
+    attention += h if cfg.bias else 0
     qk_norms = 2 * d if cfg.qk_norm else 0
-    per_layer = layer_matmul_params(cfg) + 2 * norm + biases + qk_norms
+    layers = 0
+    for experts in cfg.moe.layers(cfg.num_layers):
+        mlp = moe_params(cfg, cfg.moe.num_experts) if experts else mlp_params(cfg, cfg.ffn_size, cfg.bias)
+        layers += attention + mlp + 2 * norm + qk_norms
     embedding = v * h + (cfg.max_seq_len * h if cfg.position == "learned" else 0)
     output = 0 if cfg.tied else v * h
-    return embedding + cfg.num_layers * per_layer + norm + output
+    return embedding + layers + norm + output
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token (see the module docstring for the formula)."""
-    n_matmul = cfg.num_layers * layer_matmul_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    n_matmul = sum(layer_matmul_params(cfg, experts) for experts in cfg.moe.layers(cfg.num_layers))
+    n_matmul += cfg.vocab_size * cfg.hidden_size
     keys = min(seq_len, cfg.sliding_window or seq_len)  # the keys a query attends to, at most
     return 6 * n_matmul + 12 * cfg.num_layers * keys * cfg.num_heads * cfg.head_size

@@ -28,6 +28,7 @@ from megatronlite.config import ModelConfig
 from megatronlite.kernels import OPS
 from megatronlite.kernels.dispatch import backend_function
 from megatronlite.kernels.reference import swiglu_halves
+from megatronlite.models.moe import MoE, recompute_contexts
 from megatronlite.models.rope import rotary_tables
 from megatronlite.parallel.context import context_attention, local_positions
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -193,13 +194,16 @@ def masked_mean(losses: torch.Tensor, keep: torch.Tensor, context: Group) -> tor
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, options: RunOptions) -> None:
+    def __init__(
+        self, cfg: ModelConfig, mesh: Mesh, sequence_parallel: bool, options: RunOptions, experts: bool = False
+    ) -> None:
         super().__init__()
         backends, selective = options.kernels, options.recompute == "selective"
         self.attn_norm = hidden_norm(cfg, sequence_parallel, backends)
         self.attention = Attention(cfg, mesh, sequence_parallel, backends, selective, options.context_attention)
         self.mlp_norm = hidden_norm(cfg, sequence_parallel, backends)
-        self.mlp = MLP(cfg, mesh, sequence_parallel, backends)
+        mlp = MoE if experts else MLP  # experts: a mixture of experts in place of the MLP (model.moe)
+        self.mlp = mlp(cfg, mesh, sequence_parallel, backends)
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None, documents: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), rotary, documents)
@@ -247,7 +251,8 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         k = options.kernels
         self.embedding = Embedding(cfg, mesh, self.padded_vocab, sp) if pre_process else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp, options) for i in layer_ids})
+        experts = cfg.moe.layers(cfg.num_layers)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, mesh, sp, options, experts[i]) for i in layer_ids})
         n_full = (options.recompute_layers or len(layer_ids)) if options.recompute == "full" else 0
         self.recomputed = set(list(self.layers)[:n_full])
         self.final_norm = hidden_norm(cfg, sp, k) if post_process else None
@@ -302,7 +307,7 @@ class GPTModel(nn.Module):
             x = self.embedding(x, positions)
         for name, layer in self.layers.items():
             if name in self.recomputed and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary, documents, use_reentrant=False)
+                x = checkpoint(layer, x, rotary, documents, use_reentrant=False, context_fn=recompute_contexts)
             else:
                 x = layer(x, rotary, documents)
         return self.final_norm(x) if self.post_process else x

@@ -24,6 +24,7 @@ from torch.distributed.pipelining import (
 
 from megatronlite.config import Config
 from megatronlite.models.gpt import GPTModel, Packing, RunOptions
+from megatronlite.models.moe import uncounted
 from megatronlite.parallel.mesh import Mesh
 
 
@@ -78,6 +79,15 @@ class _StageHidden(nn.Module):
         return hidden if self.model.post_process or not packing else (hidden, *packing)
 
 
+class _Stage(PipelineStage):
+    """torch's stage, its shape inference (torch >= 2.13 runs the stage once on placeholder values on the first
+    step) marked as no training forward, so the MoE layers do not count its routing."""
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        with uncounted():
+            return super()._forward_metadata_inference(*args, **kwargs)
+
+
 class PipelineRunner:
     """Runs one step's micro-batches through this rank's stages with the configured schedule."""
 
@@ -93,7 +103,7 @@ class PipelineRunner:
     ) -> None:
         self.mesh = mesh
         pipe_stages = [
-            PipelineStage(_StageHidden(model), index, n_stages, device, group=mesh.role("pipeline").pg)
+            _Stage(_StageHidden(model), index, n_stages, device, group=mesh.role("pipeline").pg)
             for index, model in stages
         ]
         self.has_first = any(index == 0 for index, _ in stages)

@@ -38,6 +38,10 @@ class RunLog:
         self.start = self.last = time.perf_counter()
         self.steps_since = 0
 
+    def due(self, step: int, eval_loss: float | None) -> bool:
+        """Whether `step` gets a record: every `logging.interval` steps, an evaluated step, the last step."""
+        return not step % self.cfg.logging.interval or eval_loss is not None or step == self.cfg.train.steps
+
     def step_done(
         self, step: int, loss: float, grad_norm: float, consumed: int, eval_loss: float | None, extra: dict
     ) -> None:
@@ -46,7 +50,7 @@ class RunLog:
         `extra`: more keys for the record (fp16: the loss scale and the steps skipped for overflow)."""
         self.steps_since += 1
         total = self.cfg.train.steps
-        if step % self.cfg.logging.interval and eval_loss is None and step != total:
+        if not self.due(step, eval_loss):
             return
         now = time.perf_counter()
         tps = self.steps_since * self.tokens_per_step / (now - self.last)

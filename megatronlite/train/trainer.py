@@ -34,6 +34,7 @@ from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_l
 from megatronlite.train import checkpointing
 from megatronlite.train.guards import LossSpike, SkipBudget, SpikeDetector, TrainingStopped, bad_ranks
 from megatronlite.train.metrics import print_line
+from megatronlite.train.moe_steps import MoESteps
 from megatronlite.train.preemption import Preempted, PreemptionWatch
 from megatronlite.train.restarts import record_restart, restart_count
 from megatronlite.train.run_log import RunLog
@@ -113,6 +114,7 @@ class Trainer:
         self.skips = SkipBudget(t.max_skipped_steps)
         self.spikes = SpikeDetector(t.loss_spike_factor)
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
+        self.moe = MoESteps(cfg, mesh, self.stages, device)
         self._build_data()
 
     def _sum_late_grads(self) -> None:
@@ -200,6 +202,7 @@ class Trainer:
 
         A step whose loss or gradients are not finite never reaches the optimizer (see guards.py)."""
         self.beat("forward-backward")
+        self.moe.before_step(self.num_micro, self.scaler.scale if self.scaler else 1.0)
         total = self._forward_backward(micro_batches, train=True)
         self.beat("gradient sync")
         self.dp.finish(self._sum_late_grads)
@@ -215,7 +218,8 @@ class Trainer:
         norm_on_device = global_grad_norm(owned_grads(opt_params, self.mesh), self.mesh, self.device, self.dp.sharded)
         loss, loss_finite = self._global_mean(total)
         norm = norm_on_device.item()  # after the loss's sync, which already waited for the norm: no second stall
-        if self._may_step(loss, loss_finite, norm, total, grads):
+        stepped = self._may_step(loss, loss_finite, norm, total, grads)
+        if stepped:
             self.beat("optimizer step")
             clip_grads(grads, norm_on_device, self.cfg.optim.clip_grad)
             lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
@@ -224,6 +228,7 @@ class Trainer:
             self.optimizer.step()
             self.dp.gather_params()
         self.dp.zero_grads()
+        self.moe.after_step(stepped)
         return loss, norm
 
     def _may_step(
@@ -295,6 +300,9 @@ class Trainer:
                 flat = self.optimizer.state[owned.shard][key].view(-1)
                 shape = tuple(owned.param.shape)
                 out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.sharding, self.mesh)
+        for i, layer in self.moe.layers.items():  # aux-loss-free balancing's selection biases: state, not weights
+            if layer.bias is not None:
+                out.append(GlobalPiece(f"state.layers.{i}.mlp.bias", layer.bias, tuple(layer.bias.shape), (0,)))
         return out
 
     # --- the loop ---------------------------------------------------------------------------
@@ -350,7 +358,10 @@ class Trainer:
                     self.consumed_samples += cfg.train.global_batch_size
                     eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
                     eval_loss = self.evaluate() if eval_due else None
-                    log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, self._skip_record())
+                    extra = self._skip_record()
+                    if log.due(self.step, eval_loss):
+                        extra.update(self.moe.record())
+                    log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, extra)
                     self.beat("preemption check")
                     stop = watch.requested()
                     due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps

@@ -1,0 +1,227 @@
+"""A mixture-of-experts layer in place of the MLP: a router picks each token's top-k experts, every expert is
+an MLP, the token's output is the experts' outputs weighted by the router (plus an optional shared expert).
+
+Routing. The router is a linear map to one logit per expert, in fp32. Softmax scores (Mixtral, Qwen-MoE) or
+sigmoid scores (DeepSeek-V3) choose the top k; with a selection bias (aux-loss-free balancing) the bias moves
+the choice but not the weights. The chosen scores, renormalised to sum to one where configured and times
+`scaling_factor`, weight the experts' outputs.
+
+Dispatch (dropless by default). The (token, expert) assignments are sorted by expert, stably, so each expert's
+tokens are one contiguous block in token order; each projection is then one grouped GEMM over the blocks
+(`torch._grouped_mm` on GPUs that have it, one GEMM per expert otherwise), and the outputs, times their weights,
+are added back at their tokens. With a capacity factor an expert takes at most ceil(factor x assignments /
+experts) assignments, the earliest tokens first; the rest are dropped (their weight is lost) and counted.
+
+Losses. The load-balancing loss (Switch Transformer / GShard form, as Megatron computes it) is
+coeff x E x sum_e (mean router probability of e) x (share of assignments to e), per micro-batch, the shares
+over the whole sequence under context parallelism (each CP rank's mean probabilities are its tokens', and the
+ranks' losses average, as their main losses do); the z-loss is coeff x mean(logsumexp(logits)^2). Both
+reach the backward through `AuxLosses`: the layer's output passes through
+unchanged and the losses get the gradient the main loss has per micro-batch (`set_aux_loss_scale`), so they
+need no path of their own through the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatronlite.config import ModelConfig
+from megatronlite.parallel.sharding import empty_param, replicated
+
+_AUX_LOSS_SCALE = [1.0]  # the gradient one micro-batch's loss gets: 1 / micro-batches (x fp16's loss scale)
+_UNCOUNTED = [False]  # inside a forward that is not a training step's: routing runs, statistics must not
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Forwards whose routing is not counted: full recompute's second forward (torch.utils.checkpoint's
+    context_fn) and the pipeline's shape inference, which runs a stage on placeholder values."""
+    before, _UNCOUNTED[0] = _UNCOUNTED[0], True
+    try:
+        yield
+    finally:
+        _UNCOUNTED[0] = before
+
+
+def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), uncounted()
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """Called by the trainer before each step: the factor its micro-batch losses are multiplied by."""
+    _AUX_LOSS_SCALE[0] = scale
+
+
+class AuxLosses(torch.autograd.Function):
+    """Identity on `x`; in backward, the auxiliary loss gets the micro-batch loss's gradient scale."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, _AUX_LOSS_SCALE[0])
+
+
+@dataclasses.dataclass
+class RouterStats:
+    """What the layer saw since the last `take_stats`, summed over forwards (for metrics and the bias update)."""
+
+    tokens_per_expert: torch.Tensor  # [E] assignments kept
+    aux_loss: torch.Tensor  # sums of the losses' values (before their coefficients)
+    z_loss: torch.Tensor
+    dropped: torch.Tensor  # assignments over capacity
+    forwards: int = 0
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen experts [T, k], their weights [T, k] in fp32) from the router's fp32 logits [T, E]."""
+    moe = cfg.moe
+    scores = logits.softmax(-1) if moe.router == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    experts = choice.topk(moe.top_k, dim=-1).indices
+    weights = scores.gather(-1, experts)
+    if moe.normalize_top_k:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return experts, weights * moe.scaling_factor
+
+
+def capacity_keep(sorted_experts: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """For assignments sorted by expert: whether each is within its expert's first `capacity`."""
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(sorted_experts.numel(), device=sorted_experts.device) - starts[sorted_experts]
+    return position < capacity
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """x [N, in] in blocks of `counts` rows, block e times weight[e]^T ([E, out, in]): one grouped GEMM where the
+    device has one for this dtype, else one GEMM per expert."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    blocks = [block @ w.t() for block, w in zip(x.split(counts), weight)]
+    return torch.cat(blocks) if blocks else x.new_zeros(0, weight.shape[1])
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP every token goes through, optionally scaled by a sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, cfg: ModelConfig, mesh, sequence_parallel: bool, backends) -> None:
+        super().__init__()
+        from megatronlite.models.gpt import MLP  # the dense MLP, whose module imports this one
+
+        shared = dataclasses.replace(cfg, ffn_hidden_size=cfg.moe.shared_expert_ffn_hidden_size)
+        self.mlp = MLP(shared, mesh, sequence_parallel, backends)
+        h = cfg.hidden_size
+        self.gate = empty_param((1, h), replicated((1, h))) if cfg.moe.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(x)
+        return y if self.gate is None else y * torch.sigmoid(F.linear(x, self.gate))
+
+
+class MoE(nn.Module):
+    """The experts of one layer (all on this rank: no expert parallelism yet, TP 1)."""
+
+    def __init__(self, cfg: ModelConfig, mesh, sequence_parallel: bool, backends) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.context = mesh.role("context")  # the ranks holding one sequence: the balance loss is over all of it
+        moe, h, f = cfg.moe, cfg.hidden_size, cfg.expert_ffn_size
+        e = moe.num_experts
+        self.router = empty_param((e, h), replicated((e, h)))
+        names = ("gate", "up", "down") if cfg.gated else ("fc1", "fc2")
+        for name in names:
+            shape = (e, h, f) if name in ("down", "fc2") else (e, f, h)
+            init = "scaled_normal" if name in ("down", "fc2") else "normal"
+            setattr(self, name, empty_param(shape, replicated(shape, init)))
+        shared = moe.shared_expert_ffn_hidden_size
+        self.shared = SharedExpert(cfg, mesh, sequence_parallel, backends) if shared else None
+        self.register_buffer("bias", torch.zeros(e) if moe.bias_update_rate else None)
+        self.stats: RouterStats | None = None
+
+    def experts(self, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.gated:
+            gate = grouped_linear(x, self.gate, counts, offsets)
+            up = grouped_linear(x, self.up, counts, offsets)
+            return grouped_linear(F.silu(gate) * up, self.down, counts, offsets)
+        y = F.gelu(grouped_linear(x, self.fc1, counts, offsets), approximate="tanh")
+        return grouped_linear(y, self.fc2, counts, offsets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moe = self.cfg.moe
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = F.linear(tokens.float(), self.router.float())
+        experts, weights = route(logits, self.cfg, self.bias)
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        sorted_experts = flat[order]
+        counts = torch.bincount(flat, minlength=moe.num_experts)
+        keep = None
+        if moe.capacity_factor is not None:
+            capacity = math.ceil(moe.capacity_factor * flat.numel() / moe.num_experts)
+            keep = capacity_keep(sorted_experts, counts, capacity)
+            order, sorted_experts = order[keep], sorted_experts[keep]
+            counts = torch.bincount(sorted_experts, minlength=moe.num_experts)
+        token_of = order // moe.top_k
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        y = self.experts(tokens[token_of], counts.tolist(), offsets)
+        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+        out = torch.zeros_like(tokens, dtype=y.dtype).index_add_(0, token_of, y).to(x.dtype).reshape(x.shape)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        aux = self._losses(logits, torch.bincount(flat, minlength=moe.num_experts), counts, keep)
+        return AuxLosses.apply(out, aux) if aux is not None and torch.is_grad_enabled() else out
+
+    def _losses(
+        self, logits: torch.Tensor, routed: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The weighted auxiliary losses of this forward (None when both coefficients are 0); records stats."""
+        moe = self.cfg.moe
+        probs = logits.softmax(-1) if moe.router == "softmax" else logits.sigmoid()
+        probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores as a distribution, as Megatron does
+        if self.context.size > 1:  # the assignments of the whole sequence; each CP rank its tokens' probabilities
+            routed = routed.clone()
+            dist.all_reduce(routed, group=self.context.pg)
+        balance = moe.num_experts * (probs.mean(0) * routed.to(probs.dtype) / routed.sum()).sum()
+        z = torch.logsumexp(logits, -1).square().mean()
+        dropped = (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=logits.device)
+        self._record(kept, balance.detach(), z.detach(), dropped)
+        if not (moe.aux_loss_coeff or moe.z_loss_coeff):
+            return None
+        return moe.aux_loss_coeff * balance + moe.z_loss_coeff * z
+
+    def _record(self, kept: torch.Tensor, balance: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or _UNCOUNTED[0]:  # evaluation, recompute, shape inference do not count
+            return
+        if self.stats is None:
+            zero = torch.zeros_like(balance)
+            self.stats = RouterStats(torch.zeros_like(kept), zero.clone(), zero.clone(), torch.zeros_like(dropped))
+        s = self.stats
+        s.tokens_per_expert += kept
+        s.aux_loss += balance
+        s.z_loss += z
+        s.dropped += dropped
+        s.forwards += 1
+
+    def take_stats(self) -> RouterStats | None:
+        stats, self.stats = self.stats, None
+        return stats
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Aux-loss-free balancing: each expert's selection bias moves by the rate towards the mean load
+        (up when under-loaded, down when over-loaded). `tokens_per_expert`: this step's, over the whole batch."""
+        if self.bias is not None:
+            load = tokens_per_expert.float()
+            self.bias += self.cfg.moe.bias_update_rate * torch.sign(load.mean() - load)
