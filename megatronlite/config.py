@@ -155,6 +155,7 @@ class ParallelConfig:
     pipeline: int = 1
     context: int = 1  # CP: each sequence split over this many ranks (Megatron's --context-parallel-size)
     context_attention: str = "ring"  # ring (K/V blocks passed around, overlapped) | allgather (all K/V at once)
+    expert: int = 1  # EP: the experts of each MoE layer split over this many of the dp x cp ranks
     virtual_pipeline: int = 1
     sequence_parallel: bool = False
     # 0: plain DP | 1: optimizer states sharded over DP (ZeRO-1, Megatron's distributed optimizer) | 2: gradients
@@ -468,7 +469,7 @@ def _fraction(value: float, key: str, include_one: bool = False) -> None:
 _POSITIVE = {
     "model": "num_layers hidden_size num_heads num_kv_heads head_dim ffn_hidden_size vocab_size max_seq_len norm_eps "
     "rope_theta sliding_window init_std make_vocab_size_divisible_by",
-    "parallel": "tensor pipeline context virtual_pipeline bucket_mb timeout_minutes",
+    "parallel": "tensor pipeline context expert virtual_pipeline bucket_mb timeout_minutes",
     "train": "steps micro_batch_size global_batch_size seq_len eval_iters",
     "optim": "lr eps initial_loss_scale",
     "logging": "interval",
@@ -660,8 +661,21 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if m.moe.num_experts and p.tensor > 1:
         raise UserError(
             f"parallel.tensor = {p.tensor} with model.moe: experts are not split over tensor parallelism yet; "
-            "use parallel.tensor: 1 with pipeline, context and data parallelism"
+            "use parallel.tensor: 1 with expert, pipeline, context and data parallelism"
         )
+    if p.expert > 1:
+        replicas = world_size // model_ranks  # dp x cp: expert parallelism is carved out of them
+        if not m.moe.num_experts or m.moe.num_experts % p.expert:
+            raise UserError(
+                f"parallel.expert ({p.expert}) must divide model.moe.num_experts ({m.moe.num_experts}); it splits "
+                "the experts of each MoE layer over that many ranks"
+            )
+        if (replicas * p.context) % p.expert:
+            ok = [d for d in range(1, replicas * p.context + 1) if (replicas * p.context) % d == 0]
+            raise UserError(
+                f"parallel.expert ({p.expert}) must divide data x context parallel ranks ({replicas} x {p.context} "
+                f"on {world_size} workers); valid: {', '.join(map(str, ok))}"
+            )
     stages = p.pipeline * p.virtual_pipeline
     if p.pipeline_layers is not None:
         counts = p.pipeline_layers

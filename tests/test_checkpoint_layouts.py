@@ -35,6 +35,18 @@ LAYOUTS = {
     "cp2xtp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
     "cp2xdp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "ep2xdp2-distopt": (4, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
+    "ep4": (4, ["parallel.expert=4"]),
+}
+# experts with a sigmoid router and its aux-loss-free selection biases (state saved beside the weights), the
+# balance loss and a shared expert
+MOE = {
+    "model.moe.num_experts": 4,
+    "model.moe.ffn_hidden_size": 48,
+    "model.moe.router": "sigmoid",
+    "model.moe.bias_update_rate": 0.01,
+    "model.moe.aux_loss_coeff": 0.01,
+    "model.moe.shared_expert_ffn_hidden_size": 32,
 }
 
 
@@ -150,6 +162,31 @@ def test_gpt2_resumes_in_another_layout(tmp_path, corpus, gpt2_runs, source, tar
     run = tmp_path / "run"
     resume_from(saved[source], run)
     done = run_layout(run, corpus, target, arch="gpt2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_continues(run, uninterrupted, 4)
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory, corpus):
+    """MoE: one process's metrics and weights, and the step-3 checkpoint of EP 2 x DP 2 with ZeRO-1."""
+    ref = tmp_path_factory.mktemp("moe-ref") / "run"
+    done = run_layout(ref, corpus, "1", **MOE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    src = tmp_path_factory.mktemp("moe-src") / "run"
+    done = run_layout(src, corpus, "ep2xdp2-distopt", **MOE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return (read_metrics(ref), final_weights(ref)), src / "checkpoints" / "step_0000003"
+
+
+@pytest.mark.parametrize("target", ["1", "ep4", "pp2"])
+def test_experts_resume_across_expert_parallel_sizes(tmp_path, corpus, moe_runs, target):
+    """Expert weights are stored whole ([experts, ...]), each EP rank's block at its offset, with their Adam
+    slices and the routers' selection biases: an EP 2 checkpoint continues at EP 1, EP 4 and under PP."""
+    uninterrupted, step_dir = moe_runs
+    assert "state.layers.0.mlp.bias" in store.stored_shapes(step_dir)
+    run = tmp_path / "run"
+    resume_from(step_dir, run)
+    done = run_layout(run, corpus, target, **MOE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_continues(run, uninterrupted, 4)
 

@@ -36,7 +36,7 @@ def test_norm_and_clipping_stay_on_the_device(monkeypatch, max_norm):
     want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     with monkeypatch.context() as m:
         _no_item(m)
-        norm = global_grad_norm(grads, Mesh(), torch.device("cpu"))
+        norm = global_grad_norm([(grads, [])], Mesh(), torch.device("cpu"))
         clip_grads(grads, norm, max_norm)
     assert norm.shape == () and norm.dtype == torch.float32
     torch.testing.assert_close(norm, want)

@@ -168,3 +168,26 @@ def test_a_model_with_experts_trains_its_router():
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     model(ids, ids).backward()
     assert model.layers["0"].mlp.router.grad.abs().sum() > 0 and model.layers["1"].mlp.down.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("world, sets", [(8, ["parallel.pipeline=2", "parallel.context=2"]), (8, []), (4, [])])
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_groups_are_carved_out_of_dp_x_cp(world, sets, ep):
+    """Each EP group is `ep` of the ranks that share the gradients (dp x cp); the ranks holding the same experts
+    (expert_grad) are the rest of them; the two cross in this rank alone."""
+    from megatronlite.plan.layout import mesh_at
+
+    moe = [f"model.moe.{k}={v}" for k, v in {"num_experts": 4, "ffn_hidden_size": 8}.items()]
+    batch = ["train.micro_batch_size=1", "train.global_batch_size=64"]
+    cfg = config.from_dict(config.apply_overrides({}, [*moe, *batch, *sets, f"parallel.expert={ep}"]))
+    grad_size = world // cfg.parallel.pipeline
+    if grad_size % ep:
+        with pytest.raises(config.UserError, match="parallel.expert"):
+            config.validate_layout(cfg, world)
+        return
+    for rank in range(world):
+        mesh = mesh_at(cfg, world, rank)
+        grad, expert, holders = (set(mesh.role(r).ranks) for r in ("grad", "expert", "expert_grad"))
+        assert len(expert) == ep and len(holders) == grad_size // ep
+        assert expert <= grad and holders <= grad and expert & holders == {rank}
+        assert sorted(expert) == list(range(min(expert), min(expert) + ep))  # consecutive, cp fastest

@@ -198,9 +198,20 @@ def assert_equivalent(run, reference, precision):
 
 LAYOUT_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in LAYOUTS]
 LAYOUT_CASES += [("features", layout) for layout in FEATURE_LAYOUTS]
-LAYOUT_CASES += [("moe-softmax", layout) for layout in ("pp2", "dp2-distopt", "cp2")]
-LAYOUT_CASES += [("moe-sigmoid", layout) for layout in ("pp2xdp2", "cp2xpp2-gpipe-full-recompute")]
-LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS}
+# expert parallelism, carved out of dp x cp: tokens exchanged all-to-all, expert gradients reduced over the
+# ranks holding the same experts (ZeRO-sharded over them with the distributed optimizer)
+MOE_LAYOUTS = {
+    "ep2": (2, ["parallel.expert=2"]),
+    "ep4": (4, ["parallel.expert=4"]),
+    "ep2xdp2-distopt": (4, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
+    "ep2xpp2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
+    "ep2-over-cp2": (2, ["parallel.expert=2", "parallel.context=2"]),
+}
+LAYOUT_CASES += [("moe-softmax", layout) for layout in ("pp2", "dp2-distopt", "cp2", "ep2", "ep4", "ep2xdp2-distopt")]
+LAYOUT_CASES += [
+    ("moe-sigmoid", layout) for layout in ("pp2xdp2", "cp2xpp2-gpipe-full-recompute", "ep2xpp2", "ep2-over-cp2")
+]
+LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS, **MOE_LAYOUTS}
 PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 

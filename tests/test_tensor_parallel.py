@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import free_port
 
-from megatronlite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatronlite.config import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatronlite.parallel.mesh import AXES, ROLES, _lines, build_mesh, rank_grid
 from megatronlite.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -172,5 +172,8 @@ def test_every_parameter_carries_its_per_axis_sharding():
     torch.nn.init.normal_(model.output.weight)  # made uninitialised (init.py fills it): give it values to compare
     copied = copy.deepcopy(model.output.weight)
     assert copied.sharding == out and torch.equal(copied, model.output.weight)
-    with pytest.raises(ValueError, match=r"splits over each of \('tp',\) at most once, not over \['ep'\]"):
-        Sharding((4, 4), (("ep", Split(0)),))  # no reader of the splits knows an expert axis yet
+    moe = ModelConfig(num_layers=1, hidden_size=16, num_heads=2, moe=MoEConfig(num_experts=4, ffn_hidden_size=8))
+    down = dict(GPTModel(moe).named_parameters())["layers.0.mlp.down"].sharding
+    assert down.split("ep") == Split(0) and down.split("tp") is None and down.global_shape == (4, 16, 8)
+    with pytest.raises(ValueError, match=r"splits over each of \('tp', 'ep'\) at most once, not over \['fsdp'\]"):
+        Sharding((4, 4), (("fsdp", Split(0)),))  # no reader of the splits knows a sharded-DP axis yet

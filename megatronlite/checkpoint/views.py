@@ -75,7 +75,12 @@ def _part_pieces(
     name: str, box: torch.Tensor, offset: tuple[int, ...], local_shape: tuple[int, ...], spec: Sharding, mesh: Mesh
 ) -> list[GlobalPiece]:
     """A box of a local tensor shaped like its parameter, cut along the TP dim into its fused parts' real rows
-    (padding dropped), each in its part's global coordinates."""
+    (padding dropped), each in its part's global coordinates (expert weights: after this rank's experts)."""
+    ep = spec.split("ep")
+    if ep is not None:  # this expert-parallel rank's block of experts starts at rank x its block
+        at = list(offset)
+        at[ep.dim] += mesh.role("expert").rank * local_shape[ep.dim]
+        offset = tuple(at)
     if spec.dim is None:
         return [GlobalPiece(name, box, spec.global_shape, offset)]
     dim, names = spec.dim, spec.part_names()

@@ -39,12 +39,15 @@ def part_name(param_name: str, part: str) -> str:
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+def init_parameters(
+    model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1, experts: tuple[int, int] = (0, 1)
+) -> None:
+    """Fill every parameter with its slice of its seeded full tensor; `experts`: (rank, size) of expert parallelism."""
     for name, p in model.named_parameters():
         spec: Sharding = p.sharding
         source = spec.alias or name
-        pieces = [
-            spec.local_slice(full_tensor(part_name(source, part), spec, cfg, seed), tp_rank, tp_size)
-            for part in spec.part_names()
-        ]
+        pieces = []
+        for part in spec.part_names():
+            full = spec.expert_slice(full_tensor(part_name(source, part), spec, cfg, seed), *experts)
+            pieces.append(spec.local_slice(full, tp_rank, tp_size))
         p.copy_(torch.cat(pieces, dim=spec.dim) if len(pieces) > 1 else pieces[0])

@@ -9,8 +9,12 @@ the choice but not the weights. The chosen scores, renormalised to sum to one wh
 Dispatch (dropless by default). The (token, expert) assignments are sorted by expert, stably, so each expert's
 tokens are one contiguous block in token order; each projection is then one grouped GEMM over the blocks
 (`torch._grouped_mm` on GPUs that have it, one GEMM per expert otherwise), and the outputs, times their weights,
-are added back at their tokens. With a capacity factor an expert takes at most ceil(factor x assignments /
-experts) assignments, the earliest tokens first; the rest are dropped (their weight is lost) and counted.
+are added back at their tokens. With expert parallelism (`parallel.expert`) the sender sorts: its sorted rows
+are already grouped by destination rank, so one all-to-all (after one of the per-expert counts) delivers them;
+the receiver permutes what it got from all senders into per-expert blocks, runs its experts, permutes back,
+and a second all-to-all returns each output row to its token's rank, where it is weighted and added as above.
+With a capacity factor an expert takes at most ceil(factor x assignments / experts) assignments, the
+earliest tokens first; the rest are dropped (their weight is lost) and counted.
 
 Losses. The load-balancing loss (Switch Transformer / GShard form, as Megatron computes it) is
 coeff x E x sum_e (mean router probability of e) x (share of assignments to e), per micro-batch, the shares
@@ -34,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatronlite.config import ModelConfig
-from megatronlite.parallel.sharding import empty_param, replicated
+from megatronlite.parallel.mappings import all_to_all
+from megatronlite.parallel.sharding import empty_param, expert_split, replicated
 
 _AUX_LOSS_SCALE = [1.0]  # the gradient one micro-batch's loss gets: 1 / micro-batches (x fp16's loss scale)
 _UNCOUNTED = [False]  # inside a forward that is not a training step's: routing runs, statistics must not
@@ -131,12 +136,13 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    """The experts of one layer (all on this rank: no expert parallelism yet, TP 1)."""
+    """The experts of one layer; with expert parallelism this rank holds a block of them (TP 1)."""
 
     def __init__(self, cfg: ModelConfig, mesh, sequence_parallel: bool, backends) -> None:
         super().__init__()
         self.cfg = cfg
         self.context = mesh.role("context")  # the ranks holding one sequence: the balance loss is over all of it
+        self.ep = mesh.role("expert")  # the ranks splitting the experts, exchanging tokens all-to-all
         moe, h, f = cfg.moe, cfg.hidden_size, cfg.expert_ffn_size
         e = moe.num_experts
         self.router = empty_param((e, h), replicated((e, h)))
@@ -144,7 +150,7 @@ class MoE(nn.Module):
         for name in names:
             shape = (e, h, f) if name in ("down", "fc2") else (e, f, h)
             init = "scaled_normal" if name in ("down", "fc2") else "normal"
-            setattr(self, name, empty_param(shape, replicated(shape, init)))
+            setattr(self, name, empty_param((e // self.ep.size, *shape[1:]), expert_split(shape, init)))
         shared = moe.shared_expert_ffn_hidden_size
         self.shared = SharedExpert(cfg, mesh, sequence_parallel, backends) if shared else None
         self.register_buffer("bias", torch.zeros(e) if moe.bias_update_rate else None)
@@ -174,14 +180,34 @@ class MoE(nn.Module):
             order, sorted_experts = order[keep], sorted_experts[keep]
             counts = torch.bincount(sorted_experts, minlength=moe.num_experts)
         token_of = order // moe.top_k
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        y = self.experts(tokens[token_of], counts.tolist(), offsets)
+        dispatched = tokens[token_of]
+        y = self._exchanged(dispatched, counts) if self.ep.size > 1 else self._local(dispatched, counts)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(tokens, dtype=y.dtype).index_add_(0, token_of, y).to(x.dtype).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x)
         aux = self._losses(logits, torch.bincount(flat, minlength=moe.num_experts), counts, keep)
         return AuxLosses.apply(out, aux) if aux is not None and torch.is_grad_enabled() else out
+
+    def _local(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert, `counts` per expert of this rank, through their experts."""
+        return self.experts(x, counts.tolist(), torch.cumsum(counts, 0).to(torch.int32))
+
+    def _exchanged(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: rows sorted by (global) expert go to the EP rank holding their expert, all-to-all
+        (the counts exchanged first); each rank runs its experts on what it received, grouped by expert across
+        senders, and the outputs return to their senders in the order they were sent."""
+        size, pg = self.ep.size, self.ep.pg
+        local = self.cfg.moe.num_experts // size
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=pg)  # [sender, local expert]: what each sends us
+        received = received.view(size, local)
+        sent, got = counts.view(size, local).sum(1).tolist(), received.sum(1).tolist()
+        rows = all_to_all(x, got, sent, pg)  # by sender, then by expert within each sender
+        expert_of = torch.arange(local, device=x.device).repeat(size).repeat_interleave(received.reshape(-1))
+        by_expert = expert_of.argsort(stable=True)  # by expert, then by sender
+        y = torch.empty_like(rows).index_copy(0, by_expert, self._local(rows[by_expert], received.sum(0)))
+        return all_to_all(y, sent, got, pg)
 
     def _losses(
         self, logits: torch.Tensor, routed: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor | None

@@ -3,7 +3,8 @@
 A TP-sharded parameter contributes its shard on every TP rank; a parameter replicated over TP
 (norms, row-parallel biases) counts on TP rank 0 only; a tied output layer copy on the last
 stage is skipped (its gradient was added to the embedding's). The squares are summed over the
-TP and PP groups (and the grad group, dp x cp, when gradients are ZeRO-sharded over it).
+TP and PP groups (and the grad group, dp x cp, when gradients are ZeRO-sharded over it; expert weights over
+the EP group, and under ZeRO the expert_grad group).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatronlite.parallel.mesh import Mesh
+from megatronlite.parallel.mesh import Group, Mesh
 
 
 def owned_grads(params: list[torch.nn.Parameter], mesh: Mesh) -> list[torch.Tensor]:
@@ -27,17 +28,23 @@ def owned_grads(params: list[torch.nn.Parameter], mesh: Mesh) -> list[torch.Tens
 
 
 def global_grad_norm(
-    grads: list[torch.Tensor], mesh: Mesh, device: torch.device, dp_sharded: bool = False
+    parts: list[tuple[list[torch.Tensor], list[Group]]], mesh: Mesh, device: torch.device
 ) -> torch.Tensor:
     """The global norm as a 0-dim fp32 tensor on `device`: no host sync here, whoever needs the number reads it.
 
-    torch._foreach_norm reads each gradient once, in fp32 whatever its dtype, without an fp32 copy.
+    `parts`: gradients with the groups their squares add up over besides TP and PP (ZeRO's shards, experts split
+    over EP). torch._foreach_norm reads each gradient once, in fp32 whatever its dtype, without an fp32 copy.
     """
     total = torch.zeros((), dtype=torch.float32, device=device)
-    if grads:
-        total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-    roles = ["tensor", "pipeline"] + (["grad"] if dp_sharded else [])
-    for group in (mesh.role(r) for r in roles):
+    for grads, groups in parts:
+        part = torch.zeros((), dtype=torch.float32, device=device)
+        if grads:
+            part = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+        for group in groups:
+            if group.size > 1:
+                dist.all_reduce(part, group=group.pg)
+        total = total + part
+    for group in (mesh.role(r) for r in ("tensor", "pipeline")):
         if group.size > 1:
             dist.all_reduce(total, group=group.pg)
     return total.sqrt()

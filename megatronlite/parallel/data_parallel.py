@@ -19,6 +19,11 @@ Three ways to reduce a bucket (`parallel.zero_stage`):
   buffer is dropped when that reduction is done. Full-size gradient memory is the buckets in
   flight, not the model.
 
+Expert weights (split over expert parallelism) go into buckets of their own, reduced over the
+`expert_grad` role (the ranks holding the same experts) instead: their gradients already hold every
+token routed to them from the whole EP group, so the sum over expert_grad, divided by the full dp x cp
+size like every other gradient, is the average over the global batch (ZeRO shards them over expert_grad).
+
 Gradients that need a sum over another group first (sequence-parallel norms over TP; a tied
 embedding over the first and last pipeline stage) go into a last bucket, reduced after those sums
 (accumulated full-size under ZeRO-2 too: norms and the tied embedding only).
@@ -49,9 +54,11 @@ class OwnedSlice:
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
+    group: Group  # the ranks it is reduced (and ZeRO-sharded) over
     param_buf: torch.Tensor
     grad_buf: torch.Tensor | None  # ZeRO-2: the micro-batch's gradients, only while they are being gathered
     offsets: list[int] = field(default_factory=list)  # each parameter's start in the buffers
+    sharded: bool = False  # ZeRO (stage >= 1) over a group of more than one rank
     grad_shard: torch.Tensor | None = None  # distributed optimizer: this rank's reduced slice
     streamed: bool = False  # ZeRO-2: reduce-scattered per micro-batch into grad_shard
     in_flight: list[tuple[object, torch.Tensor]] = field(default_factory=list)  # ZeRO-2: (request, 1/D result)
@@ -63,6 +70,10 @@ class Bucket:
     owned: list[OwnedSlice] = field(default_factory=list)  # distributed optimizer: this rank's slices
 
 
+def _is_expert(p: nn.Parameter) -> bool:
+    return p.sharding.split("ep") is not None
+
+
 class DataParallel:
     def __init__(
         self,
@@ -72,39 +83,46 @@ class DataParallel:
         zero_stage: int,
         bucket_mb: float,
         late_names: set[str],
+        expert_group: Group | None = None,
     ) -> None:
-        self.group, self.n_micro, self.sharded = group, n_micro, zero_stage >= 1 and group.size > 1
-        self.streams = self.sharded and zero_stage == 2
+        """`group`: the grad role (dp x cp); `expert_group`: the expert_grad role, for expert weights."""
+        self.group, self.n_micro, self.zero_stage = group, n_micro, zero_stage
         self.buckets: list[Bucket] = []
         names = list(named_params)[::-1]
-        groups, current, size = [], [], 0
         limit = int(bucket_mb * 2**20 / 4)
-        for name in names:
-            if name in late_names:
-                continue
-            current.append(named_params[name])
-            size += named_params[name].numel()
-            if size >= limit:
-                groups.append(current)
-                current, size = [], 0
-        if current:
-            groups.append(current)
+        for kind_group, is_kind in ((group, lambda p: not _is_expert(p)), (expert_group or group, _is_expert)):
+            current, size = [], 0
+            for name in names:
+                p = named_params[name]
+                if name in late_names or not is_kind(p):
+                    continue
+                current.append(p)
+                size += p.numel()
+                if size >= limit:
+                    self.buckets.append(self._make_bucket(current, kind_group, late=False))
+                    current, size = [], 0
+            if current:
+                self.buckets.append(self._make_bucket(current, kind_group, late=False))
         late = [named_params[n] for n in names if n in late_names]
-        for params in groups:
-            self.buckets.append(self._make_bucket(params, late=False))
         if late:
-            self.buckets.append(self._make_bucket(late, late=True))
+            self.buckets.append(self._make_bucket(late, group, late=True))
         self.owner_of = {id(p): b for b in self.buckets for p in b.params}
         self.offset_of = {id(p): start for b in self.buckets for p, start in zip(b.params, b.offsets)}
         for p in named_params.values():
             p.register_post_accumulate_grad_hook(self._on_grad)
 
-    def _make_bucket(self, params: list[nn.Parameter], late: bool) -> Bucket:
+    @property
+    def sharded(self) -> bool:
+        """Whether any bucket's optimizer states (and gradients) are ZeRO-sharded."""
+        return any(b.sharded for b in self.buckets)
+
+    def _make_bucket(self, params: list[nn.Parameter], group: Group, late: bool) -> Bucket:
         numel = sum(p.numel() for p in params)
-        dp = self.group.size
-        padded = -(-numel // dp) * dp if self.sharded else numel
+        dp = group.size
+        sharded = self.zero_stage >= 1 and dp > 1
+        padded = -(-numel // dp) * dp if sharded else numel
         ref = params[0]
-        streamed = self.streams and not late
+        streamed = sharded and self.zero_stage == 2 and not late
         param_buf = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
         grad_buf = None if streamed else torch.zeros(padded, dtype=torch.float32, device=ref.device)
         offsets, offset = [], 0
@@ -115,11 +133,11 @@ class DataParallel:
             p.grad = None if streamed else grad_buf[offset : offset + n].view_as(p)
             offsets.append(offset)
             offset += n
-        bucket = Bucket(params, param_buf, grad_buf, offsets, expected=len(params) * self.n_micro, late=late)
-        bucket.streamed = streamed
-        if self.sharded:
+        bucket = Bucket(params, group, param_buf, grad_buf, offsets, sharded, expected=len(params) * self.n_micro)
+        bucket.streamed, bucket.late = streamed, late
+        if sharded:
             per = padded // dp
-            lo, hi = self.group.rank * per, (self.group.rank + 1) * per
+            lo, hi = group.rank * per, (group.rank + 1) * per
             bucket.shard_range = (lo, hi)
             bucket.grad_shard = torch.zeros(per, dtype=torch.float32, device=ref.device)
             for p, start in zip(params, offsets):
@@ -140,11 +158,12 @@ class DataParallel:
 
     def owned_slices(self) -> list[OwnedSlice]:
         """What this rank's optimizer steps, as slices of the flattened parameters: with ZeRO-1 its slices of
-        every bucket, else every parameter whole. The optimizer's states of `shard` hold [start, end) of the
-        parameter, so a checkpoint saves and loads them in place (see checkpoint/views.py)."""
-        if self.sharded:
-            return [o for bucket in self.buckets for o in bucket.owned]
-        return [OwnedSlice(p, p, 0, p.numel()) for bucket in self.buckets for p in bucket.params]
+        every sharded bucket, else every parameter whole. The optimizer's states of `shard` hold [start, end) of
+        the parameter, so a checkpoint saves and loads them in place (see checkpoint/views.py)."""
+        out = []
+        for bucket in self.buckets:
+            out += bucket.owned if bucket.sharded else [OwnedSlice(p, p, 0, p.numel()) for p in bucket.params]
+        return out
 
     # --- reduction --------------------------------------------------------------------------
     def _on_grad(self, p: nn.Parameter) -> None:
@@ -165,7 +184,7 @@ class DataParallel:
         if bucket.received % len(bucket.params) == 0:
             self._settle(bucket)  # at most one reduction of a bucket in flight
             out = torch.empty_like(bucket.grad_shard)
-            request = dist.reduce_scatter_tensor(out, bucket.grad_buf, group=self.group.pg, async_op=True)
+            request = dist.reduce_scatter_tensor(out, bucket.grad_buf, group=bucket.group.pg, async_op=True)
             bucket.in_flight.append((request, out))
             bucket.grad_buf = None  # the reduction holds it until done
 
@@ -178,14 +197,14 @@ class DataParallel:
         bucket.in_flight.clear()
 
     def _launch(self, bucket: Bucket) -> None:
-        if self.group.size == 1:
+        if bucket.group.size == 1:
             return
-        if self.sharded:
+        if bucket.sharded:
             bucket.handle = dist.reduce_scatter_tensor(
-                bucket.grad_shard, bucket.grad_buf, group=self.group.pg, async_op=True
+                bucket.grad_shard, bucket.grad_buf, group=bucket.group.pg, async_op=True
             )
         else:
-            bucket.handle = dist.all_reduce(bucket.grad_buf, group=self.group.pg, async_op=True)
+            bucket.handle = dist.all_reduce(bucket.grad_buf, group=bucket.group.pg, async_op=True)
 
     def finish(self, pre_reduce_late) -> None:
         """Wait for every bucket; sum the late gradients over their other groups, then reduce them.
@@ -208,17 +227,16 @@ class DataParallel:
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
-            if self.group.size > 1:
-                (bucket.grad_shard if self.sharded else bucket.grad_buf).div_(self.group.size)
+            if self.group.size > 1:  # the grad role's size, expert buckets too (see the module docstring)
+                (bucket.grad_shard if bucket.sharded else bucket.grad_buf).div_(self.group.size)
             bucket.received = 0
 
     def gather_params(self) -> None:
         """ZeRO-1: every rank's updated slices -> the full weights on every rank."""
-        if not self.sharded:
-            return
         for bucket in self.buckets:
-            lo, hi = bucket.shard_range
-            dist.all_gather_into_tensor(bucket.param_buf, bucket.param_buf[lo:hi].clone(), group=self.group.pg)
+            if bucket.sharded:
+                lo, hi = bucket.shard_range
+                dist.all_gather_into_tensor(bucket.param_buf, bucket.param_buf[lo:hi].clone(), group=bucket.group.pg)
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:

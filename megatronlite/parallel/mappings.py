@@ -122,3 +122,27 @@ def gather_from_sp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
 
 def reduce_scatter_to_sp(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, dim, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows exchanged all-to-all with uneven counts (expert parallelism's token dispatch); the gradient goes
+    back the same way with the counts swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        grad = g.new_empty(sum(in_splits), *g.shape[1:])
+        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Group) -> torch.Tensor:
+    """Send rows [sum(in_splits[:r]), +in_splits[r]) of `x` to rank r; receive out_splits[r] rows from rank r."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)

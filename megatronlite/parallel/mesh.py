@@ -14,9 +14,13 @@ Code asks for a role, never for an axis it merely happens to need today:
     batch     which share of the global batch this rank reads (the DP axis)
     grad      gradients are averaged over it, and ZeRO shards span it (dp x cp)
     loss      the loss and token counts are averaged over it (dp x cp)
+    expert        the EP group: the ranks splitting each MoE layer's experts, exchanging tokens all-to-all
+    expert_grad   the ranks holding the same experts: expert gradients are reduced (and ZeRO-sharded) over it
 
-A new axis (`ep`, a sharded-DP axis) is a new name in AXES and in the roles that span it;
-callers do not change. One process without torch.distributed is the trivial mesh: every group
+Expert parallelism is carved out of the dp x cp ranks, as in Megatron: those ranks, flattened (cp
+fastest), are cut into EP groups of consecutive ranks, so the expert grid is (pp, edp, ep, tp)
+(EXPERT_AXES) over the same ranks. A new axis (a sharded-DP axis) is a new name in AXES and in the
+roles that span it; callers do not change. One process without torch.distributed is the trivial mesh: every group
 is None and every size is 1.
 """
 
@@ -43,6 +47,10 @@ ROLES = {
 }
 
 
+EXPERT_AXES = ("pp", "edp", "ep", "tp")
+EXPERT_ROLES = {"expert": ("ep",), "expert_grad": ("edp",)}
+
+
 @dataclass(frozen=True)
 class Group:
     """The ranks that differ from this one only along some axes: their process group, its size, and
@@ -58,7 +66,7 @@ class Group:
 class Mesh:
     world_size: int = 1
     rank: int = 0
-    roles: dict[str, Group] = field(default_factory=lambda: {role: Group() for role in ROLES})
+    roles: dict[str, Group] = field(default_factory=lambda: {role: Group() for role in {**ROLES, **EXPERT_ROLES}})
     # the ranks holding the first and last stage of this pipeline, for tied embeddings
     embedding_group: dist.ProcessGroup | None = None
     # torch's DeviceMesh over AXES, over the same groups (None for one process): what DTensor-based code
@@ -117,6 +125,12 @@ def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> torch.Tensor:
     return torch.arange(world_size).view(pp, world_size // (tp * pp * cp), cp, tp)
 
 
+def expert_grid(grid: torch.Tensor, ep: int) -> torch.Tensor:
+    """The same ranks by expert coordinate, dims in EXPERT_AXES order: dp x cp flattened, cut into EP groups."""
+    pp, dp, cp, tp = grid.shape
+    return grid.reshape(pp, dp * cp // ep, ep, tp)
+
+
 def collective_timeout(minutes: float) -> datetime.timedelta:
     """How long a collective may wait: `parallel.timeout_minutes` plus a margin. The watchdog (which names the
     stalled rank and writes every thread's stack) ends a job after the configured time without progress;
@@ -129,10 +143,10 @@ def new_group(cfg: Config, ranks: list[int] | None = None, backend: str | None =
     return dist.new_group(ranks, timeout=collective_timeout(cfg.parallel.timeout_minutes), backend=backend)
 
 
-def _lines(grid: torch.Tensor, axes: tuple[str, ...]) -> list[list[int]]:
-    """Every group of ranks that differ only along `axes`, each ascending (the grid's order, as torch numbers a
-    group's ranks: a rank's index in its line is its rank in the group)."""
-    dims = sorted(AXES.index(a) for a in axes)
+def _lines(grid: torch.Tensor, axes: tuple[str, ...], names: tuple[str, ...] = AXES) -> list[list[int]]:
+    """Every group of ranks that differ only along `axes` (of the grid's dims `names`), each ascending (the grid's
+    order, as torch numbers a group's ranks: a rank's index in its line is its rank in the group)."""
+    dims = sorted(names.index(a) for a in axes)
     rest = [d for d in range(grid.ndim) if d not in dims]
     return grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims)).tolist()
 
@@ -157,6 +171,17 @@ def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
             group = new_group(cfg, line)  # every rank takes part in creating every group
             if rank in line:
                 made[axes] = Group(len(line), line.index(rank), tuple(line), group)
+    experts = expert_grid(grid, p.expert)
+    made_lines = {tuple(line) for axes in made for line in _lines(grid, axes)}
+    expert_roles = {}
+    for role, axes in EXPERT_ROLES.items():
+        for line in _lines(experts, axes, EXPERT_AXES):
+            # the same ranks as a role already made (EP 1: expert_grad is grad) share its group
+            fresh = len(line) > 1 and tuple(line) not in made_lines
+            group = new_group(cfg, line) if fresh else None  # made by every rank, as every group is
+            if rank in line:
+                same = next((g for g in made.values() if g.ranks == tuple(line)), None)
+                expert_roles[role] = same or Group(len(line), line.index(rank), tuple(line), group)
     embedding_group = None
     for line in _lines(grid, ("pp",)):
         ends = sorted({line[0], line[-1]})
@@ -172,7 +197,7 @@ def build_mesh(cfg: Config, world_size: int, rank: int) -> Mesh:
     return Mesh(
         world_size=world_size,
         rank=rank,
-        roles={role: made[spanned(axes)] for role, axes in ROLES.items()},
+        roles={**{role: made[spanned(axes)] for role, axes in ROLES.items()}, **expert_roles},
         embedding_group=embedding_group,
         device_mesh=device_mesh,
     )

@@ -2,10 +2,10 @@
 
 A `Sharding` names, for each mesh axis that splits the tensor, a `Split` (the dim, its fused
 parts, the padding before the split); every axis not named holds the whole tensor (replicated).
-Today only `tp` splits parameters (SPLIT_AXES): `pp` gives stages different parameters, `dp`
-and `cp` replicate them, and ZeRO shards optimizer states by flat ranges of the `grad` role's buckets
-(see data_parallel.py). An expert axis would add `Split(0)` over `ep` to expert weights, a
-sharded-DP axis `Split(0)` over it to every parameter: one more entry in SPLIT_AXES and in the
+Two axes split parameters (SPLIT_AXES): `tp` (the TP layers) and `ep` (expert weights, [experts, ...],
+`Split(0)` over the expert-parallel ranks); `pp` gives stages different parameters, `dp` and `cp`
+replicate them, and ZeRO shards optimizer states by flat ranges of the buckets (see data_parallel.py). A
+sharded-DP axis would add `Split(0)` over it to every parameter: one more entry in SPLIT_AXES and in the
 readers of the splits (init.py, checkpoint/views.py), which refuse any other axis until then.
 
 One description drives the seeded init (the full tensor drawn, then sliced), the layout-free
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 # the axes parameters can be split over today: init, checkpoint views and converters read these splits
-SPLIT_AXES = ("tp",)
+SPLIT_AXES = ("tp", "ep")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class Sharding:
             full = torch.cat([full, full.new_zeros(pad_shape)], dim=tp.dim)
         return full.chunk(tp_size, dim=tp.dim)[tp_rank]
 
+    def expert_slice(self, full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
+        """This expert-parallel rank's experts of a full [experts, ...] tensor (the tensor itself if not split)."""
+        ep = self.split("ep")
+        return full if ep is None else full.chunk(ep_size, dim=ep.dim)[ep_rank]
+
     def local_rows(self, tp_rank: int, tp_size: int) -> tuple[int, int]:
         """The [start, end) range of the global (unpadded) split dim this TP rank holds, per part."""
         tp = self.split("tp")
@@ -96,6 +101,11 @@ def tp_split(
 ) -> Sharding:
     """A tensor split over TP along `dim` (a column- or row-parallel weight, an embedding table)."""
     return Sharding(global_shape, (("tp", Split(dim, parts, padded)),), init, alias=alias)
+
+
+def expert_split(global_shape: tuple[int, ...], init: str = "normal") -> Sharding:
+    """Stacked expert weights [experts, ...], each expert-parallel rank holding its block of experts."""
+    return Sharding(global_shape, (("ep", Split(0)),), init)
 
 
 def replicated(global_shape: tuple[int, ...], init: str = "normal", partial_over_tp: bool = False) -> Sharding:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from megatronlite.config import Config, validate_layout
 from megatronlite.errors import UserError
-from megatronlite.parallel.mesh import AXES, ROLES, Group, Mesh, rank_grid
+from megatronlite.parallel.mesh import AXES, EXPERT_AXES, EXPERT_ROLES, ROLES, Group, Mesh, expert_grid, rank_grid
 
 RECOMPUTE = ("none", "selective", "full")
 MAX_MICRO_BATCH = 16  # larger micro-batches only add activation memory once GEMMs are large
@@ -69,11 +69,12 @@ def mesh_at(cfg: Config, world_size: int, rank: int) -> Mesh:
     validate_layout(cfg, world_size)
     p = cfg.parallel
     grid = rank_grid(world_size, p.tensor, p.pipeline, p.context)
-    coord = dict(zip(AXES, (grid == rank).nonzero()[0].tolist()))
     roles = {}
-    for role, axes in ROLES.items():
-        line = grid[tuple(slice(None) if a in axes else coord[a] for a in AXES)].reshape(-1).tolist()
-        roles[role] = Group(len(line), line.index(rank), tuple(line))
+    for ranks, names, role_axes in ((grid, AXES, ROLES), (expert_grid(grid, p.expert), EXPERT_AXES, EXPERT_ROLES)):
+        coord = dict(zip(names, (ranks == rank).nonzero()[0].tolist()))
+        for role, axes in role_axes.items():
+            line = ranks[tuple(slice(None) if a in axes else coord[a] for a in names)].reshape(-1).tolist()
+            roles[role] = Group(len(line), line.index(rank), tuple(line))
     return Mesh(world_size=world_size, rank=rank, roles=roles)
 
 

@@ -21,7 +21,8 @@ def allocated_states(cfg: Config, world_size: int, rank: int) -> dict[str, int]:
     stages = build_stages(cfg, mesh, run_options(cfg, torch.device("cpu")))
     params = {n: p for _, model in stages for n, p in model.named_parameters()}
     p = cfg.parallel
-    dp = DataParallel(params, mesh.role("grad"), 1, p.zero, p.bucket_mb, _late_sync_names(cfg, mesh, params))
+    late = _late_sync_names(cfg, mesh, params)
+    dp = DataParallel(params, mesh.role("grad"), 1, p.zero, p.bucket_mb, late, mesh.role("expert_grad"))
     optimizer, _ = build_adamw(dp.optimizer_params(params), cfg.optim, torch.device("cpu"))
     optimizer.step()
     seen: dict[str, dict[int, int]] = {"weights": {}, "grads": {}, "optimizer": {}}

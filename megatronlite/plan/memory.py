@@ -87,6 +87,7 @@ def model_states(cfg: Config, world_size: int, rank: int) -> ModelStates:
             cfg.parallel.zero,
             cfg.parallel.bucket_mb,
             _late_sync_names(cfg, mesh, params),
+            mesh.role("expert_grad"),
         )
     owned = dp.owned_slices()
     step_counter = FP32 if cfg.optim.impl in ("auto", "fused") and not cfg.optim.offload else 0

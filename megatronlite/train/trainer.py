@@ -93,13 +93,22 @@ class Trainer:
         self.params: dict[str, torch.nn.Parameter] = {}
         for _, model in self.stages:
             model.to(device)
-            init_parameters(model, cfg.model, t.seed, mesh.tp_rank, mesh.tp)
+            experts = mesh.role("expert")
+            init_parameters(model, cfg.model, t.seed, mesh.tp_rank, mesh.tp, (experts.rank, experts.size))
             self.params.update(model.named_parameters())
             if t.compile:
                 for block in model.layers.values():
                     block.compile()
         self.late_sync = late_sync_groups(cfg, mesh, self.params)
-        self.dp = DataParallel(self.params, mesh.role("grad"), self.num_micro, p.zero, p.bucket_mb, set(self.late_sync))
+        self.dp = DataParallel(
+            self.params,
+            mesh.role("grad"),
+            self.num_micro,
+            p.zero,
+            p.bucket_mb,
+            set(self.late_sync),
+            mesh.role("expert_grad"),
+        )
         self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
         self.scaler = LossScaler(cfg.optim.initial_loss_scale) if t.precision == "fp16" else None
         self.pipeline = None
@@ -215,7 +224,7 @@ class Trainer:
         if checkpointing.fault_hook("spike", self.step + 1, self.mesh.rank):
             total = total * 100
         self.beat("gradient norm")
-        norm_on_device = global_grad_norm(owned_grads(opt_params, self.mesh), self.mesh, self.device, self.dp.sharded)
+        norm_on_device = global_grad_norm(self._norm_parts(opt_params), self.mesh, self.device)
         loss, loss_finite = self._global_mean(total)
         norm = norm_on_device.item()  # after the loss's sync, which already waited for the norm: no second stall
         stepped = self._may_step(loss, loss_finite, norm, total, grads)
@@ -230,6 +239,18 @@ class Trainer:
         self.dp.zero_grads()
         self.moe.after_step(stepped)
         return loss, norm
+
+    def _norm_parts(self, params: list[torch.nn.Parameter]) -> list[tuple[list[torch.Tensor], list]]:
+        """The gradients of the global norm, with the groups over which each part's squares add up beyond TP and
+        PP: ZeRO shards over their bucket's group; expert weights over the EP group too (each rank its experts)."""
+        mesh, zero = self.mesh, self.cfg.parallel.zero >= 1
+        dense = [p for p in params if p.sharding.split("ep") is None]
+        experts = [p for p in params if p.sharding.split("ep") is not None]
+        parts = [(owned_grads(dense, mesh), [mesh.role("grad")] if zero else [])]
+        if experts:
+            groups = [mesh.role("expert")] + ([mesh.role("expert_grad")] if zero else [])
+            parts.append((owned_grads(experts, mesh), groups))
+        return parts
 
     def _may_step(
         self, loss: float, loss_finite: bool, norm: float, total: torch.Tensor, grads: list[torch.Tensor]
