@@ -41,8 +41,10 @@ def test_mesh_at_groups_are_build_mesh_groups(world, tp, pp, cp):
         (2, ["parallel.distributed_optimizer=true", "parallel.bucket_mb=0.05"]),
         (2, ["parallel.zero_stage=2", "parallel.bucket_mb=0.05"]),
         (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]),
+        (2, ["model.moe.num_experts=4", "parallel.expert=2"]),
+        (4, ["model.moe.num_experts=4", "parallel.expert=2", "parallel.distributed_optimizer=true"]),
     ],
-    ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "tp2xpp2-sp"],
+    ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "tp2xpp2-sp", "moe-ep2", "moe-ep2xdp2-zero1"],
 )
 def test_model_state_bytes_equal_allocated(world, sets):
     cfg = tiny("model.tie_embeddings=true", *sets)
@@ -81,10 +83,21 @@ def _saved_bytes(model, tokens, labels) -> int:
 
 
 GPT2 = ["model.arch=gpt2", "model.num_kv_heads=8", "model.ffn_hidden_size=512"]
+MOE = [  # every other layer a mixture of 4 experts with the auxiliary losses and a shared expert
+    "model.moe.num_experts=4",
+    "model.moe.ffn_hidden_size=96",
+    "model.moe.layer_freq=2",
+    "model.moe.aux_loss_coeff=0.01",
+    "model.moe.shared_expert_ffn_hidden_size=64",
+]
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-@pytest.mark.parametrize("sets", [[], ["train.precision=bf16"], GPT2], ids=["llama", "llama-bf16", "gpt2"])
+@pytest.mark.parametrize(
+    "sets",
+    [[], ["train.precision=bf16"], GPT2, MOE, [*MOE, "train.precision=bf16"]],
+    ids=["llama", "llama-bf16", "gpt2", "moe", "moe-bf16"],
+)
 def test_activation_bytes_within_10_percent_of_saved(recompute, sets):
     from megatronlite.models.gpt import GPTModel
     from megatronlite.models.init import init_parameters
@@ -99,7 +112,7 @@ def test_activation_bytes_within_10_percent_of_saved(recompute, sets):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         model(tokens, tokens)  # the rotary tables, made once per sequence length
         measured = _saved_bytes(model, tokens, tokens)
-    predicted = stage_saved(cfg, options, cfg.model.num_layers, first=True, last=True)
+    predicted = stage_saved(cfg, options, list(range(cfg.model.num_layers)), first=True, last=True)
     if recompute != "full":  # the GEMMs saved autocast's weight copies (under full recompute only its cache,
         predicted += model_states(cfg, 1, 0).weight_copies  # which the hooks cannot see, holds them)
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
@@ -121,6 +134,21 @@ def test_plan_prints_the_layouts_that_fit(capsys):
     assert out[1].split()[:3] == ["layout", "mem/GPU", "w+g+opt"]
     assert len(out[2:5]) == 3 and all(line.startswith("tp") for line in out[2:5])
     assert "faster than" in out[5] or "ties" in out[5]
+
+
+def test_plan_searches_expert_parallelism_for_moe_models(capsys):
+    from megatronlite.cli import main
+
+    moe = ["--set", "model.moe.num_experts=8", "--set", "model.moe.top_k=2"]
+    main(["plan", "configs/demo.yaml", "--gpus", "8", "--json", *moe])
+    import json
+
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    eps = {r["layout"]["ep"] for r in layouts}
+    assert eps == {1, 2, 4, 8}  # every divisor of dp x cp that divides the experts
+    with_ep = next(r for r in layouts if r["layout"]["ep"] == 8 and r["layout"]["dp"] == 8)
+    assert with_ep["step_seconds"]["ep"] > 0
+    assert all(r["step_seconds"]["ep"] == 0 for r in layouts if r["layout"]["ep"] == 1)
 
 
 def test_plan_bad_gpus_is_one_line(capsys):

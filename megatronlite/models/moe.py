@@ -157,17 +157,24 @@ class MoE(nn.Module):
         self.stats: RouterStats | None = None
 
     def experts(self, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+        """Rows in blocks of `counts` through this rank's experts, in autocast's dtype when it is on: each stacked
+        weight cast once (autocast would cast every expert's slice on its own, and keep each for backward)."""
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        x = x.to(dtype)
+
+        def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return grouped_linear(rows, weight.to(dtype), counts, offsets)
+
         if self.cfg.gated:
-            gate = grouped_linear(x, self.gate, counts, offsets)
-            up = grouped_linear(x, self.up, counts, offsets)
-            return grouped_linear(F.silu(gate) * up, self.down, counts, offsets)
-        y = F.gelu(grouped_linear(x, self.fc1, counts, offsets), approximate="tanh")
-        return grouped_linear(y, self.fc2, counts, offsets)
+            return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        return linear(F.gelu(linear(x, self.fc1), approximate="tanh"), self.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.cfg.moe
         tokens = x.reshape(-1, x.shape[-1])
-        logits = F.linear(tokens.float(), self.router.float())
+        with torch.autocast(x.device.type, enabled=False):  # the router in fp32, under bf16/fp16 autocast too
+            logits = F.linear(tokens.float(), self.router.float())
         experts, weights = route(logits, self.cfg, self.bias)
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)

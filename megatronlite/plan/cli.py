@@ -72,7 +72,7 @@ def _table(rows: list[Estimate], tokens: float) -> list[str]:
     for e in rows:
         m, t = e.memory, e.time
         states = m.weights + m.weight_copies + m.grads + m.optimizer
-        comm = t.tp + t.cp + t.pp + t.dp
+        comm = t.tp + t.cp + t.ep + t.pp + t.dp
         lines.append(
             f"{e.layout.name():<40} {gib(m.total):>9} {gib(states):>9} {gib(m.activations + m.loss):>8} "
             f"{seconds(t.total):>8} {t.bubble / t.total:>7.1%} {comm / t.total:>7.1%} "

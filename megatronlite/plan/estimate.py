@@ -68,7 +68,8 @@ class Planner:
 
     def _model_states(self, cfg: Config, layout: Layout, stage: int) -> ModelStates:
         """Built once per sharding: micro-batch size and recompute do not change what is allocated."""
-        key = (layout.tp, layout.pp, layout.vp, layout.cp, layout.dp, layout.zero, layout.sequence_parallel, stage)
+        key = (layout.tp, layout.pp, layout.vp, layout.cp, layout.dp, layout.zero, layout.sequence_parallel, layout.ep)
+        key += (stage,)
         if key not in self._states:
             self._states[key] = model_states(cfg, self.gpus, stage_rank(cfg, self.gpus, stage))
         return self._states[key]

@@ -30,6 +30,7 @@ class Layout:
     zero: int  # parallel.zero_stage
     recompute: str
     sequence_parallel: bool
+    ep: int = 1  # experts split over this many of the dp x cp ranks (MoE models)
 
     @property
     def gpus(self) -> int:
@@ -37,7 +38,8 @@ class Layout:
 
     def name(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}" + (f"v{self.vp}" if self.vp > 1 else ""), f"cp{self.cp}"]
-        parts += [f"dp{self.dp}", f"mb{self.micro_batch}", f"zero{self.zero}" if self.zero else "", self.recompute]
+        parts += [f"ep{self.ep}" if self.ep > 1 else "", f"dp{self.dp}", f"mb{self.micro_batch}"]
+        parts += [f"zero{self.zero}" if self.zero else "", self.recompute]
         return " ".join(p for p in parts if p) + (" sp" if self.sequence_parallel else "")
 
 
@@ -46,6 +48,7 @@ def apply(cfg: Config, layout: Layout) -> Config:
     out = copy.deepcopy(cfg)
     p, t = out.parallel, out.train
     p.tensor, p.pipeline, p.virtual_pipeline, p.context = layout.tp, layout.pp, layout.vp, layout.cp
+    p.expert = layout.ep
     p.sequence_parallel, p.zero_stage, p.distributed_optimizer = layout.sequence_parallel, layout.zero, False
     if p.pipeline_layers is not None and len(p.pipeline_layers) != layout.pp * layout.vp:
         p.pipeline_layers = None  # the config's split is for another number of stages: an even one
@@ -60,7 +63,9 @@ def layout_of(cfg: Config, gpus: int) -> Layout:
     p, t = cfg.parallel, cfg.train
     dp = validate_layout(cfg, gpus)
     sp = p.sequence_parallel and p.tensor > 1
-    return Layout(p.tensor, p.pipeline, p.virtual_pipeline, p.context, dp, t.micro_batch_size, p.zero, t.recompute, sp)
+    return Layout(
+        p.tensor, p.pipeline, p.virtual_pipeline, p.context, dp, t.micro_batch_size, p.zero, t.recompute, sp, p.expert
+    )
 
 
 def mesh_at(cfg: Config, world_size: int, rank: int) -> Mesh:
@@ -92,9 +97,9 @@ def _legal(cfg: Config, layout: Layout) -> bool:
 
 def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> Iterator[Layout]:
     """Every layout of `gpus` GPUs `cfg` may train with: TP within a node, PP (with virtual stages) over the
-    layers, CP over the sequence, DP the rest; each micro-batch size dividing the batch, ZeRO-1 where DP > 1 (and
-    ZeRO-2 without a pipeline),
-    each recompute mode. Sequence parallelism is on wherever TP > 1 allows it (it only saves memory)."""
+    layers, CP over the sequence, DP the rest, EP (MoE models) out of dp x cp; each micro-batch size dividing the
+    batch, ZeRO-1 where DP > 1 (and ZeRO-2 without a pipeline), each recompute mode. Sequence parallelism is on
+    wherever TP > 1 allows it (it only saves memory)."""
     layers, batch = cfg.model.num_layers, cfg.train.global_batch_size
     for tp, pp, cp in itertools.product(_divisors(min(gpus_per_node, gpus)), _divisors(layers), _divisors(gpus)):
         if gpus % (tp * pp * cp):
@@ -103,13 +108,15 @@ def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> Iterator[Layout]:
         if batch % dp:
             continue
         vps = [v for v in _divisors(layers // pp) if v > 1] if pp > 1 else []
-        for vp, mb, zero, recompute in itertools.product(
-            [1, *vps], [m for m in _divisors(batch // dp) if m <= MAX_MICRO_BATCH], (0, 1, 2), RECOMPUTE
+        experts = cfg.model.moe.num_experts
+        eps = [e for e in _divisors(dp * cp) if experts % e == 0] if experts else [1]
+        for vp, ep, mb, zero, recompute in itertools.product(
+            [1, *vps], eps, [m for m in _divisors(batch // dp) if m <= MAX_MICRO_BATCH], (0, 1, 2), RECOMPUTE
         ):
             if (zero and dp * cp == 1) or (zero == 2 and pp > 1):
                 continue
             for sp in (True, False) if tp > 1 else (False,):
-                layout = Layout(tp, pp, vp, cp, dp, mb, zero, recompute, sp)
+                layout = Layout(tp, pp, vp, cp, dp, mb, zero, recompute, sp, ep)
                 if _legal(cfg, layout):
                     yield layout
                     break

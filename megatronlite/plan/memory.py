@@ -138,13 +138,45 @@ def norm_saved(cfg: Config, n_tokens: int) -> int:
     return n_tokens * (cfg.model.hidden_size * FP32 + stats)
 
 
-def layer_saved(cfg: Config, options: RunOptions, recompute: str) -> int:
-    """Bytes one transformer layer saves for backward for one micro-batch, with recompute none or selective."""
+def mlp_saved(cfg: Config, options: RunOptions, rows: int, f: int, c: int) -> int:
+    """What a dense MLP of width `f` saves over `rows` tokens, its input aside."""
+    if not cfg.model.gated:
+        return 2 * rows * f * c  # fc1 output (GELU's input) and fc2's input
+    if options.kernels.get("swiglu", "torch") == "torch":
+        return 4 * rows * f * c  # gate, up, silu(gate), and fc2's input
+    return 3 * rows * f * c  # the fused [gate; up] and fc2's input
+
+
+def moe_saved(cfg: Config, options: RunOptions, tokens: int, c: int) -> int:
+    """What an MoE layer saves over `tokens` tokens, its input aside: the router's fp32 input copy (under
+    half-precision autocast) and, with auxiliary losses, its fp32 scores; the k rows per token sent to the
+    experts and the experts' outputs (their GEMMs' inputs, and what the weights multiply); the experts' MLPs
+    over those rows (the grouped path runs SwiGLU unfused) and, under autocast, the half-precision copy of
+    this rank's expert weights; the shared expert."""
+    m = cfg.model
+    moe, h = m.moe, m.hidden_size
+    rows = tokens * moe.top_k
+    out = tokens * h * FP32 if c != FP32 else 0
+    if moe.aux_loss_coeff or moe.z_loss_coeff:
+        out += 3 * tokens * moe.num_experts * FP32  # scores, and the losses' probabilities and log-sum-exp
+    gated = 4 if m.gated else 2
+    out += 2 * rows * h * c + gated * rows * m.expert_ffn_size * c + rows * (FP32 + 8)  # + weights, token ids
+    if c != FP32:  # each stacked expert weight cast once per forward, kept for backward
+        out += (3 if m.gated else 2) * moe.num_experts // cfg.parallel.expert * h * m.expert_ffn_size * c
+    if moe.shared_expert_ffn_hidden_size:
+        out += mlp_saved(cfg, options, tokens, moe.shared_expert_ffn_hidden_size, c)
+        out += tokens * h * c * moe.shared_expert_gate  # the shared output, kept for its gate's product
+    return out
+
+
+def layer_saved(cfg: Config, options: RunOptions, recompute: str, experts: bool = False) -> int:
+    """Bytes one transformer layer (`experts`: an MoE layer) saves for backward for one micro-batch, with
+    recompute none or selective."""
     m, tp = cfg.model, cfg.parallel.tensor
     s = layer_shape(cfg)
-    heads, kv, d, h, f = m.num_heads // tp, m.kv_heads // tp, m.head_size, m.hidden_size, m.ffn_size // tp
+    heads, kv, d, h = m.num_heads // tp, m.kv_heads // tp, m.head_size, m.hidden_size
     norms = 2 * norm_saved(cfg, s.norm_tokens)
-    linear_inputs = 2 * s.tokens * h * s.c  # QKV and fc1 inputs (gathered whole under SP)
+    linear_inputs = 2 * s.tokens * h * s.c  # QKV and fc1 (or router) inputs (gathered whole under SP)
     # QKV (V, and k, stay views of it); q and k rotated, or without RoPE a copy of q when GQA groups it; the
     # attention output (also the projection's input: the kernels write it [b, s, heads, d], so the transpose
     # before the projection is a view)
@@ -157,24 +189,24 @@ def layer_saved(cfg: Config, options: RunOptions, recompute: str) -> int:
         attention += s.tokens * heads * FP32  # the log-sum-exp the attention kernel keeps
     if m.qk_norm:
         attention += s.tokens * (heads * d * s.c + (heads + kv) * FP32)  # q copy the norm saves, rstds
-    if not m.gated:
-        mlp = 2 * s.tokens * f * s.c  # fc1 output (GELU's input) and fc2's input
-    elif options.kernels.get("swiglu", "torch") == "torch":
-        mlp = 4 * s.tokens * f * s.c  # gate, up, silu(gate), and fc2's input
+    if experts:
+        mlp = moe_saved(cfg, options, s.tokens, s.c)
     else:
-        mlp = 3 * s.tokens * f * s.c  # the fused [gate; up] and fc2's input
+        mlp = mlp_saved(cfg, options, s.tokens, m.ffn_size // tp, s.c)
     return norms + linear_inputs + attention + mlp
 
 
-def stage_saved(cfg: Config, options: RunOptions, n_layers: int, first: bool, last: bool) -> int:
-    """Bytes one micro-batch leaves saved on one stage of `n_layers` layers (after its forward)."""
+def stage_saved(cfg: Config, options: RunOptions, layers: list[int], first: bool, last: bool) -> int:
+    """Bytes one micro-batch leaves saved on one stage holding `layers` (global ids) after its forward."""
     s = layer_shape(cfg)
     t = cfg.train
+    experts = cfg.model.moe.layers(cfg.model.num_layers)
     if t.recompute == "full":
-        full = min(t.recompute_layers or n_layers, n_layers)
-        out = full * norm_saved(cfg, s.norm_tokens) + (n_layers - full) * layer_saved(cfg, options, "none")
+        full = min(t.recompute_layers or len(layers), len(layers))
+        out = full * norm_saved(cfg, s.norm_tokens)
+        out += sum(layer_saved(cfg, options, "none", experts[i]) for i in layers[full:])
     else:
-        out = n_layers * layer_saved(cfg, options, t.recompute)
+        out = sum(layer_saved(cfg, options, t.recompute, experts[i]) for i in layers)
     if first:
         out += s.tokens * 8 * (2 if cfg.parallel.tensor > 1 else 1)  # token ids (and TP's local ids), int64
     if last:
@@ -216,11 +248,12 @@ def activations(cfg: Config, options: RunOptions, pp_rank: int, n_micro: int) ->
     p = cfg.parallel
     layers = stage_layers(cfg)
     chunks = [layers[i] for i in range(pp_rank, len(layers), p.pipeline)]
-    per_chunk = max(len(c) for c in chunks)
     first, last = pp_rank == 0, pp_rank == p.pipeline - 1
-    held = in_flight(cfg, pp_rank, n_micro) * stage_saved(cfg, options, per_chunk, first, False)
+    per_chunk = max(stage_saved(cfg, options, chunk, first, False) for chunk in chunks)
+    held = in_flight(cfg, pp_rank, n_micro) * per_chunk
     if cfg.train.recompute == "full":  # backward recomputes one layer's activations at a time
-        held += layer_saved(cfg, options, "none")
+        kinds = {cfg.model.moe.layers(cfg.model.num_layers)[i] for chunk in chunks for i in chunk}
+        held += max(layer_saved(cfg, options, "none", experts) for experts in kinds)
     return held, (loss_saved(cfg, options) if last else 0)
 
 

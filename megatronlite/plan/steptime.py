@@ -5,6 +5,8 @@ tp        per layer and micro-batch, forward and backward: two all-reduces (or, 
           two reduce-scatters: the same bytes) of the layer's activations, over the node's links, not overlapped
 cp        K and V passed round the ring each layer (their gradients back), counted whole: an upper bound
 pp        each micro-batch's hidden states to the next stage and its gradient back, per virtual stage
+ep        per MoE layer and micro-batch, two all-to-alls forward (dispatch, combine) and two backward of the k rows
+          per token, the (ep - 1) / ep share leaving the rank, not overlapped
 bubble    (P - 1) / m of compute for 1F1B and GPipe, (P - 1) / (m V) interleaved (and zero-bubble)
 dp        fp32 gradient all-reduce (ZeRO-1: reduce-scatter + fp32 weight all-gather), overlapped with the last
           micro-batch's backward; ZeRO-1's gather after the step is not
@@ -27,6 +29,7 @@ class StepTime:
     bubble: float
     tp: float
     cp: float
+    ep: float
     pp: float
     dp: float
     optimizer: float
@@ -76,6 +79,12 @@ def step_time(cfg: Config, gpus: int, gpus_per_node: int, hw: GPU, efficiency: f
     kv = local * 2 * m.kv_heads // p.tensor * m.head_size * c
     cp_step = hw.latency + kv / link(p.tensor * p.context)
     cp = passes * layers * n_micro * (p.context - 1) * cp_step if p.context > 1 else 0.0
+    ep = 0.0
+    if p.expert > 1:
+        moe_layers = sum(m.moe.layers(m.num_layers)) / p.pipeline
+        rows = local // (p.tensor if p.sequence_parallel else 1) * m.moe.top_k * m.hidden_size * c
+        one = hw.latency + rows * (p.expert - 1) / p.expert / link(p.tensor * p.expert)
+        ep = passes * moe_layers * n_micro * 2 * one
     sent = local // (p.tensor if p.sequence_parallel else 1) * m.hidden_size * FP32
     pp = 2 * n_micro * p.virtual_pipeline * (hw.latency + sent / link(gpus)) if p.pipeline > 1 else 0.0
     bubble = 0.0
@@ -93,4 +102,4 @@ def step_time(cfg: Config, gpus: int, gpus_per_node: int, hw: GPU, efficiency: f
         dp_time += _ring(weights_bytes, grad_group, span, hw.latency)  # the updated weights, gathered after the step
     owned = weights_bytes / (grad_group if p.zero else 1)
     optimizer = owned * 7 / hw.hbm  # reads weight, grad, 2 moments; writes weight, 2 moments (fp32 each)
-    return StepTime(compute, bubble, tp, cp, pp, dp_time, optimizer)
+    return StepTime(compute, bubble, tp, cp, ep, pp, dp_time, optimizer)
