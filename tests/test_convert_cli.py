@@ -81,7 +81,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
     err = error_of(capsys, "--from", "hf", "--to", "mlite", tmp_path / "hf", tmp_path / "out")
-    supported = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, GPT2LMHeadModel"
+    supported = "MistralForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel"
     assert "'Phi3ForCausalLM' is not supported" in err and supported in err
     assert not (tmp_path / "out").exists()
 

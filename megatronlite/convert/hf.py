@@ -84,7 +84,8 @@ def read(path: Path, options: Options) -> Checkpoint:
     if not any(k.startswith(family.BASE_PREFIX) for k in store.keys()):
         store = _Prefixed(store, family.BASE_PREFIX)
     ignored = functools.partial(family.ignored, model)
-    return from_store(run_config(model, path.name), store, family.mapping(model), ignored, side_files(path))
+    mapping = family.mapping(model, set(store.keys()))  # the layout the files hold (fused experts or not)
+    return from_store(run_config(model, path.name), store, mapping, ignored, side_files(path))
 
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:

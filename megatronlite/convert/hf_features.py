@@ -7,6 +7,7 @@ family cannot hold, so a model is never written as a family that would silently 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,8 @@ class HFFamily(Protocol):
 
     def hf_config(self, m: ModelConfig) -> dict: ...
 
-    def mapping(self, m: ModelConfig) -> Mapping: ...
+    def mapping(self, m: ModelConfig, stored: Collection[str] = ()) -> Mapping:
+        """The rules for `m`; `stored`: the names a checkpoint being read holds, where a family has two layouts."""
 
     def ignored(self, m: ModelConfig, name: str) -> bool: ...
 
@@ -46,6 +48,7 @@ def features(m: ModelConfig) -> dict[str, Any]:
         "sliding_window": m.sliding_window,
         "head_dim": None if m.head_size * m.num_heads == m.hidden_size else m.head_size,
         "num_kv_heads": None if m.kv_heads == m.num_heads else m.kv_heads,
+        "moe.num_experts": m.moe.num_experts or None,  # a dense model has none; the MoE families check the rest
     }
 
 

@@ -8,6 +8,7 @@ rows as it transposes. The output layer is the word embedding (tied) unless the 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ ALLOWED: hf_features.Allowed = {
     "sliding_window": (None,),
     "head_dim": (None,),
     "num_kv_heads": (None,),
+    "moe.num_experts": (None,),
 }
 
 
@@ -95,7 +97,7 @@ def hf_config(m: ModelConfig) -> dict:
     }
 
 
-def mapping(m: ModelConfig) -> Mapping:
+def mapping(m: ModelConfig, stored: Collection[str] = ()) -> Mapping:
     heads = m.num_heads
 
     def c_attn_to_ours(t: torch.Tensor) -> tuple[torch.Tensor]:  # [h, 3h] (or bias [3h]) -> grouped rows

@@ -93,3 +93,26 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def transposed(ours: str, theirs: str) -> Rule:
     """A weight stored as [in, out] by the format (GPT-2's Conv1D) and [out, in] by us."""
     return Rule((ours,), (theirs,), lambda t: (t.t(),), lambda t: (t.t(),))
+
+
+def gated_mlp(ours: str, theirs: str, bias: bool) -> list[Rule]:
+    """A SwiGLU MLP: our `fc1.*.gate` / `fc1.*.up` / `fc2.*` under `ours` <-> HF's `gate_proj` / `up_proj` /
+    `down_proj` under `theirs` (Llama's names; weights, and biases where `bias`)."""
+    rules = []
+    for s in ("weight", "bias") if bias else ("weight",):
+        rules += [
+            rename(ours + f"fc1.{s}.gate", theirs + f"gate_proj.{s}"),
+            rename(ours + f"fc1.{s}.up", theirs + f"up_proj.{s}"),
+            rename(ours + f"fc2.{s}", theirs + f"down_proj.{s}"),
+        ]
+    return rules
+
+
+def stacked(ours: str, theirs: list[str]) -> Rule:
+    """One tensor of ours [E, ...] <-> E tensors of the format, one per expert (index e is `theirs[e]`)."""
+    return Rule((ours,), tuple(theirs), lambda *ts: (torch.stack(ts),), lambda t: tuple(t.unbind(0)))
+
+
+def fused_pair(first: str, second: str, theirs: str) -> Rule:
+    """Two of ours [E, f, h] <-> one of the format [E, 2f, h]: `first`'s rows, then `second`'s."""
+    return Rule((first, second), (theirs,), lambda t: t.chunk(2, dim=1), lambda a, b: (torch.cat([a, b], dim=1),))
