@@ -658,11 +658,6 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         )
     if m.ffn_size % p.tensor:
         raise UserError(f"parallel.tensor ({p.tensor}) must divide the FFN size ({m.ffn_size})")
-    if m.moe.num_experts and p.tensor > 1:
-        raise UserError(
-            f"parallel.tensor = {p.tensor} with model.moe: experts are not split over tensor parallelism yet; "
-            "use parallel.tensor: 1 with expert, pipeline, context and data parallelism"
-        )
     if p.expert > 1:
         replicas = world_size // model_ranks  # dp x cp: expert parallelism is carved out of them
         if not m.moe.num_experts or m.moe.num_experts % p.expert:

@@ -206,11 +206,15 @@ MOE_LAYOUTS = {
     "ep2xdp2-distopt": (4, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
     "ep2xpp2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
     "ep2-over-cp2": (2, ["parallel.expert=2", "parallel.context=2"]),
+    # TP with whole experts on every TP rank: under SP each routes its own tokens (expert and router gradients
+    # summed over TP), the balance loss's shares over the whole sequence
+    "ep2xtp2-sp": (4, ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
 }
-LAYOUT_CASES += [("moe-softmax", layout) for layout in ("pp2", "dp2-distopt", "cp2", "ep2", "ep4", "ep2xdp2-distopt")]
-LAYOUT_CASES += [
-    ("moe-sigmoid", layout) for layout in ("pp2xdp2", "cp2xpp2-gpipe-full-recompute", "ep2xpp2", "ep2-over-cp2")
-]
+MOE_CASES = {
+    "moe-softmax": ("pp2", "dp2-distopt", "cp2", "ep2", "ep4", "ep2xdp2-distopt", "ep2xtp2-sp"),
+    "moe-sigmoid": ("pp2xdp2", "cp2xpp2-gpipe-full-recompute", "ep2xpp2", "ep2-over-cp2", "tp2"),
+}
+LAYOUT_CASES += [(model, layout) for model, layouts in MOE_CASES.items() for layout in layouts]
 LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS, **MOE_LAYOUTS}
 PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))

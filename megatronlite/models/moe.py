@@ -18,8 +18,9 @@ earliest tokens first; the rest are dropped (their weight is lost) and counted.
 
 Losses. The load-balancing loss (Switch Transformer / GShard form, as Megatron computes it) is
 coeff x E x sum_e (mean router probability of e) x (share of assignments to e), per micro-batch, the shares
-over the whole sequence under context parallelism (each CP rank's mean probabilities are its tokens', and the
-ranks' losses average, as their main losses do); the z-loss is coeff x mean(logsumexp(logits)^2). Both
+over the whole sequence under context and sequence parallelism (each rank's mean probabilities are its tokens';
+CP ranks' losses average as their main losses do, TP ranks' gradients add up, so each takes 1/TP); the z-loss
+is coeff x mean(logsumexp(logits)^2). Both
 reach the backward through `AuxLosses`: the layer's output passes through
 unchanged and the losses get the gradient the main loss has per micro-batch (`set_aux_loss_scale`), so they
 need no path of their own through the pipeline.
@@ -127,8 +128,8 @@ class SharedExpert(nn.Module):
 
         shared = dataclasses.replace(cfg, ffn_hidden_size=cfg.moe.shared_expert_ffn_hidden_size)
         self.mlp = MLP(shared, mesh, sequence_parallel, backends)
-        h = cfg.hidden_size
-        self.gate = empty_param((1, h), replicated((1, h))) if cfg.moe.shared_expert_gate else None
+        h, sp = cfg.hidden_size, sequence_parallel and mesh.tp > 1
+        self.gate = empty_param((1, h), replicated((1, h), partial_over_tp=sp)) if cfg.moe.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.mlp(x)
@@ -141,16 +142,21 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh, sequence_parallel: bool, backends) -> None:
         super().__init__()
         self.cfg = cfg
-        self.context = mesh.role("context")  # the ranks holding one sequence: the balance loss is over all of it
         self.ep = mesh.role("expert")  # the ranks splitting the experts, exchanging tokens all-to-all
+        # the ranks holding one sequence's tokens: CP's, and under sequence parallelism TP's (without it every TP
+        # rank routes the same tokens through the same experts: their gradients are whole on each)
+        sp = sequence_parallel and mesh.tp > 1
+        self.sequence = [g for g in (mesh.role("context"), mesh.role("tensor") if sp else None) if g and g.size > 1]
+        self.tp_shards_tokens = mesh.tp if sp else 1
         moe, h, f = cfg.moe, cfg.hidden_size, cfg.expert_ffn_size
         e = moe.num_experts
-        self.router = empty_param((e, h), replicated((e, h)))
+        self.router = empty_param((e, h), replicated((e, h), partial_over_tp=sp))
         names = ("gate", "up", "down") if cfg.gated else ("fc1", "fc2")
         for name in names:
             shape = (e, h, f) if name in ("down", "fc2") else (e, f, h)
             init = "scaled_normal" if name in ("down", "fc2") else "normal"
-            setattr(self, name, empty_param((e // self.ep.size, *shape[1:]), expert_split(shape, init)))
+            local = (e // self.ep.size, *shape[1:])
+            setattr(self, name, empty_param(local, expert_split(shape, init, partial_over_tp=sp)))
         shared = moe.shared_expert_ffn_hidden_size
         self.shared = SharedExpert(cfg, mesh, sequence_parallel, backends) if shared else None
         self.register_buffer("bias", torch.zeros(e) if moe.bias_update_rate else None)
@@ -223,16 +229,18 @@ class MoE(nn.Module):
         moe = self.cfg.moe
         probs = logits.softmax(-1) if moe.router == "softmax" else logits.sigmoid()
         probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores as a distribution, as Megatron does
-        if self.context.size > 1:  # the assignments of the whole sequence; each CP rank its tokens' probabilities
+        if self.sequence:  # the assignments of the whole sequence; each rank its own tokens' probabilities
             routed = routed.clone()
-            dist.all_reduce(routed, group=self.context.pg)
+            for group in self.sequence:
+                dist.all_reduce(routed, group=group.pg)
         balance = moe.num_experts * (probs.mean(0) * routed.to(probs.dtype) / routed.sum()).sum()
         z = torch.logsumexp(logits, -1).square().mean()
         dropped = (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=logits.device)
         self._record(kept, balance.detach(), z.detach(), dropped)
         if not (moe.aux_loss_coeff or moe.z_loss_coeff):
             return None
-        return moe.aux_loss_coeff * balance + moe.z_loss_coeff * z
+        # TP ranks' gradients add up (CP ranks' average, as their main losses do): each its share of the mean
+        return (moe.aux_loss_coeff * balance + moe.z_loss_coeff * z) / self.tp_shards_tokens
 
     def _record(self, kept: torch.Tensor, balance: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor) -> None:
         if not torch.is_grad_enabled() or _UNCOUNTED[0]:  # evaluation, recompute, shape inference do not count

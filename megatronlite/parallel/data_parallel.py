@@ -90,7 +90,8 @@ class DataParallel:
         self.buckets: list[Bucket] = []
         names = list(named_params)[::-1]
         limit = int(bucket_mb * 2**20 / 4)
-        for kind_group, is_kind in ((group, lambda p: not _is_expert(p)), (expert_group or group, _is_expert)):
+        kinds = ((group, lambda p: not _is_expert(p)), (expert_group or group, _is_expert))
+        for kind_group, is_kind in kinds:
             current, size = [], 0
             for name in names:
                 p = named_params[name]
@@ -103,9 +104,10 @@ class DataParallel:
                     current, size = [], 0
             if current:
                 self.buckets.append(self._make_bucket(current, kind_group, late=False))
-        late = [named_params[n] for n in names if n in late_names]
-        if late:
-            self.buckets.append(self._make_bucket(late, group, late=True))
+        for kind_group, is_kind in kinds:  # last: reduced after the sums over their other groups
+            late = [named_params[n] for n in names if n in late_names and is_kind(named_params[n])]
+            if late:
+                self.buckets.append(self._make_bucket(late, kind_group, late=True))
         self.owner_of = {id(p): b for b in self.buckets for p in b.params}
         self.offset_of = {id(p): start for b in self.buckets for p, start in zip(b.params, b.offsets)}
         for p in named_params.values():
@@ -212,6 +214,7 @@ class DataParallel:
         A bucket whose hooks did not all fire (a schedule that computes weight gradients outside
         autograd's accumulation, like zero-bubble's split backward) is reduced here instead.
         """
+        summed = False
         for bucket in self.buckets:
             if bucket.streamed:
                 if bucket.received != bucket.expected:
@@ -220,8 +223,9 @@ class DataParallel:
                 bucket.grad_shard.div_(self.group.size)
                 bucket.received = 0
                 continue
-            if bucket.late:
+            if bucket.late and not summed:
                 pre_reduce_late()
+                summed = True
             if bucket.handle is None:
                 self._launch(bucket)
             if bucket.handle is not None:

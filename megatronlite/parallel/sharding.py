@@ -103,9 +103,10 @@ def tp_split(
     return Sharding(global_shape, (("tp", Split(dim, parts, padded)),), init, alias=alias)
 
 
-def expert_split(global_shape: tuple[int, ...], init: str = "normal") -> Sharding:
-    """Stacked expert weights [experts, ...], each expert-parallel rank holding its block of experts."""
-    return Sharding(global_shape, (("ep", Split(0)),), init)
+def expert_split(global_shape: tuple[int, ...], init: str = "normal", partial_over_tp: bool = False) -> Sharding:
+    """Stacked expert weights [experts, ...], each expert-parallel rank holding its block of experts (whole on
+    every TP rank; `partial_over_tp`: sequence parallelism gave each TP rank its own tokens)."""
+    return Sharding(global_shape, (("ep", Split(0)),), init, partial_grad=("tensor",) if partial_over_tp else ())
 
 
 def replicated(global_shape: tuple[int, ...], init: str = "normal", partial_over_tp: bool = False) -> Sharding:

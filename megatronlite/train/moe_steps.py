@@ -78,10 +78,13 @@ class MoESteps:
 
     def _gathered(self, value, width: int) -> dict[int, torch.Tensor]:
         """{MoE layer id: `value`(its pending stats), summed over every rank} for every MoE layer of the model,
-        in one all-reduce (a stage's layers are its own; DP and CP ranks saw different tokens; TP is 1)."""
+        in one all-reduce (a stage's layers are its own; DP, CP and sequence-parallel TP ranks saw different
+        tokens)."""
         flags = self.cfg.model.moe.layers(self.cfg.model.num_layers)
         table = torch.zeros(len(flags), width, device=self.device)
-        for i, stats in self.pending.items():
+        # TP ranks route the same tokens unless sequence parallelism gave each its own: count them once
+        counted = self.mesh.tp_rank == 0 or self.cfg.parallel.sequence_parallel
+        for i, stats in self.pending.items() if counted else ():
             table[i] = value(stats).to(self.device)
         if self.mesh.world_size > 1:
             dist.all_reduce(table)
