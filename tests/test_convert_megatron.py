@@ -283,8 +283,9 @@ def _cpu_shims() -> None:
     )
 
 
-def _mcore_model(arch: str, seed: int):
-    """megatron-core's GPTModel of `ARCHS[arch]`, built from those args as Megatron-LM does, and the full args."""
+def _mcore_model(arch: str, seed: int, vocab: int = VOCAB):
+    """megatron-core's GPTModel of `ARCHS[arch]` with a `vocab`-token vocabulary (padded as Megatron-LM pads it),
+    built from those args as Megatron-LM does, and the full args."""
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -323,7 +324,7 @@ def _mcore_model(arch: str, seed: int):
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,
     )
-    padded = 128 * tp * -(-VOCAB // (128 * tp))
+    padded = 128 * tp * -(-vocab // (128 * tp))
     model = GPTModel(
         cfg,
         get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm),
@@ -349,7 +350,7 @@ def _mcore_model(arch: str, seed: int):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
             if "word_embeddings" in source or "output_layer" in source:  # zero the padding rows
                 first = tp_rank * (padded // tp)
-                p[max(0, VOCAB - first) :] = 0
+                p[max(0, vocab - first) :] = 0
     args = argparse.Namespace(
         **{**a, "kv_channels": cfg.kv_channels},  # Megatron-LM fills it in, as megatron-core does
         num_layers=LAYERS,

@@ -79,11 +79,13 @@ def write_checkpoint_lazily(
     step: int = 0,
     moments: dict[str, Callable[[str], torch.Tensor]] | None = None,
     optimizer_steps: int = 0,
+    consumed_samples: int = 0,
 ) -> Path:
     """`write_checkpoint`, asking `load(name)` for each tensor only when DCP writes it.
 
-    With Adam's `moments` ({"exp_avg": load, "exp_avg_sq": load}) and its step count, the checkpoint is a
-    training one at `step` (what `train` resumes, optimizer included), else weights-only.
+    With Adam's `moments` ({"exp_avg": load, "exp_avg_sq": load}), its step count and the data position
+    (`consumed_samples`), the checkpoint is a training one at `step` (what `train` resumes, optimizer and
+    data position included), else weights-only.
     DCP's FileSystemWriter (read in torch 2.13) keeps a reference to every tensor it has written until
     the file is closed, and there is one file: to hold one tensor in memory at a time, `load` should
     return file-backed tensors (see megatronlite.convert.parking).
@@ -102,9 +104,15 @@ def write_checkpoint_lazily(
     (run_dir / "config.yaml").write_text(config_yaml)
     meta = {
         "step": step,
-        "consumed_samples": 0,  # the data position does not convert
-        # a training checkpoint's RNG states are re-derived from the seed (never a run's layout)
-        **({"optimizer_steps": optimizer_steps, "nonfinite_skips": 0, "loss_scale": None} if moments else {}),
+        "consumed_samples": consumed_samples,
+        # a training checkpoint's RNG states are re-derived from the seed (never a run's layout); the source's steps
+        # without an Adam update (Megatron's skipped iterations) count as skipped ones, so that the trainer's own
+        # count (step - skips) stays Adam's when it saves next
+        **(
+            {"optimizer_steps": optimizer_steps, "nonfinite_skips": max(0, step - optimizer_steps), "loss_scale": None}
+            if moments
+            else {}
+        ),
         **({} if moments else {"weights_only": True}),
         "layout": {"tensor": 1, "pipeline": 1, "data": 1, "world_size": 1},
         "model": cfg.to_dict()["model"],

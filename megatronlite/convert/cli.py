@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # the keys of formats.FORMATS and model_state.OUTPUT_DTYPES, named here so that `convert --help` imports no torch
 FORMAT_NAMES = ("mlite", "hf", "megatron", "torch", "deepspeed")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+CARRY_THE_RUN = ("mlite", "megatron")  # the formats that hold a run's optimizer state and position
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 PATHS = (
@@ -48,6 +49,20 @@ def features(m: ModelConfig) -> str:
     return f"; {', '.join(on)}" if on else ""
 
 
+def _run_line(ckpt, dst_format: str) -> str:
+    """What became of a training checkpoint's run: carried (mlite, megatron) or left behind (weights-only formats)."""
+    t = ckpt.training
+    if dst_format not in CARRY_THE_RUN:
+        return f"note: {dst_format} holds weights only; the source's optimizer state and step {t.step} stay behind"
+    line = (
+        f"carried the run: step {t.step}, {t.consumed_samples} consumed samples, Adam's moments and its step count "
+        f"{t.optimizer_steps} (from {t.optimizer_steps_from})"
+    )
+    if dst_format == "megatron":
+        line += "; Megatron-LM resumes it with --use-distributed-optimizer --no-load-rng"
+    return line
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = f"Convert a checkpoint between formats. {PATHS}."
     p.add_argument("--from", dest="src_format", required=True, choices=FORMAT_NAMES, help="the source's format")
@@ -65,6 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--megatron-spec", choices=("te", "local"), default="te", help="megatron torch output: TE or local norm names"
     )
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="convert the weights alone, leaving a training checkpoint's optimizer state, step and data position "
+        "behind (needed for optimizer state megatronlite cannot carry)",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -81,6 +102,7 @@ def main(args: argparse.Namespace) -> None:
         megatron_pp=args.megatron_pp,
         megatron_spec=args.megatron_spec,
         vocab_size=args.vocab_size,
+        weights_only=args.weights_only,
     )
     if args.hf_config and args.src_format != "deepspeed":
         raise UserError("--hf-config is for --from deepspeed (an hf source holds its config.json)")
@@ -102,6 +124,8 @@ def main(args: argparse.Namespace) -> None:
         f"converted {args.src_format} {src} -> {args.dst_format} {dst}{written_as}: {m.arch}, {m.num_layers} layers, "
         f"hidden {m.hidden_size}, {m.num_heads} heads ({m.kv_heads} KV), vocabulary {m.vocab_size}{features(m)}"
     )
+    if ckpt.training is not None:  # (none with --weights-only)
+        print(_run_line(ckpt, args.dst_format))
     if args.verify:
         from megatronlite.convert.verify import verify
 

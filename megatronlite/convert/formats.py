@@ -23,6 +23,8 @@ def convert(src_format: str, dst_format: str, src: Path, dst: Path, options: Opt
     if dst.exists():
         raise UserError(f"{dst} already exists; conversion never overwrites, choose a new path")
     ckpt = read(src_format, src, options)  # checks names and shapes before anything is written
+    if options.weights_only:  # asked for: the source's optimizer state and position stay behind
+        ckpt.training = None
     try:
         FORMATS[dst_format].write(ckpt, dst, options)
     except BaseException:

@@ -8,6 +8,14 @@
 The model's shape and every feature come from the Megatron-LM args saved in the checkpoint (`features`;
 `arch` only names the closest family), and are written back as args on export; a feature one side
 cannot express is refused, never approximated. The tensor names are in megatron_names.
+
+A training checkpoint carries the run: the iteration (our step, and so the LR schedule's position),
+args.consumed_train_samples (the data position), Adam's moments and step count, the fp32 master weights,
+and args.seed (`Checkpoint.seed`). torch_dist holds them in model space (see megatron_dist); what the
+legacy format holds is refused (see megatron_legacy) unless --weights-only. Exported from a training
+checkpoint, the output is `iter_NNNNNNN/` named by the tracker, in torch_dist with the distributed
+optimizer's `fully_reshardable` layout: Megatron-LM resumes it with --use-distributed-optimizer and
+--no-load-rng (no RNG state is written: it restarts from --seed).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from megatronlite.convert.megatron_names import ignored, mapping
 from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
+    TrainingState,
     from_store,
     output_dtype,
     refuse,
@@ -71,6 +80,7 @@ ABSENT = {
     "window_attn_skip_freq": None,
     "softmax_type": "vanilla",
 }
+DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}  # ours -> Megatron's
 SUPPORTED = (
     "dense GPT models: RMSNorm or LayerNorm, --swiglu or --openai-gelu, rope (optionally --use-rope-scaling) "
     "or learned absolute positions, biases on all linear layers or QKV only, --qk-layernorm with RMSNorm, "
@@ -235,13 +245,58 @@ def make_args(m: ModelConfig, padded: int, dtype: torch.dtype, options: Options)
     )
 
 
+def training_args(ckpt: Checkpoint, training: TrainingState) -> dict:
+    """The Megatron-LM args of the run's position and of our train/optim config (iteration-based)."""
+    t, o = ckpt.cfg.train, ckpt.cfg.optim
+    return dict(
+        iteration=training.step,
+        consumed_train_samples=training.consumed_samples,
+        train_iters=t.steps,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed if ckpt.seed is None else ckpt.seed,
+        optimizer="adam",
+        use_distributed_optimizer=True,
+        dist_ckpt_optim_fully_reshardable=True,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        lr_decay_style=DECAY_STYLES[o.schedule],
+        lr_decay_iters=t.steps,
+        lr_warmup_iters=o.warmup_steps,
+        lr_warmup_fraction=None,
+        lr_warmup_init=0.0,
+        lr_wsd_decay_style="linear",
+        lr_wsd_decay_iters=max(1, round(o.decay_fraction * t.steps)),
+        weight_decay=o.weight_decay,
+        start_weight_decay=o.weight_decay,
+        end_weight_decay=o.weight_decay,
+        weight_decay_incr_style="constant",
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+    )
+
+
 def read(path: Path, options: Options) -> Checkpoint:
+    """The weights; with a training checkpoint (unless --weights-only) the run too, its weights the fp32 masters."""
     directory = iteration_dir(path)
     fmt = megatron_dist if megatron_dist.is_dist(directory) else megatron_legacy
     args = fmt.load_args(directory)
     model, padded = model_config(args, directory, options.vocab_size)
     store = fmt.open_store(directory, args)
-    return from_store(run_config(model, path.name), store, mapping(model, padded), functools.partial(ignored, model))
+    cfg, rules, skip = run_config(model, path.name), mapping(model, padded), functools.partial(ignored, model)
+    ckpt = from_store(cfg, store, rules, skip)  # its dtype stays the model tensors' (the run's training dtype)
+    ckpt.seed = args.get("seed")
+    state = None if options.weights_only else fmt.optimizer_state(directory, args, store)
+    if state is None:
+        return ckpt
+    if state.masters is not None:
+        ckpt.get = from_store(cfg, state.masters, rules, skip).get
+    moments = {kind: from_store(cfg, moment, rules, skip).get for kind, moment in state.moments.items()}
+    steps, consumed = state.adam_steps, state.consumed_samples
+    ckpt.training = TrainingState(moments, state.iteration, steps, consumed, state.adam_steps_from)
+    return ckpt
 
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
@@ -252,13 +307,22 @@ def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
             f"--megatron-tp {tp} must divide the KV heads ({m.kv_heads}) and FFN size ({m.ffn_size}), "
             f"--megatron-pp {pp} the layers ({m.num_layers})"
         )
+    training = ckpt.training
+    if training is not None and options.megatron_format != "torch_dist":
+        raise UserError(
+            "--megatron-format torch cannot carry Adam's state (the legacy format indexes it by parameter position): "
+            "write torch_dist, or pass --weights-only to convert the weights alone"
+        )
     dtype = output_dtype(ckpt, options)
     padded = m.padded_vocab_size(tp)
     args = make_args(m, padded, dtype, options)
-    directory = dst / RELEASE
+    if training is not None:
+        vars(args).update(training_args(ckpt, training))
+    tag = RELEASE if training is None else str(training.step)
+    directory = dst / (RELEASE if training is None else f"iter_{training.step:07d}")
     directory.mkdir(parents=True)
     if options.megatron_format == "torch_dist":
         megatron_dist.write(directory, mapping(m, padded), ckpt, args, dtype)
     else:
         megatron_legacy.write(directory, mapping(m, padded), ckpt, args, dtype, options.megatron_spec)
-    (dst / TRACKER).write_text(RELEASE)
+    (dst / TRACKER).write_text(tag)

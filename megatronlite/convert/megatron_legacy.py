@@ -2,6 +2,12 @@
 a dict of `args`, `iteration`, `checkpoint_version` and `model` (`model0`, `model1`, ... with
 virtual pipeline stages), beside optimizer and RNG state we do not read.
 
+A training checkpoint's optimizer state is refused unless --weights-only leaves it behind: the
+non-distributed optimizer's `optimizer.state` is indexed by parameter position in param groups
+built by megatron-core's grouping rules (version- and flag-dependent: weight-decay and LR overrides),
+the distributed optimizer's (`distrib_optim.pt`) by offset in its gradient buffers; neither names a
+tensor, so which moment belongs to which weight cannot be read from the file itself.
+
 A rank's `model` is its TP shard of its stage's layers, numbered from 0 within the stage.
 Column-parallel weights and biases are split on dim 0 (SwiGLU's fc1 per rank is [gate_r; up_r]), row-parallel
 ones on dim 1, the rest replicated. Reading memory-maps every rank file and joins a global tensor
@@ -25,6 +31,7 @@ from megatronlite.errors import UserError
 from megatronlite.untrusted import load_torch_file
 
 FILE = "model_optim_rng.pt"
+DISTRIB_OPTIM = "distrib_optim.pt"  # the distributed optimizer's state, beside FILE
 COLUMN_PARALLEL = (
     "word_embeddings.weight",
     "output_layer.weight",
@@ -122,10 +129,13 @@ class LegacyStore:
             refuse(directory, f"{args['num_layers']} layers over {pp * vpp} pipeline stages", "even pipeline stages")
         self.glu = bool(args.get("swiglu"))
         self.shards: dict[str, list[torch.Tensor | None]] = defaultdict(lambda: [None] * tp)
+        self.optimizer_file: Path | None = None  # the first rank file holding optimizer state
         for p in range(pp):
             for t in range(tp):
                 path = directory / rank_dir(t, p, pp) / FILE
                 state = load_torch_file(path)
+                if self.optimizer_file is None and _holds_optimizer(state, path):
+                    self.optimizer_file = path
                 chunks = ["model"] if vpp == 1 else [f"model{v}" for v in range(vpp)]
                 for v, chunk in enumerate(chunks):
                     model = state.get(chunk) if isinstance(state, dict) else None
@@ -151,8 +161,24 @@ class LegacyStore:
         return join(name, self.shards[name], self.glu)
 
 
+def _holds_optimizer(state: object, path: Path) -> bool:
+    return bool(isinstance(state, dict) and state.get("optimizer")) or (path.parent / DISTRIB_OPTIM).is_file()
+
+
 def open_store(directory: Path, args: dict) -> LegacyStore:
     return LegacyStore(directory, args)
+
+
+def optimizer_state(directory: Path, args: dict, store: LegacyStore) -> None:
+    """Never carried (see the module doc): a file holding optimizer state is refused with one line."""
+    if store.optimizer_file is not None:
+        raise UserError(
+            f"{store.optimizer_file}: holds Megatron's optimizer state in the legacy torch format, indexed by "
+            "parameter position (or gradient-buffer offset), not by tensor name, so megatronlite cannot tell which "
+            "moment belongs to which weight: convert it to torch_dist with Megatron-LM (--ckpt-convert-format "
+            "torch_dist --ckpt-convert-save DIR --dist-ckpt-optim-fully-reshardable) and convert that, or pass "
+            "--weights-only to convert the weights alone"
+        )
 
 
 def _placements(name: str, args: argparse.Namespace) -> list[tuple[int, str]]:

@@ -1,10 +1,12 @@
 """megatronlite's native checkpoints: a run directory, its `checkpoints/`, or one step directory.
 
-Reading takes the `model.*` tensors of any checkpoint (weights-only or a training one with
-optimizer state). Writing makes a run directory skeleton, `DST/config.yaml` plus
-`DST/checkpoints/step_0000000/` (weights only; from a source that carries Adam's state, such as
-DeepSpeed's, a training checkpoint at the source's step instead), ready for `train --set
-checkpoint.load=DST`, with the tokenizer files in `DST/tokenizer/` and `data.tokenizer` pointing at them.
+Reading takes the `model.*` tensors of any checkpoint and, from a training one, Adam's moments
+(`optim.exp_avg.*`, `optim.exp_avg_sq.*`) with meta.json's step, optimizer_steps and consumed_samples
+(a training checkpoint's loss scale and RNG states stay behind). Writing makes a run directory skeleton,
+`DST/config.yaml` plus `DST/checkpoints/step_0000000/` (weights only; from a source that carries Adam's
+state, such as DeepSpeed's or Megatron's, a training checkpoint at the source's step and data position
+instead), ready for `train --set checkpoint.load=DST`, with the tokenizer files in `DST/tokenizer/` and
+`data.tokenizer` pointing at them.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from megatronlite.checkpoint.model_loader import load_config
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
 from megatronlite.convert.dcp_store import DcpStore, stored_tensors, whole
 from megatronlite.convert.mapping import Get, Mapping, rename
-from megatronlite.convert.model_state import Checkpoint, Options, from_store, side_files
+from megatronlite.convert.model_state import Checkpoint, Options, TrainingState, from_store, side_files
 from megatronlite.convert.parking import Staging
 
 TOKENIZER_DIR = "tokenizer"
+MOMENTS = ("exp_avg", "exp_avg_sq")  # a training checkpoint's Adam states: optim.<kind>.<global name>
 
 
 def _tokenizer_files(tokenizer: str) -> dict[str, Path]:
@@ -38,18 +41,32 @@ def _tokenizer_files(tokenizer: str) -> dict[str, Path]:
     return files
 
 
+def no_extras(name: str) -> bool:
+    return False
+
+
+def _store(step_dir: Path, tensors: dict, prefix: str) -> DcpStore:
+    """The stored tensors under `prefix` (`model.`, `optim.exp_avg.`...), by our global names."""
+    boxes = {k.removeprefix(prefix): whole(k, s, dtype) for k, (s, dtype) in tensors.items() if k.startswith(prefix)}
+    return DcpStore(step_dir, boxes)
+
+
 def read(path: Path, options: Options) -> Checkpoint:
     step_dir = store.find_step_dir(path)
-    store.read_meta(step_dir)
+    meta = store.read_meta(step_dir)
     cfg = load_config(step_dir)
-    boxes = {
-        key.removeprefix("model."): whole(key, shape, dtype)
-        for key, (shape, dtype) in stored_tensors(step_dir).items()
-        if key.startswith("model.")
-    }
+    tensors = stored_tensors(step_dir)
     mapping = Mapping([rename(n, n) for n in expected_shapes(cfg)])
     files = _tokenizer_files(cfg.data.tokenizer)
-    return from_store(cfg, DcpStore(step_dir, boxes), mapping, lambda name: False, files)
+    ckpt = from_store(cfg, _store(step_dir, tensors, "model."), mapping, no_extras, files)
+    ckpt.seed = cfg.train.seed
+    if meta.get("weights_only") or options.weights_only:
+        return ckpt
+    moments = {k: from_store(cfg, _store(step_dir, tensors, f"optim.{k}."), mapping, no_extras).get for k in MOMENTS}
+    step = meta["step"]
+    steps = meta.get("optimizer_steps", step)
+    ckpt.training = TrainingState(moments, step, steps, meta.get("consumed_samples", 0), "meta.json")
+    return ckpt
 
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
@@ -71,4 +88,5 @@ def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
             write_checkpoint_lazily(dst, cfg, parked(ckpt.get))
         else:  # Adam's state too: `train` continues the source's run at its step
             moments = {kind: parked(get) for kind, get in training.moments.items()}
-            write_checkpoint_lazily(dst, cfg, parked(ckpt.get), training.step, moments, training.optimizer_steps)
+            steps, consumed = training.optimizer_steps, training.consumed_samples
+            write_checkpoint_lazily(dst, cfg, parked(ckpt.get), training.step, moments, steps, consumed)

@@ -48,6 +48,7 @@ class Options:
     megatron_pp: int = 1  # megatron output: pipeline-parallel size (legacy files)
     megatron_spec: str = "te"  # legacy megatron output: norm names of Transformer Engine (te) or local layers
     vocab_size: int | None = None  # megatron input: the real vocabulary (else args.vocab_size, else padded)
+    weights_only: bool = False  # convert the weights alone, leaving a source's optimizer state and position behind
 
 
 class TensorStore(Protocol):
@@ -65,11 +66,14 @@ class TensorStore(Protocol):
 
 @dataclass(frozen=True)
 class TrainingState:
-    """Adam's state by our global names, so `train` continues the source's run (where a format holds it)."""
+    """Adam's state by our global names and the run's position, so `train` continues the source's run
+    (where a format holds it). The weights of such a checkpoint are the optimizer's fp32 masters."""
 
     moments: dict[str, Get]  # "exp_avg" | "exp_avg_sq" -> our global name -> fp32 tensor
-    step: int  # the source's training step (the LR schedule's position)
-    optimizer_steps: int  # Adam's step count (its bias correction)
+    step: int  # the source's training step (Megatron's iteration): the LR schedule's position
+    optimizer_steps: int  # Adam's step count (its bias correction): fewer than `step` when steps were skipped
+    consumed_samples: int = 0  # the data position: samples of the training set used so far
+    optimizer_steps_from: str = "the optimizer state"  # where `optimizer_steps` was read, for the summary line
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Checkpoint:
     dtype: torch.dtype
     side_files: dict[str, Path] = field(default_factory=dict)  # name to copy as -> file (tokenizer and co)
     training: TrainingState | None = None  # weights only unless the source carries Adam's state
+    seed: int | None = None  # the source run's RNG seed where it records one (Megatron's args.seed, our train.seed)
 
 
 def from_store(
