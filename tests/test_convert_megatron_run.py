@@ -226,7 +226,8 @@ def _corpus(prefix: Path) -> None:
 @pytest.fixture(scope="module")
 def resumed(source, tmp_path_factory):
     """`convert --from megatron` of the fully reshardable checkpoint, then `train` from it for one step; what the
-    trainer held right after resuming, and the run directory (its checkpoint at ITERATIONS + 1, written by `train`)."""
+    trainer held right after resuming, and the run directory (its checkpoint at the source's train_iters, written by
+    `train`)."""
     out = tmp_path_factory.mktemp("resumed")
     args = ["convert", "--from", "megatron", "--to", "mlite", str(source / "fully_reshardable"), str(out / "run")]
     main([*args, "--vocab-size", str(VOCAB)])
@@ -242,16 +243,12 @@ def resumed(source, tmp_path_factory):
         seen["adam_steps"] = {float(s["step"]) for s in trainer.optimizer.state.values()}
         seen["pieces"] = {p.key: p.local.detach().clone() for p in trainer.state_tensors(True)}
 
-    sets = {
+    sets = {  # the run's length, batches and LR schedule are the source's (its args): only data and logging here
         "checkpoint.load": out / "run",
         "data.sources": f"[{{path: {out / 'bytes'}}}]",
         "data.cache_dir": out / "cache",
-        "train.steps": ITERATIONS + 1,
         "train.seq_len": 16,
-        "train.micro_batch_size": 2,
-        "train.global_batch_size": 4,
         "train.eval_interval": 0,
-        "optim.warmup_steps": 1,
         "logging.interval": 1,
         "checkpoint.interval": 0,
     }
@@ -290,9 +287,23 @@ def test_megatron_core_run_resumes_in_train(source, resumed):
     for kind, tensors in expected.items():
         assert held[kind].keys() == tensors.keys()
         assert all(torch.equal(held[kind][n], t) for n, t in tensors.items()), kind
-    # and it trains on from there
-    assert [(m["step"], m["consumed_samples"]) for m in metrics] == [(ITERATIONS + 1, ITERATIONS * GBS + 4)]
+    # and it trains on from there, to the source's end, at megatron-core's learning rate for each iteration
+    steps = TRAINING_ARGS["train_iters"]
+    assert [(m["step"], m["consumed_samples"]) for m in metrics] == [
+        (i + 1, (i + 1) * GBS) for i in range(ITERATIONS, steps)
+    ]
+    assert [m["lr"] for m in metrics] == pytest.approx([_megatron_lr(i) for i in range(ITERATIONS, steps)], rel=1e-9)
     assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def _megatron_lr(iteration: int) -> float:
+    """The learning rate megatron-core's scheduler gives the update after `iteration` completed iterations."""
+    import argparse
+
+    holder = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = _scheduler(holder, argparse.Namespace(**TRAINING_ARGS))
+    scheduler.step(increment=iteration * GBS)  # its steps count samples
+    return holder.param_groups[0]["lr"]
 
 
 @pytest.mark.slow
@@ -302,9 +313,10 @@ def test_round_trip_and_megatron_core_loads_it(source, resumed, tmp_path):
     _, _, out = resumed
     step_dir = store.find_step_dir(out / "train")
     meta = store.read_meta(step_dir)
-    assert (meta["step"], meta["optimizer_steps"]) == (ITERATIONS + 1, ITERATIONS)  # Adam one behind: its skip
+    steps = TRAINING_ARGS["train_iters"]
+    assert (meta["step"], meta["optimizer_steps"]) == (steps, steps - SKIPPED)  # Adam one behind: the source's skip
     convert("mlite", "megatron", out / "train", tmp_path / "meg", Options())
-    assert (tmp_path / "meg" / TRACKER).read_text() == str(ITERATIONS + 1)
+    assert (tmp_path / "meg" / TRACKER).read_text() == str(steps)
     convert("megatron", "mlite", tmp_path / "meg", tmp_path / "back", Options(vocab_size=VOCAB))
     back_meta = store.read_meta(store.find_step_dir(tmp_path / "back"))
     for key in ("step", "consumed_samples", "optimizer_steps"):

@@ -126,6 +126,8 @@ def main(args: argparse.Namespace) -> None:
     )
     if ckpt.training is not None:  # (none with --weights-only)
         print(_run_line(ckpt, args.dst_format))
+    for note in ckpt.notes:
+        print(f"note: {note}")
     if args.verify:
         from megatronlite.convert.verify import verify
 

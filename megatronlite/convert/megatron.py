@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from megatronlite.config import ModelConfig
+from megatronlite import config as config_mod
+from megatronlite.config import Config, ModelConfig
 from megatronlite.convert import megatron_dist, megatron_legacy
 from megatronlite.convert.megatron_names import ignored, mapping
 from megatronlite.convert.model_state import (
@@ -291,12 +292,31 @@ def read(path: Path, options: Options) -> Checkpoint:
     state = None if options.weights_only else fmt.optimizer_state(directory, args, store)
     if state is None:
         return ckpt
+    ckpt.cfg = _carried_run_config(ckpt, args, path, directory)
     if state.masters is not None:
         ckpt.get = from_store(cfg, state.masters, rules, skip).get
     moments = {kind: from_store(cfg, moment, rules, skip).get for kind, moment in state.moments.items()}
     steps, consumed = state.adam_steps, state.consumed_samples
     ckpt.training = TrainingState(moments, state.iteration, steps, consumed, state.adam_steps_from)
     return ckpt
+
+
+def _carried_run_config(ckpt: Checkpoint, args: dict, path: Path, directory: Path) -> Config:
+    """The converted run's config with the source run's length, batches, seed and LR schedule (from its args), so
+    that training on from its iteration continues Megatron's schedule; what did not map is noted."""
+    from megatronlite.from_megatron import run_settings
+
+    settings, report = run_settings(args, str(directory), ckpt.cfg.model.max_seq_len)
+    raw = ckpt.cfg.to_dict()
+    for section, values in settings.items():
+        raw[section].update(values)
+    unmapped = ", ".join(item.split(" ")[0] for item in report.unmapped)
+    also = f"; unmapped: {unmapped}" if unmapped else ""
+    ckpt.notes.append(
+        f"the run's length, batches, seed and LR schedule come from its args{also} "
+        f"(`megatronlite config from-megatron {path}` lists every flag)"
+    )
+    return config_mod.from_dict(raw)
 
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:

@@ -84,6 +84,7 @@ class Checkpoint:
     side_files: dict[str, Path] = field(default_factory=dict)  # name to copy as -> file (tokenizer and co)
     training: TrainingState | None = None  # weights only unless the source carries Adam's state
     seed: int | None = None  # the source run's RNG seed where it records one (Megatron's args.seed, our train.seed)
+    notes: list[str] = field(default_factory=list)  # what the conversion says beside its summary line
 
 
 def from_store(

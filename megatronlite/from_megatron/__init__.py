@@ -66,6 +66,15 @@ def from_checkpoint(path: Path) -> Conversion:
     return _checked(Conversion(raw, mapper.finish([]), str(directory), world))
 
 
+def run_settings(values: dict, where: str, max_seq_len: int) -> tuple[dict, Report]:
+    """The `train` and `optim` sections a Megatron run's stored args map to (length, batches, seed, precision,
+    the LR schedule, Adam): what `convert --from megatron` gives a carried run, so its LR continues Megatron's."""
+    mapper = Mapper(Args(values), given_in_checkpoint(values), where, None)
+    train = mapper.train(max_seq_len)
+    optim = mapper.optim(train["steps"], train["global_batch_size"])
+    return {"train": train, "optim": optim}, mapper.finish([])
+
+
 def convert_source(path: Path, positional: list[str] | None = None) -> Conversion:
     """A script file, or a checkpoint (a directory, or one of its .pt files)."""
     if path.is_dir() or (path.is_file() and path.suffix == ".pt"):
