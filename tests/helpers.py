@@ -182,3 +182,27 @@ def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
     while not errors.empty():
         messages.append(errors.get())
     assert all(p.exitcode == 0 for p in procs) and not messages, messages or [p.exitcode for p in procs]
+
+
+def torchrun_script(script: str, nproc: int, *args: object, timeout: float = 240) -> None:
+    """Run `script args` as `nproc` gloo workers under torchrun (the megatron-core side of a test); a worker that
+    fails or a job past `timeout` fails the test with the job's log."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("megatron.core")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script]
+    proc = subprocess.Popen(
+        [*run, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers on SIGTERM
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log[-6000:]

@@ -13,8 +13,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import subprocess
 import sys
 import types
 import zlib
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import conversion_model
+from helpers import conversion_model, torchrun_script
 
 from megatronlite import load_model
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
@@ -215,19 +213,7 @@ def test_real_vocab_size_comes_from_the_option(tmp_path):
 
 
 def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
-    pytest.importorskip("megatron.core")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__]
-    proc = subprocess.Popen(
-        [*run, scenario, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its workers on SIGTERM
-        log, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, log[-6000:]
+    torchrun_script(__file__, nproc, scenario, out)
     return json.loads((out / "results.json").read_text())
 
 

@@ -18,15 +18,13 @@ Run as a script under torch.distributed.run this file is the megatron-core side 
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import conversion_model, error_of
+from helpers import conversion_model, error_of, torchrun_script
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
@@ -183,19 +181,7 @@ def test_legacy_optimizer_state_is_refused(tmp_path, capsys):
 
 
 def _torchrun(scenario: str, *paths: Path) -> None:
-    pytest.importorskip("megatron.core")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={DP}", __file__]
-    proc = subprocess.Popen(
-        [*run, scenario, *map(str, paths)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its workers on SIGTERM
-        log, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, log[-6000:]
+    torchrun_script(__file__, DP, scenario, *paths)
 
 
 @pytest.fixture(scope="module")

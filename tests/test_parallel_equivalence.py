@@ -75,11 +75,13 @@ COMMON = {
     "train.eval_iters": 2,
     "optim.eps": 1.0e-5,
 }
-# Tolerances per precision. fp32: reduction order only (losses and grad norms to 1e-5, weights to 1e-6).
+# Tolerances per precision. fp32: reduction order only (losses and grad norms to 1e-5, weights to 3e-6: with
+# megatron-core's sample order a few elements of the last layer's projection, their gradients near 0, move by
+# up to 1.4e-6 between layouts, their rounding differences amplified by lr / eps as above; all others < 4e-7).
 # bf16 / fp16: autocast GEMMs round their outputs to 8 / 11 mantissa bits, and a layout changes which partial
 # sums are rounded, so losses agree to about 1e-2 / 2e-3 and weights after 5 steps to a few lr-sized steps.
 TOLERANCE = {  # precision: (loss and eval loss rel, grad norm rel, weights atol)
-    "fp32": (1e-5, 1e-5, 1e-6),
+    "fp32": (1e-5, 1e-5, 3e-6),
     "bf16": (2e-2, 5e-2, 2e-2),
     "fp16": (5e-3, 2e-2, 5e-3),
 }
