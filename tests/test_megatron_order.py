@@ -244,3 +244,24 @@ def test_split_bounds_match_megatron(split):
                 assert bounds[k] == bounds[k + 1], (split, n, k)
             else:
                 assert bounds[k : k + 2] == [int(round(x * float(n))) for x in share], (split, n, k)
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_a_resumed_loader_reads_megatrons_next_samples(tmp_path, gloo, short_docs, dp):
+    """After `consumed` samples (a Megatron checkpoint's consumed_train_samples), the next global batch the
+    loader gives, over every DP rank, is megatron-core's samples consumed .. consumed + global batch - 1."""
+    from megatronlite.data.loader import BatchLoader
+
+    blend = dict(prefixes=short_docs, weights=[5.0, 2.5, 1.0], split="969,30,1", seed=1234, seq_len=63)
+    sizes = (600, 20, 10)
+    ours = our_datasets(tmp_path, **blend, sizes=sizes)[0]
+    theirs = megatron_datasets(tmp_path, **blend, sizes=sizes)[0]
+    consumed, micro, batch = 104, 4, 8
+    got = []
+    for rank in range(dp):
+        batches = iter(BatchLoader(ours, micro, batch, rank, dp, consumed))
+        got += [row.numpy() for micro_batch in next(batches) for row in micro_batch]
+        batches.close()
+    want = [their_sample(theirs, i) for i in range(consumed, consumed + batch)]
+    assert len(got) == batch  # the ranks' shares make up the global batch, each sample once
+    np.testing.assert_array_equal(np.stack(sorted(got, key=bytes)), np.stack(sorted(want, key=bytes)))
