@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import gc
@@ -38,6 +39,7 @@ import torch
 from common import emit
 
 from megatronlite import config
+from megatronlite.config import MoEConfig
 from megatronlite.kernels import external
 from megatronlite.models.counting import flops_per_token
 from megatronlite.train.metrics import mfu, peak_flops
@@ -58,8 +60,19 @@ class PeerSkipped(Exception):
     """A peer that cannot run on this machine: listed as skipped, not as a failure."""
 
 
-def megatronlite_step(cfg, device, n_micro, compiled: bool = False) -> Step:
+def dense_twin(cfg):
+    """`cfg` with every MoE layer a dense MLP as wide as the experts a token goes to (top_k x expert width): the
+    same active parameters per token, so the same model FLOPs."""
+    m = cfg.model
+    wide = m.moe.top_k * m.expert_ffn_size + m.moe.shared_expert_ffn_hidden_size
+    model = dataclasses.replace(m, ffn_hidden_size=wide, moe=MoEConfig())
+    return dataclasses.replace(cfg, model=model)
+
+
+def megatronlite_step(cfg, device, n_micro, compiled: bool = False, dense: bool = False) -> Step:
     from megatronlite.models.gpt import GPTModel
+
+    cfg = dense_twin(cfg) if dense else cfg
     from megatronlite.models.init import init_parameters
     from megatronlite.optim.adamw import build_adamw
 
@@ -182,6 +195,8 @@ def peers(compile_mode: str, model) -> dict[str, Callable[..., Step]]:
     if compile_mode in ("on", "both"):
         out["megatronlite (torch.compile)"] = functools.partial(megatronlite_step, compiled=True)
     out[f"HF {hf_architecture(model)} (sdpa)"] = hf_step
+    if model.moe.num_experts:
+        out["megatronlite, dense MLP of the same active width"] = functools.partial(megatronlite_step, dense=True)
     out[mcore_name()] = mcore_step
     return out
 

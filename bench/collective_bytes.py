@@ -13,6 +13,10 @@ the analytic expectation derived from the model shape:
   scalars per token (max, target logit, sum of exponentials).
 - pp2: per micro-batch, the activation [b, s, h] goes forward and its gradient back.
 - dp2: every gradient once per step (all-reduce of the gradient buckets).
+- ep2 (the demo with 8 experts, top-2, split over the 2 ranks): per MoE layer and micro-batch, the per-expert
+  counts (8 bytes each) and then every dispatched row (tokens x top_k of [h] fp32) all-to-all out and back,
+  forward and backward; the payload counted is each call's input, the rows staying on the rank included, and
+  compared summed over both ranks (what one rank receives back depends on the routing, the total does not).
 Every layout adds a few scalars per step (loss, grad norm, the save-and-stop flag).
 """
 
@@ -30,7 +34,8 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from common import emit, run_under_torchrun
 
-LAYOUTS = {"tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"], "dp2": []}
+MOE = ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ffn_hidden_size=384"]  # demo-moe.yaml's experts
+LAYOUTS = {"tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"], "dp2": [], "ep2": [*MOE, "parallel.expert=2"]}
 KINDS = (
     "all_reduce",
     "all_gather",
@@ -42,6 +47,7 @@ KINDS = (
     "recv",
     "isend",
     "irecv",
+    "all_to_all_single",
 )
 
 
@@ -63,7 +69,8 @@ def install_counters(counts: dict, active: list) -> None:
         @functools.wraps(original)
         def wrapper(*args, _original=original, _kind=kind, **kwargs):
             if active[0]:
-                counts[_kind] += _nbytes(args[1] if _kind.startswith(("all_gather", "reduce_scatter")) else args[0])
+                sent = _kind.startswith(("all_gather", "reduce_scatter", "all_to_all"))  # (output, input, ...)
+                counts[_kind] += _nbytes(args[1] if sent else args[0])
             return _original(*args, **kwargs)
 
         setattr(dist, kind, wrapper)
@@ -89,6 +96,10 @@ def worker(config: str, sets: list[str]) -> None:
     trainer.train_step(next(loader))
     active[0] = False
     loader.close()
+    if counts.get("all_to_all_single"):  # what a rank receives depends on the routing: the total over ranks does not
+        total = torch.tensor([counts["all_to_all_single"]], dtype=torch.float64)
+        dist.all_reduce(total)
+        counts["all_to_all_single, all ranks"] = int(total.item())
     if rank == 0:
         print("COUNTS " + json.dumps(dict(counts)))
     dist.destroy_process_group()
@@ -96,13 +107,18 @@ def worker(config: str, sets: list[str]) -> None:
 
 def expected(cfg, layout: str) -> dict[str, int]:
     m, t = cfg.model, cfg.train
-    n_micro = t.global_batch_size // t.micro_batch_size // (2 if layout == "dp2" else 1)
+    n_micro = t.global_batch_size // t.micro_batch_size // (2 if layout in ("dp2", "ep2") else 1)  # per rank
     act = t.micro_batch_size * t.seq_len * m.hidden_size * 4
     if layout == "tp2":
         per_micro = 2 * (2 * m.num_layers + 1) * act + 3 * t.micro_batch_size * t.seq_len * 4
         return {"all_reduce": n_micro * per_micro}
     if layout == "pp2":
         return {"isend": n_micro * act, "irecv": n_micro * act}
+    if layout == "ep2":  # per MoE layer and micro-batch, each rank sends its counts, its tokens x top_k rows, the
+        # rows it received back, and in backward both again; over the ranks every row is sent once each way
+        rows = t.micro_batch_size * t.seq_len * m.moe.top_k * m.hidden_size * 4
+        per_layer = m.moe.num_experts * 8 + 4 * rows
+        return {"all_to_all_single, all ranks": 2 * n_micro * sum(m.moe.layers(m.num_layers)) * per_layer}
     from megatronlite.models.counting import parameter_count
 
     padded = (m.padded_vocab_size() - m.vocab_size) * m.hidden_size * (1 if m.tied else 2)
@@ -137,7 +153,8 @@ def main() -> None:
         cfg = config_mod.load(args.config, sets)
         exp = expected(cfg, layout)
         for kind, value in sorted(counts.items()):
-            lines.append(f"| {layout} | {kind} | {value:,} | {exp.get(kind, 0):,} |")
+            want = f"{exp[kind]:,}" if kind in exp else "not modelled"
+            lines.append(f"| {layout} | {kind} | {value:,} | {want} |")
     emit("\n".join(lines), args.markdown)
 
 
