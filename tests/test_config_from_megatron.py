@@ -303,13 +303,63 @@ def test_an_unknown_flag_is_listed(tmp_path, capsys):
 
 
 def test_flags_that_change_the_run_are_listed_as_unmapped(tmp_path):
-    extra = "    --num-experts 8\n    --moe-router-topk 2\n    --rotary-percent 0.5\n    --decoupled-lr 5e-4\n"
+    extra = "    --num-experts 8\n    --moe-input-jitter-eps 0.01\n    --rotary-percent 0.5\n    --decoupled-lr 5e-4\n"
     text = LLAMA3_8B.replace("    --manual-gc\n", "    --manual-gc\n" + extra).replace('DTYPE="bf16"', 'DTYPE="fp8"')
     report = from_script(write(tmp_path, text), script_args(tmp_path)).report
     unmapped = "\n".join(report.unmapped)
-    for flag in ("--num-experts 8", "--moe-router-topk 2", "--rotary-percent 0.5", "--decoupled-lr 5e-4"):
+    for flag in ("--moe-input-jitter-eps 0.01", "--rotary-percent 0.5", "--decoupled-lr 5e-4"):
         assert flag in unmapped, unmapped
     assert "--fp8-format hybrid: FP8" in unmapped and "--fp8-amax-history-len 1024" in unmapped  # the fp8 branch ran
+
+
+MIXTRAL = """    --num-experts 8
+    --moe-router-topk 2
+    --moe-ffn-hidden-size 14336
+    --moe-aux-loss-coeff 1e-2
+    --moe-z-loss-coeff 1e-3
+    --moe-grouped-gemm
+    --moe-token-dispatcher-type alltoall
+    --expert-model-parallel-size 8
+"""
+DEEPSEEK = """    --num-experts 8
+    --moe-router-topk 4
+    --moe-router-score-function sigmoid
+    --moe-router-enable-expert-bias
+    --moe-router-bias-update-rate 1e-3
+    --moe-router-topk-scaling-factor 2.5
+    --moe-router-load-balancing-type seq_aux_loss
+    --moe-aux-loss-coeff 1e-4
+    --moe-shared-expert-intermediate-size 2048
+    --moe-layer-freq ([0]*1+[1]*31)
+    --moe-expert-capacity-factor 1.25
+"""
+
+
+@pytest.mark.parametrize("moe", [MIXTRAL, DEEPSEEK], ids=["mixtral", "deepseek"])
+def test_moe_flags_map_onto_model_moe(tmp_path, moe):
+    text = LLAMA3_8B.replace("    --manual-gc\n", "    --manual-gc\n" + moe)
+    conversion = from_script(write(tmp_path, text), script_args(tmp_path))
+    cfg = config.from_dict(conversion.raw)
+    e = cfg.model.moe
+    if moe is MIXTRAL:
+        assert (e.num_experts, e.top_k, e.ffn_hidden_size, e.router) == (8, 2, 14336, "softmax")
+        assert e.normalize_top_k  # Megatron's softmax over the top k's logits
+        assert (e.aux_loss_coeff, e.z_loss_coeff, e.layer_freq, cfg.parallel.expert) == (1e-2, 1e-3, 1, 8)
+        assert "--moe-token-dispatcher-type alltoall" in "\n".join(conversion.report.ignored)
+    else:
+        assert (e.router, e.normalize_top_k, e.scaling_factor, e.bias_update_rate) == ("sigmoid", True, 2.5, 1e-3)
+        assert e.layer_freq == [0] + [1] * 31 and e.shared_expert_ffn_hidden_size == 2048 and e.capacity_factor == 1.25
+        approximated = "\n".join(conversion.report.approximated)
+        assert "--moe-router-load-balancing-type seq_aux_loss" in approximated
+        assert "--moe-expert-capacity-factor 1.25" in approximated
+    assert not conversion.report.unmapped and not conversion.report.unknown
+
+
+def test_a_layer_pattern_is_read_without_running_it(tmp_path):
+    huge = "    --num-experts 8\n    --moe-layer-freq [0]*99999999999\n"  # refused before any list is built
+    text = LLAMA3_8B.replace("    --manual-gc\n", "    --manual-gc\n" + huge)
+    with pytest.raises(config.UserError, match="--moe-layer-freq"):
+        from_script(write(tmp_path, text), script_args(tmp_path))
 
 
 # --- a GPT-2 style script ---------------------------------------------------------------------------

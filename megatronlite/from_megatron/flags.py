@@ -69,6 +69,21 @@ window-size tuple
 window-attn-skip-freq str
 softmax-type str 'vanilla'
 num-experts int
+moe-router-topk int 2
+moe-ffn-hidden-size int
+moe-layer-freq any 1
+moe-shared-expert-intermediate-size int
+moe-router-score-function str 'softmax'
+moe-router-pre-softmax true
+moe-router-topk-scaling-factor float
+moe-aux-loss-coeff float 0.0
+moe-z-loss-coeff float
+moe-router-load-balancing-type str 'aux_loss'
+moe-router-enable-expert-bias true
+moe-router-bias-update-rate float 0.001
+moe-expert-capacity-factor float
+expert-model-parallel-size int 1
+expert-tensor-parallel-size int
 multi-latent-attention true
 vocab-size int
 make-vocab-size-divisible-by int 128
@@ -145,7 +160,7 @@ wandb-exp-name str ''
 wandb-entity str ''
 """
 
-MOE = "experts (MoE): Megatron's MoE flags are not mapped onto model.moe yet"
+MOE = "an MoE setting model.moe does not have"
 # (role, why, when, flags): `prefix*` matches every flag starting so; `name=default` and `name>dest` as above
 GROUPS: list[tuple[str, str, str | None, str]] = [
     (
@@ -227,9 +242,10 @@ GROUPS: list[tuple[str, str, str | None, str]] = [
         "unmapped",
         MOE,
         "num_experts",
-        "moe-router-topk=2 moe-* expert-model-parallel-size=1",
+        "moe-*",
     ),
-    ("unmapped", MOE, "num_experts", "expert-tensor-parallel-size"),
+    ("ignored", "MoE dispatch and kernels", "num_experts", "moe-token-dispatcher-type moe-enable-deepep"),
+    ("ignored", "the router's dtype: model.moe's router is fp32", "num_experts", "moe-router-dtype"),
     ("unmapped", "multi-token prediction", "mtp_num_layers", "mtp-num-layers mtp-loss-scaling-factor=0.1"),
     (
         "unmapped",

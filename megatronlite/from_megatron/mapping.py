@@ -9,6 +9,7 @@ here instead of refused: a training config can still be written, with the differ
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from megatronlite.config import ModelConfig
 from megatronlite.convert.presets import closest_arch
 from megatronlite.errors import UserError
-from megatronlite.from_megatron.flags import BY_DEST, DERIVED, MOE, lookup_dest
+from megatronlite.from_megatron.flags import BY_DEST, DERIVED, lookup_dest
 
 GPT2_VOCAB = 50257  # GPT2BPETokenizer's vocabulary (GPT-2's vocab.json)
 LEGACY_SPLIT = "969,30,1"  # Megatron-LM's split when --data-path is given without --split
@@ -72,6 +73,40 @@ class Args:
     def touch(self, *dests: str) -> None:
         """Mark args as read whose values the mapping takes from elsewhere (a checkpoint's derived ones)."""
         self.read.update(dests)
+
+
+def _layer_pattern(freq: Any, layers: int, where: str) -> int | list[int]:
+    """--moe-layer-freq: an int N (every N-th layer), or the Python list expression Megatron evaluates, e.g.
+    "([0]*3+[1]*29)", read here without evaluating anything but list literals, + and * by an int."""
+    if isinstance(freq, int):
+        return freq
+    if isinstance(freq, list):
+        return [int(x) for x in freq]
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add):
+                return left + right
+            if isinstance(left, int) and isinstance(right, int):
+                return left * right
+            items, times = (left, right) if isinstance(left, list) else (right, left)
+            if not (isinstance(items, list) and isinstance(times, int)) or len(items) * times > 10**6:
+                raise ValueError  # a list times a count, and never larger than any model's layers
+            return items * times
+        raise ValueError
+
+    try:
+        pattern = value(ast.parse(str(freq).strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        pattern = None
+    if not (isinstance(pattern, list) and len(pattern) == layers and set(pattern) <= {0, 1}):
+        raise UserError(f"{where}: --moe-layer-freq {freq!r}: expected an integer or a 0/1 list of {layers} layers")
+    return pattern
 
 
 def _flag_name(dest: str) -> str:
@@ -176,7 +211,7 @@ class Mapper:
                         "pulls w toward 0, not the weight toward 0",
                     )
                 elif key == "num_experts":
-                    self.unmapped(key, MOE)
+                    pass  # model.moe (see `moe`)
                 else:
                     self.unmapped(key, f"megatronlite has no {key.replace('_', ' ')} (only {off!r})")
             values[key] = off
@@ -249,7 +284,51 @@ class Mapper:
         }
         if model["head_dim"] is None:
             del model["head_dim"]
-        return {**model, **_features_beyond(arch, found)}
+        experts = self.moe(a["num_layers"])
+        return {**model, **_features_beyond(arch, found), **({"moe": experts} if experts else {})}
+
+    def moe(self, layers: int) -> dict | None:
+        """model.moe from --num-experts and the --moe-* flags (None: a dense model)."""
+        a = self.a
+        if not a["num_experts"]:
+            return None
+        score = a["moe_router_score_function"]
+        if score not in ("softmax", "sigmoid"):
+            self.unmapped("moe_router_score_function", "model.moe.router is softmax or sigmoid")
+        out: dict[str, Any] = {
+            "num_experts": a["num_experts"],
+            "top_k": a["moe_router_topk"],
+            "router": "sigmoid" if score == "sigmoid" else "softmax",
+            # softmax over the top k's logits (renormalised) unless --moe-router-pre-softmax; sigmoid: normalised
+            "normalize_top_k": score == "sigmoid" or not a["moe_router_pre_softmax"],
+            "layer_freq": _layer_pattern(a["moe_layer_freq"], layers, self.where),
+        }
+        if a["moe_ffn_hidden_size"]:
+            out["ffn_hidden_size"] = a["moe_ffn_hidden_size"]
+        if a["moe_shared_expert_intermediate_size"]:
+            out["shared_expert_ffn_hidden_size"] = a["moe_shared_expert_intermediate_size"]
+        if a["moe_router_topk_scaling_factor"]:
+            out["scaling_factor"] = a["moe_router_topk_scaling_factor"]
+        balance = a["moe_router_load_balancing_type"]
+        if balance not in ("aux_loss", "none"):
+            self.approximated(
+                "moe_router_load_balancing_type",
+                f"{balance}: model.moe's balance loss is per micro-batch over each sequence (Megatron's aux_loss)",
+            )
+        out["aux_loss_coeff"] = 0.0 if balance == "none" else float(a["moe_aux_loss_coeff"] or 0.0)
+        if a["moe_z_loss_coeff"]:
+            out["z_loss_coeff"] = a["moe_z_loss_coeff"]
+        if a["moe_router_enable_expert_bias"]:
+            out["bias_update_rate"] = a["moe_router_bias_update_rate"]
+        if a["moe_expert_capacity_factor"]:
+            out["capacity_factor"] = a["moe_expert_capacity_factor"]
+            self.approximated(
+                "moe_expert_capacity_factor",
+                "megatronlite drops the latest tokens over capacity; Megatron's default drops the least probable",
+            )
+        if a["expert_tensor_parallel_size"] not in (None, 1):
+            self.unmapped("expert_tensor_parallel_size", "megatronlite's experts are whole on every TP rank (1)")
+        return out
 
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary: --vocab-size, GPT-2's for its BPE, or the tokenizer.json's where it is here."""
@@ -298,6 +377,8 @@ class Mapper:
             self.inert("sequence_parallel", "Megatron turns it off at tensor-parallel size 1")
         out["sequence_parallel"] = bool(a["sequence_parallel"]) and tp > 1
         out["distributed_optimizer"] = bool(a["use_distributed_optimizer"])
+        if a["num_experts"] and a["expert_model_parallel_size"] > 1:
+            out["expert"] = a["expert_model_parallel_size"]
         return out
 
     def virtual_pipeline(self, layers: int, pp: int) -> int:
