@@ -75,6 +75,15 @@ class Args:
         self.read.update(dests)
 
 
+# model.moe keys taken from Megatron's args as they are, where set
+MOE_OPTIONAL = {
+    "ffn_hidden_size": "moe_ffn_hidden_size",
+    "shared_expert_ffn_hidden_size": "moe_shared_expert_intermediate_size",
+    "scaling_factor": "moe_router_topk_scaling_factor",
+    "z_loss_coeff": "moe_z_loss_coeff",
+}
+
+
 def _layer_pattern(freq: Any, layers: int, where: str) -> int | list[int]:
     """--moe-layer-freq: an int N (every N-th layer), or the Python list expression Megatron evaluates, e.g.
     "([0]*3+[1]*29)", read here without evaluating anything but list literals, + and * by an int."""
@@ -303,12 +312,7 @@ class Mapper:
             "normalize_top_k": score == "sigmoid" or not a["moe_router_pre_softmax"],
             "layer_freq": _layer_pattern(a["moe_layer_freq"], layers, self.where),
         }
-        if a["moe_ffn_hidden_size"]:
-            out["ffn_hidden_size"] = a["moe_ffn_hidden_size"]
-        if a["moe_shared_expert_intermediate_size"]:
-            out["shared_expert_ffn_hidden_size"] = a["moe_shared_expert_intermediate_size"]
-        if a["moe_router_topk_scaling_factor"]:
-            out["scaling_factor"] = a["moe_router_topk_scaling_factor"]
+        out.update({key: a[dest] for key, dest in MOE_OPTIONAL.items() if a[dest]})
         balance = a["moe_router_load_balancing_type"]
         if balance not in ("aux_loss", "none"):
             self.approximated(
@@ -316,8 +320,6 @@ class Mapper:
                 f"{balance}: model.moe's balance loss is per micro-batch over each sequence (Megatron's aux_loss)",
             )
         out["aux_loss_coeff"] = 0.0 if balance == "none" else float(a["moe_aux_loss_coeff"] or 0.0)
-        if a["moe_z_loss_coeff"]:
-            out["z_loss_coeff"] = a["moe_z_loss_coeff"]
         if a["moe_router_enable_expert_bias"]:
             out["bias_update_rate"] = a["moe_router_bias_update_rate"]
         if a["moe_expert_capacity_factor"]:

@@ -91,8 +91,11 @@ class RouterStats:
     forwards: int = 0
 
 
-def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen experts [T, k], their weights [T, k] in fp32) from the router's fp32 logits [T, E]."""
+def route(
+    logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen experts [T, k], their weights [T, k], every expert's score [T, E]; fp32) from the router's fp32
+    logits [T, E]."""
     moe = cfg.moe
     scores = logits.softmax(-1) if moe.router == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias
@@ -100,7 +103,7 @@ def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None) -> 
     weights = scores.gather(-1, experts)
     if moe.normalize_top_k:
         weights = weights / weights.sum(-1, keepdim=True)
-    return experts, weights * moe.scaling_factor
+    return experts, weights * moe.scaling_factor, scores
 
 
 def capacity_keep(sorted_experts: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -181,11 +184,11 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):  # the router in fp32, under bf16/fp16 autocast too
             logits = F.linear(tokens.float(), self.router.float())
-        experts, weights = route(logits, self.cfg, self.bias)
+        experts, weights, scores = route(logits, self.cfg, self.bias)
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)
         sorted_experts = flat[order]
-        counts = torch.bincount(flat, minlength=moe.num_experts)
+        counts = routed = torch.bincount(flat, minlength=moe.num_experts)
         keep = None
         if moe.capacity_factor is not None:
             capacity = math.ceil(moe.capacity_factor * flat.numel() / moe.num_experts)
@@ -199,8 +202,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(tokens, dtype=y.dtype).index_add_(0, token_of, y).to(x.dtype).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x)
-        aux = self._losses(logits, torch.bincount(flat, minlength=moe.num_experts), counts, keep)
-        return AuxLosses.apply(out, aux) if aux is not None and torch.is_grad_enabled() else out
+        aux = self._losses(logits, scores, routed, counts, keep) if torch.is_grad_enabled() else None
+        return AuxLosses.apply(out, aux) if aux is not None else out
 
     def _local(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, `counts` per expert of this rank, through their experts."""
@@ -223,13 +226,19 @@ class MoE(nn.Module):
         return all_to_all(y, sent, got, pg)
 
     def _losses(
-        self, logits: torch.Tensor, routed: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        scores: torch.Tensor,
+        routed: torch.Tensor,
+        kept: torch.Tensor,
+        keep: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """The weighted auxiliary losses of this forward (None when both coefficients are 0); records stats."""
+        """(A training forward.) The weighted auxiliary losses (None when both coefficients are 0); records
+        the router statistics. Without a balance loss, its value for the metrics is the rank's own tokens'
+        (the assignments are not summed over the sequence's ranks: no collective for a metric alone)."""
         moe = self.cfg.moe
-        probs = logits.softmax(-1) if moe.router == "softmax" else logits.sigmoid()
-        probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores as a distribution, as Megatron does
-        if self.sequence:  # the assignments of the whole sequence; each rank its own tokens' probabilities
+        probs = scores if moe.router == "softmax" else scores / scores.sum(-1, keepdim=True)  # as Megatron does
+        if self.sequence and moe.aux_loss_coeff:  # the whole sequence's assignments; each rank its tokens' probs
             routed = routed.clone()
             for group in self.sequence:
                 dist.all_reduce(routed, group=group.pg)
@@ -243,7 +252,7 @@ class MoE(nn.Module):
         return (moe.aux_loss_coeff * balance + moe.z_loss_coeff * z) / self.tp_shards_tokens
 
     def _record(self, kept: torch.Tensor, balance: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor) -> None:
-        if not torch.is_grad_enabled() or _UNCOUNTED[0]:  # evaluation, recompute, shape inference do not count
+        if _UNCOUNTED[0]:  # full recompute's second forward and the pipeline's shape inference do not count
             return
         if self.stats is None:
             zero = torch.zeros_like(balance)
