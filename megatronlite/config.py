@@ -8,6 +8,7 @@ raises `UserError` naming the key and what would be valid, so the CLI can print 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -63,6 +64,10 @@ class MoEConfig:
     normalize_top_k: bool = True  # the chosen experts' weights rescaled to sum to 1
     scaling_factor: float = 1.0  # the routed experts' weights times this (DeepSeek-V3: 2.5)
     aux_loss_coeff: float = 0.0  # load-balancing loss (Switch/GShard form) per MoE layer
+    # the assignment shares of that loss: micro_batch (each micro-batch's, over its whole sequences; Megatron's
+    # aux_loss) | global (summed over the DP x CP ranks and averaged over the step's micro-batches so far;
+    # Megatron's global_aux_loss)
+    aux_loss_scope: str = "micro_batch"
     z_loss_coeff: float = 0.0  # router z-loss (ST-MoE): mean squared log-sum-exp of the router logits
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3): per step, each expert's selection
     # bias moves by this towards the mean load; 0: no bias
@@ -271,6 +276,7 @@ CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.activation": ("swiglu", "gelu"),
     "model.position": ("rope", "learned"),
+    "model.moe.aux_loss_scope": ("micro_batch", "global"),
     "parallel.context_attention": ("ring", "allgather"),
     "parallel.pipeline_schedule": (None, "1f1b", "interleaved", "gpipe", "zero_bubble"),
     "parallel.zero_stage": (None, 0, 1, 2),
@@ -485,8 +491,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check values alone and against each other; with `world_size`, the parallel layout too."""
     _finite(cfg.to_dict(), "")
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = functools.reduce(getattr, key.split("."), cfg)
         if value not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise UserError(f"config key '{key}' = {value!r}; valid values: {shown}")

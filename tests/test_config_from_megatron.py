@@ -317,6 +317,7 @@ MIXTRAL = """    --num-experts 8
     --moe-ffn-hidden-size 14336
     --moe-aux-loss-coeff 1e-2
     --moe-z-loss-coeff 1e-3
+    --moe-router-load-balancing-type global_aux_loss
     --moe-grouped-gemm
     --moe-token-dispatcher-type alltoall
     --expert-model-parallel-size 8
@@ -345,7 +346,9 @@ def test_moe_flags_map_onto_model_moe(tmp_path, moe):
         assert (e.num_experts, e.top_k, e.ffn_hidden_size, e.router) == (8, 2, 14336, "softmax")
         assert e.normalize_top_k  # Megatron's softmax over the top k's logits
         assert (e.aux_loss_coeff, e.z_loss_coeff, e.layer_freq, cfg.parallel.expert) == (1e-2, 1e-3, 1, 8)
+        assert e.aux_loss_scope == "global"
         assert "--moe-token-dispatcher-type alltoall" in "\n".join(conversion.report.ignored)
+        assert not conversion.report.approximated
     else:
         assert (e.router, e.normalize_top_k, e.scaling_factor, e.bias_update_rate) == ("sigmoid", True, 2.5, 1e-3)
         assert e.layer_freq == [0] + [1] * 31 and e.shared_expert_ffn_hidden_size == 2048 and e.capacity_factor == 1.25

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megatronlite import config
+from megatronlite.models import moe as moe_module
 from megatronlite.models.counting import parameter_count
 from megatronlite.models.gpt import GPTModel
 from megatronlite.models.init import init_parameters
@@ -148,6 +149,33 @@ def test_auxiliary_losses_reach_the_router_with_the_micro_batch_scale():
     (0.25 * (0.1 * balance + 0.01 * z)).backward()
     torch.testing.assert_close(got - without, m.router.grad, rtol=1e-3, atol=1e-5)
     assert m.router.grad.abs().max() > 1e-4  # the losses do move the router
+
+
+def test_global_balance_shares_are_the_running_mean_over_the_step_and_recompute_reuses_them():
+    """aux_loss_scope global: a micro-batch's balance loss weighs the assignments of the step's micro-batches so
+    far (Megatron's global_aux_loss); a recomputing forward uses what its first forward used."""
+    m = layer(moe_config(aux_loss_coeff=0.1, aux_loss_scope="global"))
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(16, H, generator=gen) + shift for shift in (0.0, 1.0)]  # the second skewed
+    probs = [(x @ m.router.T).softmax(-1) for x in xs]
+    counts = [torch.bincount(p.topk(2).indices.reshape(-1), minlength=4).float() for p in probs]
+
+    def balance(p: torch.Tensor, c: torch.Tensor) -> float:
+        return (4 * (p.mean(0) * c / c.sum()).sum()).item()
+
+    m.start_step()
+    for x in xs:
+        m(x)
+    got = m.take_stats().aux_loss.item()
+    want = balance(probs[0], counts[0]) + balance(probs[1], counts[0] + counts[1])
+    assert math.isclose(got, want, rel_tol=1e-5), (got, want)
+    assert not math.isclose(got, balance(probs[0], counts[0]) + balance(probs[1], counts[1]), rel_tol=1e-3)
+    with moe_module.uncounted():  # full recompute's second forwards, in the order the first ones ran
+        assert torch.equal(m._balance_shares(counts[0].long()), counts[0] / counts[0].sum())
+        assert torch.equal(m._balance_shares(counts[1].long()), (counts[0] + counts[1]) / (counts[0] + counts[1]).sum())
+    m.start_step()
+    m(xs[1])
+    assert math.isclose(m.take_stats().aux_loss.item(), balance(probs[1], counts[1]), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize(

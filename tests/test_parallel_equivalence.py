@@ -119,7 +119,7 @@ MODELS = {
             "data.eod_mask_loss": "true",
         },
     ),
-    # mixtures of experts (every expert on every rank: no expert parallelism yet): a softmax router with the
+    # mixtures of experts (every expert on every rank unless a layout splits them): a softmax router with the
     # balance and z losses and a gated shared expert in every layer; a sigmoid router with scaled weights and
     # the aux-loss-free selection bias (its load summed over DP x CP each step) in every other layer
     "moe-softmax": (
@@ -241,3 +241,17 @@ def test_mixed_precision_layout_equals_single_process(tmp_path, overrides, refer
     done = launch("configs/demo.yaml", run, nproc, overrides(run, arch, precision) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(run, reference(arch, precision), precision)
+
+
+@pytest.mark.slow
+def test_global_balance_loss_equals_one_process_over_the_global_batch(tmp_path, overrides):
+    """aux_loss_scope global at ep2 (dp2): each rank's micro-batch of 2 sequences weighs the assignments of both
+    ranks', as one process's micro-batch of all 4 does (the micro_batch scope weighs each rank's own 2 apart);
+    under full recompute, whose second forward must reuse the shares of the first."""
+    sets = ["model.moe.aux_loss_scope=global", "model.moe.aux_loss_coeff=0.1", "train.global_batch_size=4"]
+    runs = {}
+    for nproc, layout in ((1, ["train.micro_batch_size=4"]), (2, ["parallel.expert=2", "train.recompute=full"])):
+        run = runs[nproc] = tmp_path / f"run{nproc}"
+        done = launch("configs/demo.yaml", run, nproc, overrides(run, "moe-softmax") + sets + layout)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_equivalent(runs[2], (read_metrics(runs[1]), final_weights(runs[1])), "fp32")

@@ -314,11 +314,14 @@ class Mapper:
         }
         out.update({key: a[dest] for key, dest in MOE_OPTIONAL.items() if a[dest]})
         balance = a["moe_router_load_balancing_type"]
-        if balance not in ("aux_loss", "none"):
+        if balance not in ("aux_loss", "global_aux_loss", "none"):
             self.approximated(
                 "moe_router_load_balancing_type",
-                f"{balance}: model.moe's balance loss is per micro-batch over each sequence (Megatron's aux_loss)",
+                f"{balance}: model.moe's balance loss is per micro-batch (Megatron's aux_loss) or over the global "
+                "batch (global_aux_loss)",
             )
+        if balance == "global_aux_loss":
+            out["aux_loss_scope"] = "global"
         out["aux_loss_coeff"] = 0.0 if balance == "none" else float(a["moe_aux_loss_coeff"] or 0.0)
         if a["moe_router_enable_expert_bias"]:
             out["bias_update_rate"] = a["moe_router_bias_update_rate"]

@@ -17,9 +17,13 @@ With a capacity factor an expert takes at most ceil(factor x assignments / exper
 earliest tokens first; the rest are dropped (their weight is lost) and counted.
 
 Losses. The load-balancing loss (Switch Transformer / GShard form, as Megatron computes it) is
-coeff x E x sum_e (mean router probability of e) x (share of assignments to e), per micro-batch, the shares
-over the whole sequence under context and sequence parallelism (each rank's mean probabilities are its tokens';
-CP ranks' losses average as their main losses do, TP ranks' gradients add up, so each takes 1/TP); the z-loss
+coeff x E x sum_e (mean router probability of e) x (share of assignments to e). Each rank's mean probabilities
+are its tokens' (CP and DP ranks' losses average as their main losses do, TP ranks' gradients add up, so each
+takes 1/TP). The shares (`aux_loss_scope`): micro_batch, the micro-batch's over its whole sequences (summed
+over the CP and sequence-parallel ranks); global, as Megatron's global_aux_loss, the micro-batch's summed over
+every DP x CP rank too and averaged with the step's earlier micro-batches' (a running mean: a micro-batch's
+backward cannot wait for later ones). Full recompute's second forward reuses the shares its first forward used
+(queued per layer: each layer recomputes its micro-batches in the order it ran them). The z-loss
 is coeff x mean(logsumexp(logits)^2). Both
 reach the backward through `AuxLosses`: the layer's output passes through
 unchanged and the losses get the gradient the main loss has per micro-batch (`set_aux_loss_scale`), so they
@@ -28,6 +32,7 @@ need no path of their own through the pipeline.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -150,6 +155,11 @@ class MoE(nn.Module):
         # rank routes the same tokens through the same experts: their gradients are whole on each)
         sp = sequence_parallel and mesh.tp > 1
         self.sequence = [g for g in (mesh.role("context"), mesh.role("tensor") if sp else None) if g and g.size > 1]
+        # the ranks of one micro-batch of the global batch: DP x CP's, and TP's under sequence parallelism
+        self.batch = [g for g in (mesh.role("grad"), mesh.role("tensor") if sp else None) if g and g.size > 1]
+        # global scope: the step's assignments so far, and the shares each counted forward used (for recompute)
+        self.step_counts: torch.Tensor | None = None
+        self.step_shares: collections.deque[torch.Tensor] = collections.deque()
         self.tp_shards_tokens = mesh.tp if sp else 1
         moe, h, f = cfg.moe, cfg.hidden_size, cfg.expert_ffn_size
         e = moe.num_experts
@@ -238,11 +248,8 @@ class MoE(nn.Module):
         (the assignments are not summed over the sequence's ranks: no collective for a metric alone)."""
         moe = self.cfg.moe
         probs = scores if moe.router == "softmax" else scores / scores.sum(-1, keepdim=True)  # as Megatron does
-        if self.sequence and moe.aux_loss_coeff:  # the whole sequence's assignments; each rank its tokens' probs
-            routed = routed.clone()
-            for group in self.sequence:
-                dist.all_reduce(routed, group=group.pg)
-        balance = moe.num_experts * (probs.mean(0) * routed.to(probs.dtype) / routed.sum()).sum()
+        shares = self._balance_shares(routed) if moe.aux_loss_coeff else routed / routed.sum()
+        balance = moe.num_experts * (probs.mean(0) * shares.to(probs.dtype)).sum()
         z = torch.logsumexp(logits, -1).square().mean()
         dropped = (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=logits.device)
         self._record(kept, balance.detach(), z.detach(), dropped)
@@ -250,6 +257,23 @@ class MoE(nn.Module):
             return None
         # TP ranks' gradients add up (CP ranks' average, as their main losses do): each its share of the mean
         return (moe.aux_loss_coeff * balance + moe.z_loss_coeff * z) / self.tp_shards_tokens
+
+    def _balance_shares(self, routed: torch.Tensor) -> torch.Tensor:
+        """Each expert's share of the assignments the balance loss weighs (see `aux_loss_scope`)."""
+        if self.cfg.moe.aux_loss_scope == "micro_batch":
+            return _summed(routed, self.sequence) / routed.sum()
+        if _UNCOUNTED[0]:  # a recompute: what its first forward used (the pipeline's shape inference: anything)
+            return self.step_shares.popleft() if self.step_shares else routed / routed.sum()
+        counts = _summed(routed, self.batch).float()
+        self.step_counts = counts if self.step_counts is None else self.step_counts + counts
+        shares = self.step_counts / self.step_counts.sum()  # the running mean: each micro-batch assigns alike
+        self.step_shares.append(shares)
+        return shares
+
+    def start_step(self) -> None:
+        """A new optimizer step: the global scope's running shares start again."""
+        self.step_counts = None
+        self.step_shares.clear()
 
     def _record(self, kept: torch.Tensor, balance: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor) -> None:
         if _UNCOUNTED[0]:  # full recompute's second forward and the pipeline's shape inference do not count
@@ -275,3 +299,12 @@ class MoE(nn.Module):
         if self.bias is not None:
             load = tokens_per_expert.float()
             self.bias += self.cfg.moe.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def _summed(counts: torch.Tensor, groups: list) -> torch.Tensor:
+    """`counts` summed over every rank of `groups` (a new tensor when there is any)."""
+    if groups:
+        counts = counts.clone()
+        for group in groups:
+            dist.all_reduce(counts, group=group.pg)
+    return counts

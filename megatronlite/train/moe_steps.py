@@ -28,8 +28,11 @@ class MoESteps:
         self.pending: dict[int, list[RouterStats]] = {}  # per layer, since the last logged step
 
     def before_step(self, micro_batches: int, loss_scale: float) -> None:
-        """The auxiliary losses' gradient per micro-batch: the main loss's (divided by the micro-batches)."""
+        """The auxiliary losses' gradient per micro-batch: the main loss's (divided by the micro-batches); the
+        balance loss's running shares of the global scope start again."""
         set_aux_loss_scale(loss_scale / micro_batches)
+        for layer in self.layers.values():
+            layer.start_step()
 
     def after_step(self, stepped: bool) -> None:
         """Collect the step's router statistics; with aux-loss-free balancing and a step taken, move each layer's
