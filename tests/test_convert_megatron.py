@@ -3,8 +3,11 @@
 megatron-core builds its GPTModel (local, non-TE layers) and runs it on CPU under gloo once a few
 CUDA-only calls are redirected (see `_cpu_shims`). Its `dist_checkpointing` then writes real
 torch_dist checkpoints, its models' state dicts make real legacy rank files (as Megatron-LM's
-saver does), and it loads what we write, at TP 1, TP 2 and PP 2. What runs only with CUDA and
-Transformer Engine (TE layers, their FP8 extra state) is not exercised here.
+saver does), and it loads what we write, at TP 1, TP 2 and PP 2, and its MoE models (SequentialMLP experts,
+allgather dispatcher) at EP 2 as well. GroupedMLP (--moe-grouped-gemm) is built too, its grouped_gemm check
+shimmed: it cannot run without the grouped_gemm package and CUDA, but it loads megatron-core's own checkpoint
+and saves its forms (weight1/weight2 rank files, torch_dist), which we read. What runs only with CUDA and
+Transformer Engine (TE layers, their FP8 extra state, TEGroupedMLP) is not exercised here.
 
 Run as a script under torch.distributed.run this file is the megatron-core side (`_worker`).
 """
@@ -13,6 +16,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import re
 import sys
 import types
 import zlib
@@ -24,9 +28,10 @@ from helpers import conversion_model, torchrun_script
 
 from megatronlite import load_model
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
-from megatronlite.config import ModelConfig
+from megatronlite.config import ModelConfig, MoEConfig
 from megatronlite.convert import Options, convert, read
 from megatronlite.convert.dcp_store import stored_tensors
+from megatronlite.convert.megatron_legacy import rank_dir
 from megatronlite.convert.model_state import run_config
 from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
@@ -59,9 +64,35 @@ ARCHS = {  # Megatron-LM args (shape and features) of each megatron-core model; 
     "qwen3": {**_LLAMA_ARGS, "num_attention_heads": 4, "kv_channels": 16, "qk_layernorm": True},
     "llama3": {**_LLAMA_ARGS, "use_rope_scaling": True, "rope_scaling_factor": 8.0, "rotary_base": 500000},
     "mistral": {**_LLAMA_ARGS, "window_size": (3, 0)},
+    # softmax top-2, renormalised; a dense layer first (per-layer torch_dist keys)
+    "mixtral": {
+        **_LLAMA_ARGS,
+        "num_experts": 4,
+        "moe_router_topk": 2,
+        "moe_ffn_hidden_size": 24,
+        "moe_layer_freq": [0, 1, 1, 1],
+    },
+    # every layer MoE (stacked keys): sigmoid router, scaled, with an expert bias; a gated shared expert
+    "moe_shared": {
+        **_LLAMA_ARGS,
+        "num_experts": 4,
+        "moe_router_topk": 2,
+        "moe_ffn_hidden_size": 16,
+        "moe_shared_expert_intermediate_size": 32,
+        "moe_shared_expert_gate": True,
+        "moe_router_score_function": "sigmoid",
+        "moe_router_topk_scaling_factor": 2.5,
+        "moe_router_enable_expert_bias": True,
+    },
 }
-PIPELINE_ARCHS = ("llama", "gpt2", "qwen3")  # pp2 is about placement, not features: fewer models keep it fast
-MATTERS = {"llama3": "rope_scaling", "mistral": "sliding_window"}  # at these sizes, without it the logits differ
+MOE_ARCHS = ("mixtral", "moe_shared")
+PIPELINE_ARCHS = ("llama", "gpt2", "qwen3", "mixtral")  # pp2 is about placement: fewer models keep it fast
+MATTERS = {  # at these sizes, without it the logits differ
+    "llama3": lambda m: dataclasses.replace(m, rope_scaling=None),
+    "mistral": lambda m: dataclasses.replace(m, sliding_window=None),
+    "mixtral": lambda m: dataclasses.replace(m, moe=dataclasses.replace(m.moe, normalize_top_k=False)),
+    "moe_shared": lambda m: dataclasses.replace(m, moe=dataclasses.replace(m.moe, scaling_factor=1.0)),
+}
 
 
 # --- without megatron-core: our writer and reader agree, and bad input is named ------------------
@@ -89,6 +120,30 @@ MODELS = {  # every feature Megatron expresses, each model's arch the family a r
     "llama3": dataclasses.replace(LLAMA, rope_scaling=LLAMA3_SCALING, rope_theta=5e5, tie_embeddings=True),
     "mistral": dataclasses.replace(LLAMA, arch="mistral", rope_theta=1e6, sliding_window=4),
     "gpt2_swiglu": dataclasses.replace(GPT2, activation="swiglu"),  # biases on a gated fc1
+    "mixtral": dataclasses.replace(LLAMA, moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=16)),
+    "moe_shared": dataclasses.replace(
+        LLAMA,
+        moe=MoEConfig(
+            num_experts=4,
+            top_k=2,
+            ffn_hidden_size=16,
+            layer_freq=[0, 1, 1, 1],
+            shared_expert_ffn_hidden_size=24,
+            shared_expert_gate=True,
+            router="sigmoid",
+            scaling_factor=2.5,
+            aux_loss_coeff=0.01,
+            aux_loss_scope="global",  # Megatron's global_aux_loss
+            z_loss_coeff=0.001,
+            bias_update_rate=0.001,
+        ),
+    ),
+    "moe_gelu": dataclasses.replace(  # top-1 pre-softmax, every other layer
+        GPT2,
+        bias=False,
+        qkv_bias=False,
+        moe=MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=16, layer_freq=2, normalize_top_k=False),
+    ),
 }
 
 
@@ -139,8 +194,8 @@ def test_vocab_padding_is_removed_and_added(tmp_path):
     assert shapes["decoder.layers.mlp.linear_fc1.weight"][0] == (4, 96, 32)  # layers stacked, [gate; up]
 
 
-def _legacy_args(tmp_path, **changes) -> Path:
-    src, _ = native(tmp_path, LLAMA)
+def _legacy_args(tmp_path, model: ModelConfig = LLAMA, **changes) -> Path:
+    src, _ = native(tmp_path, model)
     convert("mlite", "megatron", src, tmp_path / "meg", Options(megatron_format="torch"))
     path = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(path, weights_only=False)
@@ -152,7 +207,6 @@ def _legacy_args(tmp_path, **changes) -> Path:
 @pytest.mark.parametrize(
     "arg,value",
     [
-        ("num_experts", 8),
         ("multi_latent_attention", True),
         ("position_embedding_type", "yarn"),  # megatron-core's GPTModel drops yarn's attention factor
         ("position_embedding_type", "none"),
@@ -174,6 +228,75 @@ def test_unsupported_megatron_args_are_refused(tmp_path, arg, value):
         read("megatron", meg, Options())
 
 
+@pytest.mark.parametrize(
+    "arg,value",
+    [
+        ("moe_router_num_groups", 2),
+        ("moe_expert_capacity_factor", 1.25),
+        ("moe_input_jitter_eps", 0.01),
+        ("moe_apply_probs_on_input", True),
+        ("moe_router_load_balancing_type", "sinkhorn"),
+        ("add_bias_linear", True),
+    ],
+)
+def test_unsupported_megatron_moe_args_are_refused(tmp_path, arg, value):
+    meg = _legacy_args(tmp_path, MODELS["mixtral"], **{arg: value})
+    with pytest.raises(
+        UserError, match=rf"release: args\.{arg}.* is not supported; megatronlite converts megatron-core MoE"
+    ):
+        read("megatron", meg, Options())
+
+
+def test_nonzero_expert_bias_is_refused(tmp_path):
+    """megatronlite's selection biases are training state, not weights: a model read from weights routes without."""
+    meg = _legacy_args(tmp_path, MODELS["moe_shared"])
+    path = meg / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    assert torch.equal(state["model"]["decoder.layers.2.mlp.router.expert_bias"], torch.zeros(4))  # written as zeros
+    state["model"]["decoder.layers.2.mlp.router.expert_bias"][1] = 0.5
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"decoder\.layers\.2\.mlp\.router\.expert_bias holds nonzero selection"):
+        read("megatron", meg, Options())
+
+
+@pytest.mark.parametrize("fmt,tp,pp,ep", [("torch", 2, 2, 2), ("torch", 1, 1, 4), ("torch_dist", 1, 1, 2)])
+def test_expert_parallel_round_trip(tmp_path, fmt, tp, pp, ep):
+    """Legacy files per EP rank (`mp_rank_TT_PPP_EEE`) hold their experts by local index; torch_dist the global ones."""
+    model = MODELS["moe_shared"]
+    src, tensors = native(tmp_path, model)
+    options = Options(megatron_format=fmt, megatron_tp=tp, megatron_pp=pp, megatron_ep=ep)
+    convert("mlite", "megatron", src, tmp_path / "meg", options)
+    back = read("megatron", tmp_path / "meg", Options())
+    assert back.cfg.model == model
+    assert all(torch.equal(back.get(n), t) for n, t in tensors.items())
+    if fmt == "torch":
+        ranks = sorted(p.name for p in (tmp_path / "meg" / "release").iterdir())
+        assert len(ranks) == tp * pp * ep and ranks[-1] == rank_dir(tp - 1, pp - 1, pp, ep - 1, ep)
+        last = torch.load(tmp_path / "meg" / "release" / ranks[-1] / "model_optim_rng.pt", weights_only=False)
+        local = {int(m[1]) for k in last["model"] if (m := re.search(r"\.local_experts\.(\d+)\.", k))}
+        assert local == set(range(4 // ep))  # its own experts, numbered from 0
+        assert last["args"].expert_model_parallel_size == ep
+
+
+def test_te_grouped_expert_names_are_read(tmp_path):
+    """TEGroupedMLP's rank files name expert j's tensors `mlp.experts.linear_fc1.weightJ` (built here from
+    SequentialMLP's `mlp.experts.local_experts.J.linear_fc1.weight`: TE's GroupedLinear holds the same tensor)."""
+    src, tensors = native(tmp_path, MODELS["mixtral"])
+    convert("mlite", "megatron", src, tmp_path / "meg", Options(megatron_format="torch", megatron_tp=2, megatron_ep=2))
+    for path in (tmp_path / "meg" / "release").glob("*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        model = {}
+        for k, v in state["model"].items():
+            k = re.sub(r"experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight", r"experts.\2.weight\1", k)
+            model[
+                re.sub(r"experts\.local_experts\.\d+\.(linear_fc[12])\._extra_state", r"experts.\1._extra_state", k)
+            ] = v
+        assert any(k.endswith("mlp.experts.linear_fc1.weight1") for k in model)
+        torch.save({**state, "model": model}, path)
+    back = read("megatron", tmp_path / "meg", Options())
+    assert all(torch.equal(back.get(n), t) for n, t in tensors.items())
+
+
 def test_qk_layernorm_must_be_rmsnorm(tmp_path):
     meg = _legacy_args(tmp_path, qk_layernorm=True, normalization="LayerNorm")
     with pytest.raises(UserError, match="args.qk_layernorm with args.normalization='LayerNorm' is not supported"):
@@ -188,6 +311,11 @@ def test_qk_layernorm_must_be_rmsnorm(tmp_path):
         (dict(rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096}), "original_max_position"),
         (dict(bias=True, qkv_bias=False), "model.bias without model.qkv_bias cannot be written"),
         (dict(qk_norm=True, norm="layernorm"), "model.qk_norm with model.norm='layernorm' cannot be written"),
+        (dict(moe=MoEConfig(4, capacity_factor=1.25)), "model.moe.capacity_factor=1.25 cannot be written"),
+        (dict(moe=MoEConfig(4, router="sigmoid", normalize_top_k=False)), "model.moe.normalize_top_k=False cannot"),
+        (dict(moe=MoEConfig(4, top_k=1)), "model.moe.normalize_top_k=True cannot be written"),
+        (dict(moe=MoEConfig(4, bias_update_rate=1e-3)), "model.moe.bias_update_rate=0.001 cannot be written"),
+        (dict(bias=True, qkv_bias=True, moe=MoEConfig(4)), "model.bias with model.moe cannot be written"),
     ],
 )
 def test_features_megatron_cannot_express_are_refused(tmp_path, changes, message):
@@ -195,6 +323,17 @@ def test_features_megatron_cannot_express_are_refused(tmp_path, changes, message
     with pytest.raises(UserError, match=message):
         convert("mlite", "megatron", src, tmp_path / "meg", Options())
     assert not (tmp_path / "meg").exists()
+
+
+def test_moe_run_state_is_not_carried(tmp_path):
+    from megatronlite.convert import megatron
+    from megatronlite.convert.model_state import TrainingState
+
+    src, _ = native(tmp_path, MODELS["mixtral"])
+    ckpt = read("mlite", src, Options())
+    ckpt.training = TrainingState({"exp_avg": ckpt.get, "exp_avg_sq": ckpt.get}, step=5, optimizer_steps=5)
+    with pytest.raises(UserError, match="carrying an MoE run's optimizer state .* pass --weights-only"):
+        megatron.write(ckpt, tmp_path / "meg", Options())
 
 
 def test_missing_rank_file_is_named(tmp_path):
@@ -220,7 +359,9 @@ def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario,nproc", [("tp1", 1), ("tp2", 2), ("pp2", 2)])
 def test_against_megatron_core(tmp_path, scenario, nproc):
+    """tp2 also runs the MoE models at EP 2 (TP 1, DP 2), in the same processes."""
     results = _run_workers(scenario, nproc, tmp_path)
+    assert set(results) == {arch for *_, archs in _passes(scenario) for arch in archs}
     for arch, r in results.items():
         # reading megatron-core's torch_dist and legacy files gives the same tensors
         assert r["dist_equals_legacy"]
@@ -228,10 +369,14 @@ def test_against_megatron_core(tmp_path, scenario, nproc):
             ids, reference = torch.load(tmp_path / arch / "reference.pt").values()
             model = load_model(tmp_path / arch / "ml")
             assert _logits_diff(model, ids, reference) < 1e-4
-            if arch in MATTERS:  # and the feature is tested: without it they differ
-                without = GPTModel(dataclasses.replace(model.cfg, **{MATTERS[arch]: None}))
+            base = arch.split("@")[0]
+            if base in MATTERS:  # and the feature is tested: without it they differ
+                without = GPTModel(MATTERS[base](model.cfg))
                 without.load_state_dict(model.state_dict())
                 assert _logits_diff(without, ids, reference) > 1e-3
+        if arch.split("@")[0] in MOE_ARCHS and scenario != "pp2":
+            # GroupedMLP's rank files (weight1/weight2) and torch_dist read as SequentialMLP's
+            assert r["grouped_legacy_equal"] and r["grouped_dist_equal"]
         # megatron-core loads what we write (strictly), and gets its own weights back
         assert r["our_legacy_param_diff"] == 0.0
         assert r["our_dist_param_diff"] == 0.0
@@ -247,13 +392,17 @@ def _logits_diff(model: GPTModel, ids: torch.Tensor, reference: torch.Tensor) ->
 def _cpu_shims() -> None:
     """megatron-core asks CUDA for things CPU runs do not need: the current device, a sync, a CUDA RNG
     fork around (here zero) attention dropout, moving a tied embedding to the GPU before syncing it
-    between pipeline stages, the device of the sliding-window mask; and psutil for memory logging while saving."""
+    between pipeline stages, the device of the sliding-window mask; and psutil for memory logging while saving.
+    For MoE: the router's TE GEMM name, undefined without TE; GroupedMLP's check for the grouped_gemm package."""
     import contextlib
 
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer.moe import grouped_gemm_util, moe_utils
 
+    moe_utils.te_general_gemm = None  # megatron-core's router uses it unset when Transformer Engine is absent
+    grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None  # GroupedMLP is built and saved, never run
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a: None
     torch.Tensor.cuda = lambda self, *a, **k: self
@@ -269,19 +418,37 @@ def _cpu_shims() -> None:
     )
 
 
-def _mcore_model(arch: str, seed: int, vocab: int = VOCAB):
+MOE_CONFIG = {  # TransformerConfig's MoE fields: Megatron-LM's args of the same names (num_experts aside)
+    "moe_router_topk": 2,
+    "moe_ffn_hidden_size": None,
+    "moe_layer_freq": 1,
+    "moe_shared_expert_intermediate_size": None,
+    "moe_shared_expert_gate": False,
+    "moe_router_score_function": "softmax",
+    "moe_router_topk_scaling_factor": None,
+    "moe_router_enable_expert_bias": False,
+}
+
+
+def _mcore_model(arch: str, seed: int, vocab: int = VOCAB, grouped: bool = False):
     """megatron-core's GPTModel of `ARCHS[arch]` with a `vocab`-token vocabulary (padded as Megatron-LM pads it),
-    built from those args as Megatron-LM does, and the full args."""
+    built from those args as Megatron-LM does, and the full args. MoE models: the decoder block spec of local
+    layers (SequentialMLP experts; GroupedMLP with `grouped`), the allgather dispatcher, EP as initialized."""
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     a = ARCHS[arch]
     gated, tied = a.get("swiglu", False), not a.get("untie_embeddings_and_output_weights", False)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+    experts = a.get("num_experts")
+    moe = {k: a.get(k, default) for k, default in MOE_CONFIG.items()} if experts else {}
+    if experts:
+        moe.update(num_moe_experts=experts, moe_grouped_gemm=grouped, expert_model_parallel_size=ep)
     cfg = TransformerConfig(
         num_layers=LAYERS,
         hidden_size=a["hidden_size"],
@@ -309,11 +476,16 @@ def _mcore_model(arch: str, seed: int, vocab: int = VOCAB):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,
+        **moe,
     )
     padded = 128 * tp * -(-vocab // (128 * tp))
+    if experts:
+        spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization=cfg.normalization)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm)
     model = GPTModel(
         cfg,
-        get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm),
+        spec,
         vocab_size=padded,
         max_sequence_length=64,
         position_embedding_type=a["position_embedding_type"],
@@ -331,6 +503,10 @@ def _mcore_model(arch: str, seed: int, vocab: int = VOCAB):
             # distinct values per TP shard and stage, the same on TP replicas; a tied output layer equals the embedding
             tied_copy = name == "output_layer.weight" and tied
             source, stage = ("embedding.word_embeddings.weight", 0) if tied_copy else (name, pp_rank)
+            local = re.search(r"local_experts\.(\d+)\.", source)  # by its global index (its EP rank's first + j)
+            if local:
+                first = ep_rank * experts // ep
+                source = source.replace(local[0], f"local_experts.{first + int(local[1])}.")
             shard = tp_rank if getattr(p, "tensor_model_parallel", False) else -1
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{source}|{shard}|{stage}".encode()))
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
@@ -348,6 +524,8 @@ def _mcore_model(arch: str, seed: int, vocab: int = VOCAB):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=ep,
+        moe_grouped_gemm=grouped,
         params_dtype=torch.float32,
         attention_backend=AttnBackend.auto,  # a Megatron enum, as real args hold
     )
@@ -369,10 +547,8 @@ def _param_diff(model, state: dict) -> float:
 def _save_legacy(model, args, directory: Path) -> None:
     """What Megatron-LM's save_checkpoint writes in the legacy format (args, model, numpy RNG state...)."""
     import numpy as np
-    from megatron.core import parallel_state as ps
 
-    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    name = f"mp_rank_{tp:02d}" if args.pipeline_model_parallel_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+    name = _rank_dir(args.pipeline_model_parallel_size, args.expert_model_parallel_size)
     (directory / name).mkdir(parents=True, exist_ok=True)
     state = {
         "args": args,
@@ -384,15 +560,51 @@ def _save_legacy(model, args, directory: Path) -> None:
     torch.save(state, directory / name / "model_optim_rng.pt")
 
 
-def _scenario(arch: str, out: Path, tp: int, pp: int) -> dict:
+def _rank_dir(pp: int, ep: int) -> str:
+    """This rank's legacy directory, as Megatron-LM names it: mp_rank_TT[_PPP][_EEE]."""
+    from megatron.core import parallel_state as ps
+
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    name += f"_{ps.get_pipeline_model_parallel_rank():03d}" if pp > 1 else ""
+    return name + (f"_{ps.get_expert_model_parallel_rank():03d}" if ep > 1 else "")
+
+
+def _grouped_forms(arch: str, out: Path) -> dict:
+    """GroupedMLP of the same model loads megatron-core's SequentialMLP checkpoint (its own resharding), saves its
+    rank files (weight1/weight2) and a torch_dist checkpoint: both read as the SequentialMLP checkpoint does."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
+
+    grouped, args = _mcore_model(arch, seed=4, grouped=True)
+    loaded = dist_checkpointing.load({"model": grouped.sharded_state_dict()}, str(out / "dist" / "iter_0000003"))
+    grouped.load_state_dict(loaded["model"])
+    for fmt in ("grouped_dist", "grouped_legacy"):
+        (out / fmt / "iter_0000003").mkdir(parents=True, exist_ok=True)
+        (out / fmt / "latest_checkpointed_iteration.txt").write_text("3")
+    state = {"model": grouped.sharded_state_dict(), "args": args, "iteration": 3, "checkpoint_version": 3.0}
+    dist_checkpointing.save(state, str(out / "grouped_dist" / "iter_0000003"))
+    _save_legacy(grouped, args, out / "grouped_legacy" / "iter_0000003")
+    dist.barrier()
+    if dist.get_rank() != 0:
+        return {}
+    options = Options(vocab_size=VOCAB)
+    reference = read("megatron", out / "dist", options)
+    result = {}
+    for fmt in ("grouped_dist", "grouped_legacy"):
+        ckpt = read("megatron", out / fmt, options)
+        result[f"{fmt}_equal"] = all(torch.equal(ckpt.get(n), reference.get(n)) for n in expected_shapes(ckpt.cfg))
+    return result
+
+
+def _scenario(arch: str, out: Path, tp: int, pp: int, ep: int = 1) -> dict:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     rank = dist.get_rank()
     model, args = _mcore_model(arch, seed=1)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()  # (dropout is 0; megatron-core's MoE refuses to train at TP > 1 without sequence parallelism)
     reference = _forward(model, ids)[..., :VOCAB].detach() if pp == 1 else None
     for fmt in ("dist", "legacy"):
         (out / fmt).mkdir(parents=True, exist_ok=True)
@@ -412,27 +624,30 @@ def _scenario(arch: str, out: Path, tp: int, pp: int) -> dict:
         convert("megatron", "mlite", out / "dist", out / "ml", options)
         if reference is not None:  # compared by the test, outside the process group
             torch.save({"ids": ids, "reference": reference}, out / "reference.pt")
-        tp_pp = dict(megatron_tp=tp, megatron_pp=pp)
-        convert("mlite", "megatron", out / "ml", out / "ours_dist", Options(**tp_pp))
-        local = Options(megatron_format="torch", megatron_spec="local", **tp_pp)
-        convert("mlite", "megatron", out / "ml", out / "ours_legacy", local)
-        if tp == pp == 1:  # TE names: what the local spec maps its norm names to in sharded checkpoints
+        layout = dict(megatron_tp=tp, megatron_pp=pp, megatron_ep=ep, megatron_spec="local")
+        convert("mlite", "megatron", out / "ml", out / "ours_dist", Options(**layout))
+        convert("mlite", "megatron", out / "ml", out / "ours_legacy", Options(megatron_format="torch", **layout))
+        if tp == pp == ep == 1:  # TE names: what the local spec maps its norm names to in sharded checkpoints
             convert("mlite", "megatron", out / "ml", out / "ours_te", Options(megatron_format="torch"))
             keys_map = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+            state = model.state_dict()
+            moe_layers = [k.removesuffix("mlp.router.weight") for k in state if k.endswith("mlp.router.weight")]
             expected = set()
-            for k in model.state_dict():
-                for old, new in keys_map.items():
-                    k = k.replace(old, new)
+            for k in state:
+                if not k.startswith(tuple(f"{layer}pre_mlp_layernorm." for layer in moe_layers)):
+                    for old, new in keys_map.items():  # TE's MoE layers keep their own pre_mlp_layernorm
+                        k = k.replace(old, new)
                 expected.add(k)
                 if k.endswith("linear_qkv._extra_state"):
                     expected.add(k.replace("linear_qkv", "core_attention"))
             ours_te = torch.load(out / "ours_te/release/mp_rank_00/model_optim_rng.pt", weights_only=False)["model"]
             result["te_names_match"] = set(ours_te) == expected
     dist.barrier()
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    if ARCHS[arch].get("num_experts") and pp == 1:
+        result.update(_grouped_forms(arch, out))
     fresh, _ = _mcore_model(arch, seed=2)
-    legacy = torch.load(out / "ours_legacy/release" / name / "model_optim_rng.pt", weights_only=False)["model"]
+    legacy_file = out / "ours_legacy/release" / _rank_dir(pp, ep) / "model_optim_rng.pt"
+    legacy = torch.load(legacy_file, weights_only=False)["model"]
     fresh.load_state_dict(legacy, strict=True)
     diffs = [_param_diff(model, dict(fresh.named_parameters()))]
     fresh, _ = _mcore_model(arch, seed=3)
@@ -445,16 +660,26 @@ def _scenario(arch: str, out: Path, tp: int, pp: int) -> dict:
     return result
 
 
+def _passes(scenario: str) -> list[tuple[int, int, int, tuple[str, ...]]]:
+    """(TP, PP, EP, archs) a scenario's processes run, one parallel layout after another; results of archs at EP > 1
+    are named ARCH@epN."""
+    if scenario == "tp2":
+        return [(2, 1, 1, tuple(ARCHS)), (1, 1, 2, tuple(f"{a}@ep2" for a in MOE_ARCHS))]
+    return [(1, 1, 1, tuple(ARCHS))] if scenario == "tp1" else [(1, 2, 1, PIPELINE_ARCHS)]
+
+
 def _worker(scenario: str, out: str) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    tp, pp = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}[scenario]
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=3))
     _cpu_shims()
-    parallel_state.initialize_model_parallel(tp, pp)
-    archs = PIPELINE_ARCHS if pp > 1 else ARCHS
-    results = {arch: _scenario(arch, Path(out) / arch, tp, pp) for arch in archs}
+    results = {}
+    for tp, pp, ep, archs in _passes(scenario):
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
+        for arch in archs:
+            results[arch] = _scenario(arch.split("@")[0], Path(out) / arch, tp, pp, ep)
     if dist.get_rank() == 0:
         (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

@@ -76,9 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--megatron-format", choices=("torch_dist", "torch"), default="torch_dist", help="megatron output")
     p.add_argument("--megatron-tp", type=int, default=1, help="megatron output: tensor-parallel size (vocab padding)")
     p.add_argument("--megatron-pp", type=int, default=1, help="megatron output (torch format): pipeline stages")
+    p.add_argument(
+        "--megatron-ep", type=int, default=1, help="megatron output (torch format, MoE): expert-parallel size"
+    )
     p.add_argument("--hf-config", metavar="DIR", help="deepspeed input: the directory of the model's config.json")
     p.add_argument(
-        "--megatron-spec", choices=("te", "local"), default="te", help="megatron torch output: TE or local norm names"
+        "--megatron-spec",
+        choices=("te", "local"),
+        default="te",
+        help="megatron output: TE or local norm names (torch format; torch_dist: an MoE layer's pre-MLP norm)",
     )
     p.add_argument(
         "--weights-only",
@@ -100,14 +106,15 @@ def main(args: argparse.Namespace) -> None:
         megatron_format=args.megatron_format,
         megatron_tp=args.megatron_tp,
         megatron_pp=args.megatron_pp,
+        megatron_ep=args.megatron_ep,
         megatron_spec=args.megatron_spec,
         vocab_size=args.vocab_size,
         weights_only=args.weights_only,
     )
     if args.hf_config and args.src_format != "deepspeed":
         raise UserError("--hf-config is for --from deepspeed (an hf source holds its config.json)")
-    if min(args.megatron_tp, args.megatron_pp) < 1:
-        raise UserError("--megatron-tp and --megatron-pp must be >= 1")
+    if min(args.megatron_tp, args.megatron_pp, args.megatron_ep) < 1:
+        raise UserError("--megatron-tp, --megatron-pp and --megatron-ep must be >= 1")
     src, dst = Path(args.src), Path(args.dst)
     if args.verify:  # refuse before anything is written, not after the conversion
         from megatronlite.convert.verify import transformers_for

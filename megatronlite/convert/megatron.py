@@ -9,6 +9,14 @@ The model's shape and every feature come from the Megatron-LM args saved in the 
 `arch` only names the closest family), and are written back as args on export; a feature one side
 cannot express is refused, never approximated. The tensor names are in megatron_names.
 
+Mixture of experts: --num-experts and the --moe-* args are read by `config from-megatron`'s mapping
+(from_megatron.mapping.Mapper.moe: experts, top-k, widths, layer pattern, router score and normalisation,
+scaling, balance and z losses, expert bias, shared expert and its gate), and written back (`moe_args`). What
+changes the layer's function and megatronlite lacks (`MOE_ABSENT`: group-limited routing, token dropping,
+input jitter, ...; biases on the router and experts) is refused; how the balance loss is pooled only trains
+differently and is taken as config from-megatron takes it. An MoE run's optimizer state is not carried (see
+`refuse_moe_run`).
+
 A training checkpoint carries the run: the iteration (our step, and so the LR schedule's position),
 args.consumed_train_samples (the data position), Adam's moments and step count, the fp32 master weights,
 and args.seed (`Checkpoint.seed`). torch_dist holds them in model space (see megatron_dist); what the
@@ -28,9 +36,9 @@ from pathlib import Path
 import torch
 
 from megatronlite import config as config_mod
-from megatronlite.config import Config, ModelConfig
+from megatronlite.config import Config, ModelConfig, MoEConfig
 from megatronlite.convert import megatron_dist, megatron_legacy
-from megatronlite.convert.megatron_names import ignored, mapping
+from megatronlite.convert.megatron_names import expert_biases, ignored, mapping
 from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
@@ -75,17 +83,36 @@ ABSENT = {
     "rotary_interleaved": False,
     "rotary_seq_len_interpolation_factor": None,
     "apply_layernorm_1p": False,
-    "num_experts": None,
     "squared_relu": False,
     "multi_latent_attention": False,
     "window_attn_skip_freq": None,
     "softmax_type": "vanilla",
 }
+# megatron-core MoE features megatronlite does not have: the arg and the value that means "off"
+MOE_ABSENT = {
+    "moe_router_num_groups": None,  # group-limited routing (DeepSeek's device- or node-limited top-k)
+    "moe_router_group_topk": None,
+    "moe_router_topk_limited_devices": None,
+    # token dropping: megatron-core keeps the most probable assignments over capacity (or a top-k over a 0/1 map,
+    # --moe-token-drop-policy position), megatronlite the earliest tokens
+    "moe_expert_capacity_factor": None,
+    "moe_input_jitter_eps": None,  # multiplicative noise on the router's input, in every forward
+    "moe_router_force_load_balancing": False,  # random router logits (a benchmark mode)
+    "moe_apply_probs_on_input": False,  # the router's weight applied to the expert's input, not its output
+    "moe_latent_size": None,  # experts in a projected latent space
+}
+# config from-megatron's approximations that only train differently: how the balance loss pools its assignments,
+# and expert TP (the legacy reader takes expert TP = TP; torch_dist holds whole experts)
+MOE_TRAINING = {"moe_router_load_balancing_type", "expert_tensor_parallel_size"}
 DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}  # ours -> Megatron's
 SUPPORTED = (
     "dense GPT models: RMSNorm or LayerNorm, --swiglu or --openai-gelu, rope (optionally --use-rope-scaling) "
     "or learned absolute positions, biases on all linear layers or QKV only, --qk-layernorm with RMSNorm, "
     "a causal --window-size on every layer"
+)
+SUPPORTED_MOE = (
+    "megatron-core MoE layers without biases: softmax or sigmoid top-k routing (pre-softmax or renormalised, scaled, "
+    "an expert bias of zeros), dropless, SwiGLU or GELU experts, a shared expert with or without its sigmoid gate"
 )
 
 
@@ -150,6 +177,28 @@ def features(values: dict, where: Path) -> dict:
     )
 
 
+def moe_config(args: dict, where: Path) -> MoEConfig:
+    """`model.moe` of Megatron-LM's MoE args, as `config from-megatron` maps them; what megatronlite's MoE layer
+    cannot compute is refused."""
+    if not args.get("num_experts"):
+        return MoEConfig()
+    from megatronlite.from_megatron.mapping import Args, Mapper
+
+    for key, off in MOE_ABSENT.items():
+        if args.get(key, off) not in (off, None):
+            refuse(where, f"args.{key}={args[key]!r}", SUPPORTED_MOE)
+    if args.get("add_bias_linear", DEFAULTS["add_bias_linear"]):
+        refuse(where, "args.add_bias_linear with args.num_experts (biases on the router and experts)", SUPPORTED_MOE)
+    balance = args.get("moe_router_load_balancing_type")
+    if "sinkhorn" in (balance if isinstance(balance, list) else [balance]):
+        refuse(where, f"args.moe_router_load_balancing_type={balance!r} (Sinkhorn routing)", SUPPORTED_MOE)
+    mapper = Mapper(Args(args), {}, str(where), None)
+    found = mapper.moe(require(args, "num_layers", where))
+    for dest in sorted(mapper.flagged - MOE_TRAINING):
+        refuse(where, f"args.{dest}={args.get(dest)!r}", SUPPORTED_MOE)
+    return MoEConfig(**found)
+
+
 def model_config(args: dict, where: Path, vocab_size: int | None) -> tuple[ModelConfig, int]:
     """The megatronlite model of Megatron-LM args, and the padded vocabulary size the tensors have."""
     values = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
@@ -171,6 +220,7 @@ def model_config(args: dict, where: Path, vocab_size: int | None) -> tuple[Model
         vocab_size=vocab,
         max_seq_len=args.get("max_position_embeddings") or require(args, "seq_length", where),
         init_std=float(values["init_method_std"]),
+        moe=moe_config(args, where),
         **found,
     )
     return model, padded
@@ -215,11 +265,56 @@ def feature_args(m: ModelConfig) -> dict:
     )
 
 
+def moe_args(m: ModelConfig) -> dict:
+    """The Megatron-LM args of `m.moe`; a setting megatron-core's MoE layer cannot express is refused."""
+    moe = m.moe
+    if not moe.num_experts:
+        return {"num_experts": None}
+
+    def cannot(key: str, why: str) -> UserError:
+        return UserError(f"model.moe.{key}={getattr(moe, key)!r} cannot be written for Megatron: {why}")
+
+    if m.bias:
+        raise UserError(
+            "model.bias with model.moe cannot be written for Megatron: add_bias_linear also puts biases on the "
+            "router and the experts, which megatronlite's experts do not have"
+        )
+    if moe.capacity_factor is not None:
+        raise cannot(
+            "capacity_factor", "megatron-core keeps the most probable assignments over capacity, not the earliest"
+        )
+    if moe.router == "sigmoid" and moe.normalize_top_k != (moe.top_k > 1):
+        raise cannot("normalize_top_k", "megatron-core's sigmoid router renormalises the chosen weights when top_k > 1")
+    if moe.router == "softmax" and moe.top_k == 1 and moe.normalize_top_k:
+        raise cannot("normalize_top_k", "at top_k 1 megatron-core's softmax router is pre-softmax (not renormalised)")
+    if moe.router == "softmax" and moe.bias_update_rate:
+        raise cannot("bias_update_rate", "megatron-core's expert bias needs the sigmoid router")
+    return dict(
+        num_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=m.expert_ffn_size,
+        moe_layer_freq=1 if all(moe.layers(m.num_layers)) else moe.layer_freq,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_router_score_function=moe.router,
+        moe_router_pre_softmax=moe.router == "softmax" and not moe.normalize_top_k,
+        moe_router_topk_scaling_factor=None if moe.scaling_factor == 1.0 else moe.scaling_factor,
+        moe_router_load_balancing_type="global_aux_loss" if moe.aux_loss_scope == "global" else "aux_loss",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_router_enable_expert_bias=bool(moe.bias_update_rate),
+        moe_router_bias_update_rate=moe.bias_update_rate or 1e-3,  # Megatron-LM's default when it is off
+        moe_grouped_gemm=False,  # SequentialMLP, the experts' form we write (megatron_legacy)
+        **MOE_ABSENT,
+    )
+
+
 def make_args(m: ModelConfig, padded: int, dtype: torch.dtype, options: Options) -> argparse.Namespace:
     """Megatron-LM args describing `m`, enough for `--use-checkpoint-args` and for our reader."""
     return argparse.Namespace(
         **feature_args(m),
         **{k: v for k, v in ABSENT.items() if v is not None},
+        **moe_args(m),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_size,
@@ -236,6 +331,8 @@ def make_args(m: ModelConfig, padded: int, dtype: torch.dtype, options: Options)
         tensor_model_parallel_size=options.megatron_tp,
         pipeline_model_parallel_size=options.megatron_pp,
         virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=options.megatron_ep,
+        expert_tensor_parallel_size=options.megatron_tp if m.moe.num_experts else None,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -286,12 +383,22 @@ def read(path: Path, options: Options) -> Checkpoint:
     args = fmt.load_args(directory)
     model, padded = model_config(args, directory, options.vocab_size)
     store = fmt.open_store(directory, args)
-    cfg, rules, skip = run_config(model, path.name), mapping(model, padded), functools.partial(ignored, model)
+    stored = set(store.keys())
+    rules = mapping(model, padded, stored=stored)
+    cfg, skip = run_config(model, path.name), functools.partial(ignored, model)
     ckpt = from_store(cfg, store, rules, skip)  # its dtype stays the model tensors' (the run's training dtype)
     ckpt.seed = args.get("seed")
+    for name in expert_biases(model):
+        if name in stored and store.get(name).any():
+            raise UserError(
+                f"{directory}: {name} holds nonzero selection biases (aux-loss-free balancing), which megatronlite "
+                "keeps as training state, not weights: the converted model would route differently; megatronlite "
+                "converts MoE checkpoints whose expert biases are zero"
+            )
     state = None if options.weights_only else fmt.optimizer_state(directory, args, store)
     if state is None:
         return ckpt
+    refuse_moe_run(model)
     ckpt.cfg = _carried_run_config(ckpt, args, path, directory)
     if state.masters is not None:
         ckpt.get = from_store(cfg, state.masters, rules, skip).get
@@ -299,6 +406,17 @@ def read(path: Path, options: Options) -> Checkpoint:
     steps, consumed = state.adam_steps, state.consumed_samples
     ckpt.training = TrainingState(moments, state.iteration, steps, consumed, state.adam_steps_from)
     return ckpt
+
+
+def refuse_moe_run(m: ModelConfig) -> None:
+    """An MoE run's optimizer state is not carried either way: megatron-core keeps the experts' parameters in an
+    optimizer of their own (param groups with is_expert_parallel, chained with the dense one), whose state and step
+    counts megatronlite neither reads nor writes."""
+    if m.moe.num_experts:
+        raise UserError(
+            "carrying an MoE run's optimizer state to or from Megatron is not supported (megatron-core keeps the "
+            "experts' in an optimizer of their own): pass --weights-only to convert the weights alone"
+        )
 
 
 def _carried_run_config(ckpt: Checkpoint, args: dict, path: Path, directory: Path) -> Config:
@@ -321,13 +439,19 @@ def _carried_run_config(ckpt: Checkpoint, args: dict, path: Path, directory: Pat
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
     m = ckpt.cfg.model
-    tp, pp = options.megatron_tp, options.megatron_pp
-    if m.kv_heads % tp or m.ffn_size % tp or m.num_layers % pp:
+    tp, pp, ep = options.megatron_tp, options.megatron_pp, options.megatron_ep
+    ffn = [m.ffn_size] + ([m.expert_ffn_size, m.moe.shared_expert_ffn_hidden_size] if m.moe.num_experts else [])
+    if m.kv_heads % tp or any(f % tp for f in ffn) or m.num_layers % pp:
+        sizes = " and ".join(str(f) for f in ffn if f)
         raise UserError(
-            f"--megatron-tp {tp} must divide the KV heads ({m.kv_heads}) and FFN size ({m.ffn_size}), "
+            f"--megatron-tp {tp} must divide the KV heads ({m.kv_heads}) and FFN sizes ({sizes}), "
             f"--megatron-pp {pp} the layers ({m.num_layers})"
         )
+    if ep > 1 and (not m.moe.num_experts or m.moe.num_experts % ep):
+        raise UserError(f"--megatron-ep {ep} must divide the experts ({m.moe.num_experts})")
     training = ckpt.training
+    if training is not None:
+        refuse_moe_run(m)
     if training is not None and options.megatron_format != "torch_dist":
         raise UserError(
             "--megatron-format torch cannot carry Adam's state (the legacy format indexes it by parameter position): "
@@ -341,8 +465,9 @@ def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:
     tag = RELEASE if training is None else str(training.step)
     directory = dst / (RELEASE if training is None else f"iter_{training.step:07d}")
     directory.mkdir(parents=True)
+    rules = mapping(m, padded, spec=options.megatron_spec)
     if options.megatron_format == "torch_dist":
-        megatron_dist.write(directory, mapping(m, padded), ckpt, args, dtype)
+        megatron_dist.write(directory, rules, ckpt, args, dtype)
     else:
-        megatron_legacy.write(directory, mapping(m, padded), ckpt, args, dtype, options.megatron_spec)
+        megatron_legacy.write(directory, rules, ckpt, args, dtype, options.megatron_spec)
     (dst / TRACKER).write_text(tag)

@@ -4,7 +4,10 @@ plus `common.pt` (the non-tensor state, with Megatron-LM's args) and `metadata.j
 Layer tensors are stored stacked, `decoder.layers.mlp.linear_fc2.weight` of shape [layers, ...],
 in whatever chunks the writer's TP/PP layout had; reading one layer reads just its box. We write
 one chunk per layer, so memory stays near one layer's tensor, and any TP/PP layout can load it
-(megatron-core reshards, and pads or trims the vocabulary rows to its own padded size).
+(megatron-core reshards, and pads or trims the vocabulary rows to its own padded size). A model whose
+layers differ (MoE layers among dense ones: --moe-layer-freq a list or above 1) is stored per layer instead,
+`decoder.layers.3.mlp.linear_fc2.weight`, as megatron-core's TransformerBlock then saves it. The experts of an MoE
+layer are one tensor with an expert dim after the layer dim (global expert indices: any EP layout loads it).
 
 A training checkpoint also holds the optimizer's state, in one of two kinds of layout:
 
@@ -33,7 +36,7 @@ import torch
 from megatronlite.checkpoint.weights import LazyChunk, expected_shapes, save_chunks
 from megatronlite.convert.dcp_store import Box, DcpStore, stored_tensors, whole
 from megatronlite.convert.mapping import Get, Mapping
-from megatronlite.convert.megatron_names import LAYER
+from megatronlite.convert.megatron_names import EXPERTS, LAYER, expert_biases
 from megatronlite.convert.model_state import Checkpoint, TrainingState
 from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
@@ -196,10 +199,35 @@ def optimizer_state(directory: Path, args: dict, store: DcpStore) -> OptimizerSt
 def _extra_states(chunks: list[LazyChunk], layers: int) -> dict[str, list[None]]:
     """Per-layer `_extra_state` objects (FP8 metadata; None without it), which megatron-core's loader
     requires for every linear layer, and for Transformer Engine's attention (ignored by local layers).
-    megatron-core stores each object as a one-element list under `KEY/shard_LAYER_LAYERS`."""
-    modules = {c.key.removesuffix(".weight") for c in chunks if c.key.startswith(STACKED) and c.key.endswith(LINEARS)}
-    modules |= {m.replace(".linear_qkv", ".core_attention") for m in modules if m.endswith(".linear_qkv")}
-    return {f"{m}._extra_state/shard_{i}_{layers}": [None] for m in sorted(modules) for i in range(layers)}
+    megatron-core stores each object as a one-element list under `KEY/shard_OFFSETS_SHAPE`: one per layer of a
+    stacked key (`shard_2_4`: layer 2 of 4), per expert too for experts (`shard_2.1_4.8`: expert 1 of 8), and
+    under a per-layer key one object (`shard_0_1`) or one per expert (`shard_1_8`)."""
+    out: dict[str, list[None]] = {}
+    for c in chunks:
+        if not (c.key.startswith(STACKED) and c.key.endswith(LINEARS)):
+            continue
+        module = c.key.removesuffix(".weight")
+        stacked = not module.removeprefix(STACKED).split(".")[0].isdigit()
+        offsets, shape = ((c.offsets[0],), (layers,)) if stacked else ((), ())
+        if EXPERTS in module:
+            count = c.global_shape[len(shape)]
+            grid = [(offsets + (e,), shape + (count,)) for e in range(count)]
+        else:
+            grid = [(offsets or (0,), shape or (1,))]
+        modules = [module] + (
+            [module.replace(".linear_qkv", ".core_attention")] if module.endswith(".linear_qkv") else []
+        )
+        for name in modules:
+            for at, size in grid:
+                out[f"{name}._extra_state/shard_{'.'.join(map(str, at))}_{'.'.join(map(str, size))}"] = [None]
+    return dict(sorted(out.items()))
+
+
+def per_layer(args: argparse.Namespace) -> bool:
+    """Whether megatron-core saves the layers one key each (TransformerBlock.sharded_state_dict): when MoE layers
+    sit among dense ones, --moe-layer-freq a list or an interval above 1."""
+    freq = getattr(args, "moe_layer_freq", 1) if getattr(args, "num_experts", None) else 1
+    return isinstance(freq, list) or freq > 1
 
 
 def scheduler_state(args: argparse.Namespace) -> dict:
@@ -265,6 +293,7 @@ def write(directory: Path, mapping: Mapping, ckpt: Checkpoint, args: argparse.Na
         tensors.append((f"{STATE}param.", ckpt.get, torch.float32))
         tensors += [(f"{STATE}{kind}.", ckpt.training.moments[kind], torch.float32) for kind in MOMENTS]
     their_shapes = mapping.their_shapes(expected_shapes(ckpt.cfg))
+    stack = not per_layer(args)
     with Staging(directory) as staging:  # DCP's writer holds every tensor of a file until the file is done
 
         def load(get: Get, name: str, stacked: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -272,9 +301,21 @@ def write(directory: Path, mapping: Mapping, ckpt: Checkpoint, args: argparse.Na
             return t.unsqueeze(0) if stacked else t
 
         chunks = []
+        experts = (ckpt.cfg.model.moe.num_experts,)
+        for name in expert_biases(ckpt.cfg.model):  # zeros (see megatron_names), in the model alone, fp32 as kept
+            layer = LAYER.fullmatch(name)
+            if stack:
+                at, stacked = (int(layer[1]), 0), (args.num_layers, *experts)
+                chunks.append(
+                    LazyChunk(
+                        STACKED + layer[2], stacked, at, (1, *experts), torch.float32, lambda: torch.zeros(1, *experts)
+                    )
+                )
+            else:
+                chunks.append(LazyChunk(name, experts, (0,), experts, torch.float32, lambda: torch.zeros(experts)))
         for prefix, get, kind_dtype in tensors:
             for name, shape in their_shapes.items():
-                layer = LAYER.fullmatch(name)
+                layer = LAYER.fullmatch(name) if stack else None
                 if layer is None:
                     whole_tensor = functools.partial(load, get, name, False, kind_dtype)
                     chunks.append(LazyChunk(prefix + name, shape, (0,) * len(shape), shape, kind_dtype, whole_tensor))

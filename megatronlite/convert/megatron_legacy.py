@@ -1,6 +1,7 @@
-"""Megatron's legacy `torch` format: one file per (TP, PP) rank, `mp_rank_TT[_PPP]/model_optim_rng.pt`,
-a dict of `args`, `iteration`, `checkpoint_version` and `model` (`model0`, `model1`, ... with
-virtual pipeline stages), beside optimizer and RNG state we do not read.
+"""Megatron's legacy `torch` format: one file per (TP, PP, EP) rank, `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`
+(`_PPP` with pipeline stages, `_EEE` with expert parallelism), a dict of `args`, `iteration`,
+`checkpoint_version` and `model` (`model0`, `model1`, ... with virtual pipeline stages), beside optimizer and
+RNG state we do not read.
 
 A training checkpoint's optimizer state is refused unless --weights-only leaves it behind: the
 non-distributed optimizer's `optimizer.state` is indexed by parameter position in param groups
@@ -13,18 +14,29 @@ Column-parallel weights and biases are split on dim 0 (SwiGLU's fc1 per rank is 
 ones on dim 1, the rest replicated. Reading memory-maps every rank file and joins a global tensor
 from its shards when asked; writing splits each global tensor as it is made and parks the shards
 in memory-mapped files until each rank's file is saved.
+
+Experts. An EP rank's file holds its E / EP experts, numbered from 0 (expert j of EP rank r is global expert
+r x E / EP + j), and a copy of everything else; each expert is TP-split as a dense MLP is (Megatron-LM's expert TP
+defaults to TP; another one is refused). A rank holds them in its expert module's own form: SequentialMLP's
+`mlp.experts.local_experts.J.linear_fc1.weight` (what we write: megatron-core builds it unless
+--moe-grouped-gemm, with local and Transformer Engine layers alike), TEGroupedMLP's `mlp.experts.linear_fc1.weightJ`
+(the same tensor), or GroupedMLP's `mlp.experts.weight1` [h, J x out] (its blocks [h, out], x @ block, are our
+[out, h] transposed) and `weight2` [J x f, h]. Reading turns each into megatron_names' stacked
+`mlp.experts.experts.linear_fc1.weight` [E, ...] (`mapping.stacked`), the torch_dist name and layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from megatronlite.convert.mapping import Mapping
-from megatronlite.convert.megatron_names import LAYER
+from megatronlite.convert.mapping import Mapping, Rule, stacked
+from megatronlite.convert.megatron_names import LAYER, expert_biases
 from megatronlite.convert.model_state import Checkpoint, refuse
 from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
@@ -48,10 +60,47 @@ LOCAL_NORMS = {
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
 UNEVEN = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "pipeline_model_parallel_layout")
+# an expert's tensor in a rank file: SequentialMLP's, TEGroupedMLP's, or GroupedMLP's (all local experts)
+RANK_EXPERTS = re.compile(
+    r"(?P<experts>decoder\.layers\.\d+\.mlp\.experts\.)"
+    r"(?:local_experts\.(?P<j>\d+)\.(?P<linear>linear_fc[12]\.weight)|(?P<te>linear_fc[12])\.weight(?P<te_j>\d+)"
+    r"|weight(?P<grouped>[12]))"
+)
+ONE_EXPERT = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)")
+STACKED_EXPERTS = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts\.)experts\.(.+)")
+TO_TORCH_DIST = (
+    "convert it to torch_dist with Megatron-LM (--ckpt-convert-format torch_dist --ckpt-convert-save DIR) and "
+    "convert that"
+)
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"
+
+
+def _experts_of(name: str, t: torch.Tensor, local: int, first: int) -> list[tuple[str, torch.Tensor]] | None:
+    """A rank file's expert tensor as (`...mlp.experts.local_experts.G.linear_fcN.weight`, [out, in]) per expert,
+    G global (this EP rank's experts start at `first`); None for any other tensor."""
+    m = RANK_EXPERTS.fullmatch(name)
+    if m is None:
+        return None
+    if m["grouped"] is None:
+        j, linear = (m["j"], m["linear"]) if m["j"] is not None else (m["te_j"], m["te"] + ".weight")
+        return [(f"{m['experts']}local_experts.{first + int(j)}.{linear}", t)]
+    # GroupedMLP multiplies x @ weight1.view(J, h, out)[j] and y @ weight2.view(J, f, h)[j]
+    blocks = t.view(local, t.shape[0], -1) if m["grouped"] == "1" else t.view(local, -1, t.shape[1])
+    linear = f"linear_fc{m['grouped']}.weight"
+    return [(f"{m['experts']}local_experts.{first + j}.{linear}", b.t()) for j, b in enumerate(blocks)]
+
+
+def _stacked_experts(name: str, experts: int) -> Rule | None:
+    """The stacked experts' tensor `name` (`...mlp.experts.experts.linear_fc1.weight`, as in megatron_names) and
+    its experts' tensors (`...mlp.experts.local_experts.G.linear_fc1.weight`, G global); None for another name."""
+    m = STACKED_EXPERTS.fullmatch(name)
+    if m is None:
+        return None
+    return stacked(name, [f"{m[1]}local_experts.{g}.{m[2]}" for g in range(experts)])
 
 
 def _tp_dim(name: str) -> int | None:
@@ -91,7 +140,8 @@ def _stage_name(name: str, offset: int, to_global: bool) -> str:
 
 
 def _norm_name(name: str, local: bool) -> str:
-    """TE norm names <-> local-layer norm names."""
+    """TE norm names <-> local-layer norm names. (An MoE layer's `pre_mlp_layernorm` is TE's name too: to TE, it
+    is read as the fused name, which megatron_names.mapping then takes for it; it is written as it is.)"""
     for local_part, te_part in LOCAL_NORMS.items():
         old, new = (te_part, local_part) if local else (local_part, te_part)
         if f".{old}" in name:
@@ -127,37 +177,64 @@ class LegacyStore:
         per_stage, leftover = divmod(args["num_layers"], pp * vpp)
         if leftover:
             refuse(directory, f"{args['num_layers']} layers over {pp * vpp} pipeline stages", "even pipeline stages")
+        experts = args.get("num_experts") or 0
+        ep = (args.get("expert_model_parallel_size") or 1) if experts else 1
+        expert_tp = args.get("expert_tensor_parallel_size") or tp
+        if experts and expert_tp != tp:
+            refuse(
+                directory,
+                f"args.expert_tensor_parallel_size={expert_tp} with args.tensor_model_parallel_size={tp}",
+                f"legacy MoE files whose experts are split as the dense layers are (expert TP = TP); {TO_TORCH_DIST}",
+            )
         self.glu = bool(args.get("swiglu"))
         self.shards: dict[str, list[torch.Tensor | None]] = defaultdict(lambda: [None] * tp)
         self.optimizer_file: Path | None = None  # the first rank file holding optimizer state
-        for p in range(pp):
-            for t in range(tp):
-                path = directory / rank_dir(t, p, pp) / FILE
-                state = load_torch_file(path)
-                if self.optimizer_file is None and _holds_optimizer(state, path):
-                    self.optimizer_file = path
-                chunks = ["model"] if vpp == 1 else [f"model{v}" for v in range(vpp)]
-                for v, chunk in enumerate(chunks):
-                    model = state.get(chunk) if isinstance(state, dict) else None
-                    if not isinstance(model, dict):
-                        raise UserError(f"{path}: no '{chunk}' state dict")
-                    if any(k.startswith("language_model.") for k in model):
-                        refuse(path, "the pre-megatron-core layout (language_model.*)", "megatron-core GPT models")
-                    offset = (v * pp + p) * per_stage
-                    for key, value in model.items():
-                        if isinstance(value, torch.Tensor):
-                            self.shards[_norm_name(_stage_name(key, offset, True), local=False)][t] = value
+        for e, p, t in itertools.product(range(ep), range(pp), range(tp)):
+            path = directory / rank_dir(t, p, pp, e, ep) / FILE
+            state = load_torch_file(path)
+            if self.optimizer_file is None and _holds_optimizer(state, path):
+                self.optimizer_file = path
+            chunks = ["model"] if vpp == 1 else [f"model{v}" for v in range(vpp)]
+            for v, chunk in enumerate(chunks):
+                model = state.get(chunk) if isinstance(state, dict) else None
+                if not isinstance(model, dict):
+                    raise UserError(f"{path}: no '{chunk}' state dict")
+                if any(k.startswith("language_model.") for k in model):
+                    refuse(path, "the pre-megatron-core layout (language_model.*)", "megatron-core GPT models")
+                offset = (v * pp + p) * per_stage
+                for key, value in model.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    name = _norm_name(_stage_name(key, offset, True), local=False)
+                    found = _experts_of(name, value, experts // ep, e * experts // ep) if experts else None
+                    if found is None and e == 0:  # the other EP ranks hold copies of what is not an expert
+                        self.shards[name][t] = value
+                    for one, tensor in found or ():
+                        self.shards[one][t] = tensor
         for name, parts in self.shards.items():
             if any(part is None for part in parts):
                 raise UserError(f"{directory}: tensor {name} is missing from TP rank {parts.index(None)}")
+        self.stacks: dict[str, Rule] = {}  # a layer's stacked experts' tensor, by the name megatron_names gives it
+        for name in self.shards:
+            one = ONE_EXPERT.fullmatch(name)
+            stack = one and _stacked_experts(f"{one[1]}experts.{one[3]}", experts)
+            if stack and stack.ours[0] not in self.stacks:
+                missing = [n for n in stack.theirs if n not in self.shards]
+                if missing:
+                    raise UserError(f"{directory}: tensor {missing[0]} is missing (the layer has {experts} experts)")
+                self.stacks[stack.ours[0]] = stack
 
     def keys(self) -> list[str]:
-        return list(self.shards)
+        return [n for n in self.shards if not ONE_EXPERT.fullmatch(n)] + list(self.stacks)
 
     def meta(self, name: str) -> torch.Tensor:
+        if name in self.stacks:
+            return self.stacks[name].to_ours(*map(self.meta, self.stacks[name].theirs))[0]
         return join(name, [torch.empty_like(s, device="meta") for s in self.shards[name]], self.glu)
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.stacks:
+            return self.stacks[name].to_ours(*map(self.get, self.stacks[name].theirs))[0]
         return join(name, self.shards[name], self.glu)
 
 
@@ -206,21 +283,42 @@ def _extra_states(model: dict, last_stage: bool, local: bool) -> dict[str, None]
     return {f"{m}._extra_state": None for m in modules}
 
 
+def _by_expert_rank(name: str, t: torch.Tensor, experts: int, ep: int) -> list[tuple[int | None, str, torch.Tensor]]:
+    """(EP rank, name there, tensor): each expert of a stacked experts' tensor, with its local index on its EP rank;
+    anything else once, for every EP rank (None)."""
+    stack = _stacked_experts(name, experts)
+    if stack is None:
+        return [(None, name, t)]
+    local = experts // ep
+    names = [ONE_EXPERT.fullmatch(n) for n in stack.theirs]
+    parts = stack.to_theirs(t)
+    return [
+        (g // local, f"{m[1]}local_experts.{g % local}.{m[3]}", part) for g, (m, part) in enumerate(zip(names, parts))
+    ]
+
+
 def write(
     directory: Path, mapping: Mapping, ckpt: Checkpoint, args: argparse.Namespace, dtype: torch.dtype, spec: str
 ) -> None:
+    """Each (TP, PP, EP) rank's file; an MoE layer's experts in SequentialMLP's form (see the module doc)."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    models: dict[tuple[int, int], dict] = {(t, p): {} for p in range(pp) for t in range(tp)}
+    experts = getattr(args, "num_experts", None) or 0
+    ep = getattr(args, "expert_model_parallel_size", 1) if experts else 1
+    models: dict[tuple[int, int, int], dict] = {k: {} for k in itertools.product(range(tp), range(pp), range(ep))}
+    weights = ((name, t.to(dtype)) for name, t in mapping.stream_theirs(ckpt.get))
+    biases = ((name, torch.zeros(experts)) for name in expert_biases(ckpt.cfg.model))  # fp32, as megatron keeps them
     with Staging(directory) as staging:
-        for name, tensor in mapping.stream_theirs(ckpt.get):
-            tensor = tensor.to(dtype)
-            for stage, local_name in _placements(name, args):
-                stored_name = _norm_name(local_name, local=spec == "local")
-                for t, shard in enumerate(split(local_name, tensor, tp, args.swiglu)):
-                    models[t, stage][stored_name] = staging.put(shard.contiguous())
-        for (t, p), model in models.items():
+        for name, tensor in itertools.chain(weights, biases):
+            for e, expert_name, part in _by_expert_rank(name, tensor, experts, ep):
+                for stage, local_name in _placements(expert_name, args):
+                    stored_name = _norm_name(local_name, local=True) if spec == "local" else local_name
+                    for t, shard in enumerate(split(local_name, part, tp, args.swiglu)):
+                        shard = staging.put(shard.contiguous())
+                        for rank in range(ep) if e is None else (e,):
+                            models[t, stage, rank][stored_name] = shard
+        for (t, p, e), model in models.items():
             model.update(_extra_states(model, last_stage=p == pp - 1, local=spec == "local"))
-            rank = directory / rank_dir(t, p, pp)
+            rank = directory / rank_dir(t, p, pp, e, ep)
             rank.mkdir()
             state = {"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": model}
             torch.save(state, rank / FILE)

@@ -46,7 +46,9 @@ class Options:
     megatron_format: str = "torch_dist"  # megatron output: torch_dist | torch (legacy mp_rank_XX files)
     megatron_tp: int = 1  # megatron output: tensor-parallel size (vocab padding; legacy files)
     megatron_pp: int = 1  # megatron output: pipeline-parallel size (legacy files)
-    megatron_spec: str = "te"  # legacy megatron output: norm names of Transformer Engine (te) or local layers
+    megatron_ep: int = 1  # megatron output: expert-parallel size (legacy files of MoE models)
+    megatron_spec: str = "te"  # megatron output: norm names of Transformer Engine (te) or local layers (legacy
+    # files; in torch_dist the names of an MoE layer's pre-MLP norm, which the two spell differently)
     vocab_size: int | None = None  # megatron input: the real vocabulary (else args.vocab_size, else padded)
     weights_only: bool = False  # convert the weights alone, leaving a source's optimizer state and position behind
 

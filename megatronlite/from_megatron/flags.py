@@ -73,6 +73,7 @@ moe-router-topk int 2
 moe-ffn-hidden-size int
 moe-layer-freq any 1
 moe-shared-expert-intermediate-size int
+moe-shared-expert-gate true
 moe-router-score-function str 'softmax'
 moe-router-pre-softmax true
 moe-router-topk-scaling-factor float

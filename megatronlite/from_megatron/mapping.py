@@ -219,8 +219,6 @@ class Mapper:
                         "the norm's weight stored as 1 + w: the same function, but weight decay "
                         "pulls w toward 0, not the weight toward 0",
                     )
-                elif key == "num_experts":
-                    pass  # model.moe (see `moe`)
                 else:
                     self.unmapped(key, f"megatronlite has no {key.replace('_', ' ')} (only {off!r})")
             values[key] = off
@@ -308,11 +306,14 @@ class Mapper:
             "num_experts": a["num_experts"],
             "top_k": a["moe_router_topk"],
             "router": "sigmoid" if score == "sigmoid" else "softmax",
-            # softmax over the top k's logits (renormalised) unless --moe-router-pre-softmax; sigmoid: normalised
-            "normalize_top_k": score == "sigmoid" or not a["moe_router_pre_softmax"],
+            # softmax over the top k's logits (renormalised) unless --moe-router-pre-softmax; sigmoid: renormalised
+            # when more than one expert is chosen (megatron-core's topk_routing_with_score_function)
+            "normalize_top_k": a["moe_router_topk"] > 1 if score == "sigmoid" else not a["moe_router_pre_softmax"],
             "layer_freq": _layer_pattern(a["moe_layer_freq"], layers, self.where),
         }
         out.update({key: a[dest] for key, dest in MOE_OPTIONAL.items() if a[dest]})
+        if a["moe_shared_expert_gate"] and a["moe_shared_expert_intermediate_size"]:
+            out["shared_expert_gate"] = True  # the shared expert's output times sigmoid(x . w)
         balance = a["moe_router_load_balancing_type"]
         if balance not in ("aux_loss", "global_aux_loss", "none"):
             self.approximated(
