@@ -74,6 +74,7 @@ def _held_time(fn) -> float:
 
 def worker(workdir: Path, repeats: int, layers: int) -> None:
     from megatronlite import config as config_mod
+    from megatronlite.engine.native import ensure_optimizer_state
     from megatronlite.parallel.mesh import build_mesh, init_distributed
     from megatronlite.train import checkpointing
     from megatronlite.train.trainer import Trainer
@@ -84,7 +85,7 @@ def worker(workdir: Path, repeats: int, layers: int) -> None:
         sets = MODEL + [f"model.num_layers={layers}"] + layout + list(extra) + ["train.device=cpu"]
         cfg = config_mod.load("configs/demo.yaml", sets)
         t = Trainer(cfg, run, build_mesh(cfg, world, rank), torch.device("cpu"))
-        checkpointing.ensure_optimizer_state(t.optimizer)
+        ensure_optimizer_state(t.engine.optimizer)
         return t
 
     src = trainer(["parallel.tensor=2"], workdir / "run")
@@ -168,16 +169,16 @@ def gathered_state_tensors(trainer) -> Callable[[bool], list]:
     def state_tensors(for_save: bool) -> list:
         pieces = model_pieces(trainer.params, trainer.mesh, for_save)
         name_of = {id(p): n for n, p in trainer.params.items()}
-        for bucket in trainer.dp.buckets:
+        for bucket in trainer.engine.dp.buckets:
             lo, hi = bucket.shard_range
             base = bucket.param_buf.data_ptr()
             for key in ADAM:
                 mine = torch.zeros(hi - lo)
                 for o in bucket.owned:
                     at = (o.shard.data_ptr() - base) // o.shard.element_size() - lo
-                    mine[at : at + o.shard.numel()] = trainer.optimizer.state[o.shard][key]
+                    mine[at : at + o.shard.numel()] = trainer.engine.optimizer.state[o.shard][key]
                 full = torch.empty_like(bucket.grad_buf)
-                dist.all_gather_into_tensor(full, mine, group=trainer.dp.group.pg)
+                dist.all_gather_into_tensor(full, mine, group=trainer.engine.dp.group.pg)
                 for p in bucket.params:
                     name = stored_name(name_of[id(p)], p.sharding, for_save)
                     if name is not None:

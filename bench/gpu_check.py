@@ -262,6 +262,7 @@ def checkpoint_timing(config_path: str, overrides: list[str], work: Path) -> Non
     """Save, then load, a whole training state through megatronlite's checkpointing; print markdown lines."""
     from megatronlite import config
     from megatronlite.checkpoint import store
+    from megatronlite.engine.native import ensure_optimizer_state
     from megatronlite.parallel.mesh import build_mesh
     from megatronlite.train import checkpointing
     from megatronlite.train.trainer import Trainer
@@ -271,7 +272,7 @@ def checkpoint_timing(config_path: str, overrides: list[str], work: Path) -> Non
     cfg = config.load(config_path, [f"data.cache_dir={work / 'cache'}", *overrides])
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     trainer = Trainer(cfg, run, build_mesh(cfg, 1, 0), device)
-    checkpointing.ensure_optimizer_state(trainer.optimizer)
+    ensure_optimizer_state(trainer.engine.optimizer)
     saver = checkpointing.Checkpointer(trainer)
     trainer.step = 1
     start = time.perf_counter()

@@ -164,8 +164,10 @@ class ParallelConfig:
     virtual_pipeline: int = 1
     sequence_parallel: bool = False
     # 0: plain DP | 1: optimizer states sharded over DP (ZeRO-1, Megatron's distributed optimizer) | 2: gradients
-    # too, reduce-scattered into each rank's shard during backward; null: 1 with distributed_optimizer, else 0
+    # too, reduce-scattered into each rank's shard during backward | 3: parameters too (engine deepspeed);
+    # null: 1 with distributed_optimizer, else 0
     zero_stage: int | None = None
+    engine: str = "native"  # who syncs gradients and steps: native (megatronlite) | deepspeed (its ZeRO engine)
     distributed_optimizer: bool = False  # a synonym of zero_stage: 1
     # 1f1b | interleaved | gpipe | zero_bubble; null: interleaved with virtual stages, else 1f1b (as Megatron)
     pipeline_schedule: str | None = None
@@ -221,8 +223,16 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0: no clipping
     impl: str = "auto"  # auto | torch (foreach) | fused (torch's fused) | triton | apex
-    offload: bool = False  # Adam moments in CPU memory, the step on the CPU (optim/offload.py)
+    # where Adam's moments (and with ZeRO-3 the parameters) live: none | cpu (the step on the CPU, optim/offload.py
+    # or DeepSpeed's CPU Adam) | nvme (engine deepspeed, under optim.nvme_path); true / false: cpu / none
+    offload: str | bool = "none"
+    nvme_path: str | None = None  # nvme offload: a directory on a local NVMe drive
     initial_loss_scale: float = 65536.0  # fp16 only
+
+    @property
+    def offload_to(self) -> str:
+        """Where the offload goes: none | cpu | nvme (the boolean synonyms resolved)."""
+        return {True: "cpu", False: "none"}.get(self.offload, self.offload)
 
 
 @dataclass
@@ -266,6 +276,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # parallel.engine deepspeed: a DeepSpeed config merged over the one megatronlite generates (the knobs it does
+    # not model); keys that decide the numbers megatronlite owns (batch sizes, precision, ZeRO stage) are refused
+    deepspeed: dict | None = None
 
     def to_dict(self) -> dict:
         return _to_yaml_names(dataclasses.asdict(self))
@@ -279,7 +292,9 @@ CHOICES = {
     "model.moe.aux_loss_scope": ("micro_batch", "global"),
     "parallel.context_attention": ("ring", "allgather"),
     "parallel.pipeline_schedule": (None, "1f1b", "interleaved", "gpipe", "zero_bubble"),
-    "parallel.zero_stage": (None, 0, 1, 2),
+    "parallel.zero_stage": (None, 0, 1, 2, 3),
+    "parallel.engine": ("native", "deepspeed"),
+    "optim.offload": (False, True, "none", "cpu", "nvme"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.recompute": ("none", "selective", "full"),
@@ -533,6 +548,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"({t.kernels['linear_cross_entropy']}); drop that key or set it to auto"
         )
     validate_zero(cfg.parallel)
+    validate_engine(cfg)
     validate_wandb(cfg.logging.wandb)
     validate_kernels(t.kernels)
     if not cfg.data.sources:
@@ -567,6 +583,38 @@ def validate_moe(m: ModelConfig) -> None:
             raise UserError(f"model.moe.layer_freq as a list needs one 0 or 1 per layer ({m.num_layers}), got {freq}")
     elif isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
         raise UserError(f"model.moe.layer_freq must be a positive integer or a 0/1 list per layer, got {freq!r}")
+
+
+def validate_engine(cfg: Config) -> None:
+    """What each engine runs (`parallel.engine`, engine/): the ZeRO stage, offload and the layouts."""
+    p, o, native = cfg.parallel, cfg.optim, cfg.parallel.engine == "native"
+    if o.offload_to == "nvme" and o.nvme_path is None:
+        raise UserError("optim.offload: nvme needs optim.nvme_path (a directory on a local NVMe drive)")
+    if native:
+        if p.zero == 3:
+            raise UserError("parallel.zero_stage: 3 (parameters sharded too) runs on parallel.engine: deepspeed")
+        if o.offload_to == "nvme":
+            raise UserError("optim.offload: nvme runs on parallel.engine: deepspeed (native offloads to cpu)")
+        if cfg.deepspeed is not None:
+            raise UserError("the deepspeed: section is read only with parallel.engine: deepspeed")
+        return
+    refusals = {
+        "parallel.zero_stage": (p.zero == 0, "must be 1, 2 or 3 with the deepspeed engine (0: parallel.engine native)"),
+        "parallel.pipeline": (p.pipeline > 1, "> 1 runs on the native engine (DeepSpeed's ZeRO-2/3 refuse pipelines)"),
+        "parallel.expert": (p.expert > 1, "> 1 runs on the native engine (DeepSpeed's MoE groups are not ours)"),
+        "parallel.sequence_parallel": (
+            p.sequence_parallel,
+            "runs on the native engine (its norms' gradients are summed over TP before the DP reduction)",
+        ),
+        "train.on_nonfinite": (
+            cfg.train.on_nonfinite == "skip",
+            "skip needs the gradient norm before the step, which DeepSpeed computes inside it: native engine",
+        ),
+        "optim.impl": (o.impl in ("triton", "apex"), f"{o.impl} runs on the native engine (DeepSpeed steps torch's)"),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise UserError(f"parallel.engine: deepspeed: {key} {why}")
 
 
 def validate_zero(p: ParallelConfig) -> None:

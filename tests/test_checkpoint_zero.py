@@ -137,16 +137,16 @@ def gathered_states(trainer) -> dict[str, torch.Tensor]:
 
     out = {}
     name_of = {id(p): n for n, p in trainer.params.items()}
-    for bucket in trainer.dp.buckets:
+    for bucket in trainer.engine.dp.buckets:
         lo, hi = bucket.shard_range
         base = bucket.param_buf.data_ptr()
         for key in ADAM:
             mine = torch.zeros(hi - lo)
             for o in bucket.owned:
                 at = (o.shard.data_ptr() - base) // o.shard.element_size() - lo
-                mine[at : at + o.shard.numel()] = trainer.optimizer.state[o.shard][key]
+                mine[at : at + o.shard.numel()] = trainer.engine.optimizer.state[o.shard][key]
             full = torch.empty_like(bucket.grad_buf)
-            dist.all_gather_into_tensor(full, mine, group=trainer.dp.group.pg)
+            dist.all_gather_into_tensor(full, mine, group=trainer.engine.dp.group.pg)
             for p in bucket.params:
                 start = (p.data_ptr() - base) // p.element_size()
                 value = full[start : start + p.numel()].view_as(p)
@@ -181,7 +181,7 @@ def worker(corpus: str, out: Path) -> None:
 
     checkpointing.Checkpointer.save = counted
     trainer.run()
-    shard_bytes = sum(b.grad_shard.numel() * b.grad_shard.element_size() for b in trainer.dp.buckets)
+    shard_bytes = sum(b.grad_shard.numel() * b.grad_shard.element_size() for b in trainer.engine.dp.buckets)
     weight_bytes = sum(p.numel() * p.element_size() for p in trainer.params.values())
     stager = PieceStager(pin_memory=False)  # what an async save reserves at start-up
     stager.reserve(trainer.state_tensors(True))

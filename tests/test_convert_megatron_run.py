@@ -226,7 +226,7 @@ def resumed(source, tmp_path_factory):
     def capture(trainer) -> None:
         maybe_resume(trainer)
         seen.update(step=trainer.step, consumed_samples=trainer.consumed_samples)
-        seen["adam_steps"] = {float(s["step"]) for s in trainer.optimizer.state.values()}
+        seen["adam_steps"] = {float(s["step"]) for s in trainer.engine.optimizer.state.values()}
         seen["pieces"] = {p.key: p.local.detach().clone() for p in trainer.state_tensors(True)}
 
     sets = {  # the run's length, batches and LR schedule are the source's (its args): only data and logging here

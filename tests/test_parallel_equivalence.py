@@ -212,12 +212,26 @@ MOE_LAYOUTS = {
     # summed over TP), the balance loss's shares over the whole sequence
     "ep2xtp2-sp": (4, ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
 }
+# the DeepSpeed engine: its ZeRO stages over the grad group, CPU offload with its C++ Adam, ZeRO-3 under TP. ZeRO-3
+# keeps parameters under 1e5 elements whole by default (all of this model's): the threshold 0, set through the
+# deepspeed: section, partitions every one
+DS = ["parallel.engine=deepspeed"]
+DS_ZERO3 = [*DS, "parallel.zero_stage=3", "deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
+DEEPSPEED_LAYOUTS = {
+    "ds-zero1": (2, [*DS, "parallel.zero_stage=1"]),
+    "ds-zero2": (2, [*DS, "parallel.zero_stage=2"]),
+    "ds-zero3": (2, DS_ZERO3),
+    "ds-zero2-offload": (2, [*DS, "parallel.zero_stage=2", "optim.offload=cpu"]),
+    "ds-zero3-offload": (2, [*DS_ZERO3, "optim.offload=cpu"]),
+    "ds-zero3xtp2": (4, [*DS_ZERO3, "parallel.tensor=2"]),
+}
 MOE_CASES = {
     "moe-softmax": ("pp2", "dp2-distopt", "cp2", "ep2", "ep4", "ep2xdp2-distopt", "ep2xtp2-sp"),
     "moe-sigmoid": ("pp2xdp2", "cp2xpp2-gpipe-full-recompute", "ep2xpp2", "ep2-over-cp2", "tp2"),
 }
 LAYOUT_CASES += [(model, layout) for model, layouts in MOE_CASES.items() for layout in layouts]
-LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS, **MOE_LAYOUTS}
+LAYOUT_CASES += [("llama", layout) for layout in DEEPSPEED_LAYOUTS]
+LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS, **MOE_LAYOUTS, **DEEPSPEED_LAYOUTS}
 PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 

@@ -32,7 +32,7 @@ def build_adamw(
     """The optimizer and a description of the implementation chosen (printed at start-up)."""
     groups = param_groups(params, cfg.weight_decay)
     hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    if cfg.offload:
+    if cfg.offload_to == "cpu":
         if cfg.impl not in ("auto", "torch", "fused"):
             raise UserError(f"optim.offload steps on the CPU with torch's AdamW; optim.impl {cfg.impl!r} cannot")
         return OffloadAdamW(groups, **hyper), "AdamW offloaded to the CPU (torch fused, moments in CPU memory)"

@@ -90,8 +90,8 @@ def model_states(cfg: Config, world_size: int, rank: int) -> ModelStates:
             mesh.role("expert_grad"),
         )
     owned = dp.owned_slices()
-    step_counter = FP32 if cfg.optim.impl in ("auto", "fused") and not cfg.optim.offload else 0
-    moments = 0 if cfg.optim.offload else 2 * FP32
+    step_counter = FP32 if cfg.optim.impl in ("auto", "fused") and cfg.optim.offload_to == "none" else 0
+    moments = 0 if cfg.optim.offload_to != "none" else 2 * FP32
     shards = [b.grad_shard for b in dp.buckets if b.grad_shard is not None]
     matmul = sum(_matmul_weights(model) for _, model in stages)
     copies = compute_bytes(cfg.train.precision) if cfg.train.precision != "fp32" else 0

@@ -19,29 +19,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.staging import PieceStager
-from megatronlite.checkpoint.views import GlobalPiece, model_pieces
+from megatronlite.checkpoint.views import GlobalPiece
 from megatronlite.config import Config
 from megatronlite.errors import UserError
 from megatronlite.parallel.mesh import new_group
 from megatronlite.train.metrics import print_line
 from megatronlite.train.restarts import restart_count
 from megatronlite.version import versions
-
-
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam's lazily-made state (zeros) so it can be loaded into or saved before the first step."""
-    fused = optimizer.defaults.get("fused")
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if hasattr(optimizer, "init_state"):  # optimizers that keep their state elsewhere (CPU offload)
-                optimizer.init_state(p)
-                continue
-            state = optimizer.state[p]
-            if not state:
-                step_device = p.device if fused else torch.device("cpu")
-                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def rng_states(device: torch.device, rank: int) -> dict[str, torch.Tensor]:
@@ -285,9 +269,7 @@ def load(trainer, step_dir: Path) -> None:
             torch.cuda.set_rng_state(rng[f"rng.cuda.rank{mesh.rank}"], trainer.device)
     else:  # re-derived deterministically from the seed and step
         torch.manual_seed(trainer.cfg.train.seed + meta["step"])
-    for group in trainer.optimizer.param_groups:
-        for p in group["params"]:
-            trainer.optimizer.state[p]["step"].fill_(float(meta.get("optimizer_steps", meta["step"])))
+    trainer.engine.loaded(meta.get("optimizer_steps", meta["step"]))
     trainer.step = meta["step"]
     trainer.consumed_samples = meta["consumed_samples"]
     trainer.nonfinite_skips = meta.get("nonfinite_skips", 0)
@@ -299,8 +281,9 @@ def load(trainer, step_dir: Path) -> None:
 
 def _load_weights_only(trainer, step_dir: Path) -> None:
     """A converted or exported model: its weights, then training from step 0 with a fresh optimizer."""
-    pieces = model_pieces(trainer.params, trainer.mesh, for_save=False)
+    pieces = trainer.engine.weight_pieces(for_save=False)
     store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
     store.read_shards(step_dir, {}, pieces)
+    trainer.engine.loaded(None)
     if trainer.mesh.rank == 0:
         print_line(f"initialized weights from {step_dir} (weights only: optimizer and data start fresh)")

@@ -16,19 +16,17 @@ import torch.distributed as dist
 from megatronlite import config as config_mod
 from megatronlite import kernels
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import GlobalPiece, model_pieces, slice_pieces, stored_name
+from megatronlite.checkpoint.views import GlobalPiece
 from megatronlite.config import Config
 from megatronlite.data.documents import document_ids, document_positions
 from megatronlite.data.loader import BatchLoader
 from megatronlite.data.run import build_run_data
+from megatronlite.engine import build_engine
 from megatronlite.models.gpt import Packing, RunOptions
 from megatronlite.models.init import init_parameters
-from megatronlite.optim.adamw import build_adamw
-from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
 from megatronlite.optim.loss_scale import LossScaler
 from megatronlite.optim.schedules import lr_at
 from megatronlite.parallel.context import split_sequence
-from megatronlite.parallel.data_parallel import DataParallel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
 from megatronlite.train import checkpointing
@@ -99,18 +97,11 @@ class Trainer:
             if t.compile:
                 for block in model.layers.values():
                     block.compile()
-        self.late_sync = late_sync_groups(cfg, mesh, self.params)
-        self.dp = DataParallel(
-            self.params,
-            mesh.role("grad"),
-            self.num_micro,
-            p.zero,
-            p.bucket_mb,
-            set(self.late_sync),
-            mesh.role("expert_grad"),
+        self.engine = build_engine(
+            cfg, mesh, self.stages, late_sync_groups(cfg, mesh, self.params), self.num_micro, device
         )
-        self.optimizer, self.optim_impl = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
-        self.scaler = LossScaler(cfg.optim.initial_loss_scale) if t.precision == "fp16" else None
+        native_fp16 = t.precision == "fp16" and p.engine == "native"  # DeepSpeed scales fp16 losses itself
+        self.scaler = LossScaler(cfg.optim.initial_loss_scale) if native_fp16 else None
         self.pipeline = None
         if mesh.pp > 1:
             n_stages = len(stage_layers(cfg))
@@ -125,11 +116,6 @@ class Trainer:
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
         self.moe = MoESteps(cfg, mesh, self.stages, device)
         self._build_data()
-
-    def _sum_late_grads(self) -> None:
-        for name, groups in self.late_sync.items():
-            for group in groups:
-                dist.all_reduce(self.params[name].grad, group=group)
 
     # --- data -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -184,12 +170,14 @@ class Trainer:
                 return torch.zeros((), device=self.device)
             return total / self.scaler.scale if self.scaler else total  # the loss function scaled it, eval too
         total = torch.zeros((), device=self.device)
-        for tokens in micro_batches:
+        for i, tokens in enumerate(micro_batches):
             with self._autocast():
-                loss = self.stages[0].model(*self._micro_batch(tokens))
+                loss = self.engine.forward(self.stages[0].model, *self._micro_batch(tokens))
             loss = loss / self.num_micro
             if train:
-                (loss * self.scaler.scale if self.scaler else loss).backward()
+                self.engine.backward(
+                    loss * self.scaler.scale if self.scaler else loss, last=i == len(micro_batches) - 1
+                )
             total += loss.detach()
         return total
 
@@ -214,9 +202,9 @@ class Trainer:
         self.moe.before_step(self.num_micro, self.scaler.scale if self.scaler else 1.0)
         total = self._forward_backward(micro_batches, train=True)
         self.beat("gradient sync")
-        self.dp.finish(self._sum_late_grads)
-        opt_params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in opt_params]
+        engine = self.engine
+        engine.finish_grads()
+        grads = engine.grads()
         if self.scaler:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         if checkpointing.fault_hook("nan", self.step + 1, self.mesh.rank):
@@ -224,33 +212,30 @@ class Trainer:
         if checkpointing.fault_hook("spike", self.step + 1, self.mesh.rank):
             total = total * 100
         self.beat("gradient norm")
-        norm_on_device = global_grad_norm(self._norm_parts(opt_params), self.mesh, self.device)
+        norm_on_device = engine.grad_norm() if engine.norm_before_step else None
         loss, loss_finite = self._global_mean(total)
-        norm = norm_on_device.item()  # after the loss's sync, which already waited for the norm: no second stall
+        # after the loss's sync, which already waited for the norm: no second stall. An engine whose step computes
+        # the norm (DeepSpeed) is checked on the loss before its step, on the norm after (see _after_engine_step)
+        norm = norm_on_device.item() if norm_on_device is not None else 0.0
         stepped = self._may_step(loss, loss_finite, norm, total, grads)
         if stepped:
             self.beat("optimizer step")
-            clip_grads(grads, norm_on_device, self.cfg.optim.clip_grad)
-            lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.dp.gather_params()
-        self.dp.zero_grads()
+            engine.step(lr_at(self.step, self.cfg.optim, self.cfg.train.steps), norm_on_device)
+            if norm_on_device is None:
+                norm = self._after_engine_step(engine.grad_norm().item())
+        engine.zero_grads()
         self.moe.after_step(stepped)
         return loss, norm
 
-    def _norm_parts(self, params: list[torch.nn.Parameter]) -> list[tuple[list[torch.Tensor], list]]:
-        """The gradients of the global norm, with the groups over which each part's squares add up beyond TP and
-        PP: ZeRO shards over their bucket's group; expert weights over the EP group too (each rank its experts)."""
-        mesh, zero = self.mesh, self.cfg.parallel.zero >= 1
-        dense = [p for p in params if p.sharding.split("ep") is None]
-        experts = [p for p in params if p.sharding.split("ep") is not None]
-        parts = [(owned_grads(dense, mesh), [mesh.role("grad")] if zero else [])]
-        if experts:
-            groups = [mesh.role("expert")] + ([mesh.role("expert_grad")] if zero else [])
-            parts.append((owned_grads(experts, mesh), groups))
-        return parts
+    def _after_engine_step(self, norm: float) -> float:
+        """The norm an engine's own step computed: a non-finite one stops the run before any checkpoint holds
+        the step (train.on_nonfinite: skip needs the norm before the step: the native engine)."""
+        if not math.isfinite(norm):
+            raise TrainingStopped(
+                f"step {self.step + 1}: non-finite gradients (norm {norm}) found by the {self.cfg.parallel.engine} "
+                "engine's step; stopped, so no checkpoint holds this state; lower optim.lr"
+            )
+        return norm
 
     def _may_step(
         self, loss: float, loss_finite: bool, norm: float, total: torch.Tensor, grads: list[torch.Tensor]
@@ -303,24 +288,10 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_tensors(self, for_save: bool) -> list[GlobalPiece]:
-        """Model weights and Adam states as global pieces: views of this rank's memory that a save writes
-        and a load reads into, in place.
-
-        Adam's states are those of what this rank's optimizer steps (`DataParallel.owned_slices`): every
-        parameter, or with ZeRO-1 this rank's flat slices, each a few boxes of the global tensors. So a save
-        holds no gathered state and a load needs no scatter; the memory a save adds does not grow with DP.
-        """
-        checkpointing.ensure_optimizer_state(self.optimizer)
-        out = model_pieces(self.params, self.mesh, for_save)
-        name_of = {id(p): n for n, p in self.params.items()}
-        for key in ("exp_avg", "exp_avg_sq"):  # parameters are fp32: their own master weights
-            for owned in self.dp.owned_slices():
-                name = stored_name(name_of[id(owned.param)], owned.param.sharding, for_save)
-                if name is None:
-                    continue
-                flat = self.optimizer.state[owned.shard][key].view(-1)
-                shape = tuple(owned.param.shape)
-                out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.sharding, self.mesh)
+        """What a checkpoint holds of the training state, as global pieces: views of this rank's memory that a
+        save writes and a load reads into, in place. The engine's weights and Adam states (see engine/), and the
+        MoE layers' selection biases."""
+        out = self.engine.state_pieces(for_save)
         for i, layer in self.moe.layers.items():  # aux-loss-free balancing's selection biases: state, not weights
             if layer.bias is not None:
                 out.append(GlobalPiece(f"state.layers.{i}.mlp.bias", layer.bias, tuple(layer.bias.shape), (0,)))
@@ -355,7 +326,7 @@ class Trainer:
                 f"megatronlite: {cfg.name} on {mesh.world_size} worker(s) "
                 f"(tp={mesh.tp} pp={mesh.pp} cp={mesh.cp} dp={mesh.dp}), device {self.device}, "
                 f"precision {cfg.train.precision}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
-                f"optimizer {self.optim_impl}, from step {self.step}"
+                f"optimizer {self.engine.description}, from step {self.step}"
             )
             print_line(kernels.summary(self.options.kernels, self.device))
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
@@ -406,7 +377,7 @@ class Trainer:
             raise TrainingStopped(f"{spike}; no checkpoint to rewind to yet")
         self.skips.skipped(self.step + 1, "loss spikes")
         resume_at = self.consumed_samples + self.cfg.train.global_batch_size
-        self.dp.zero_grads()
+        self.engine.zero_grads()
         checkpointing.load(self, step_dir)
         skipped = resume_at - self.consumed_samples
         self.consumed_samples = resume_at

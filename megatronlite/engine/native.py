@@ -1,0 +1,114 @@
+"""megatronlite's own engine: bucketed data parallelism with ZeRO 0-2 (parallel/data_parallel.py), the global
+norm and clipping of optim/clip.py, and AdamW in the implementation `optim.impl` names (optim/adamw.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatronlite.checkpoint.views import GlobalPiece, model_pieces, slice_pieces, stored_name
+from megatronlite.config import Config
+from megatronlite.optim.adamw import build_adamw
+from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
+from megatronlite.parallel.data_parallel import DataParallel
+from megatronlite.parallel.mesh import Mesh
+
+
+class NativeEngine:
+    norm_before_step = True
+
+    def __init__(
+        self, cfg: Config, mesh: Mesh, stages: list, late_sync: dict, num_micro: int, device: torch.device
+    ) -> None:
+        self.cfg, self.mesh, self.device, self.late_sync = cfg, mesh, device, late_sync
+        self.params = {name: p for _, model in stages for name, p in model.named_parameters()}
+        p = cfg.parallel
+        self.dp = DataParallel(
+            self.params, mesh.role("grad"), num_micro, p.zero, p.bucket_mb, set(late_sync), mesh.role("expert_grad")
+        )
+        self.optimizer, self.description = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
+
+    def forward(self, model: torch.nn.Module, *inputs: object) -> torch.Tensor:
+        return model(*inputs)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def finish_grads(self) -> None:
+        self.dp.finish(self._sum_late_grads)
+
+    def _sum_late_grads(self) -> None:
+        for name, groups in self.late_sync.items():
+            for group in groups:
+                dist.all_reduce(self.params[name].grad, group=group)
+
+    def _stepped(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._stepped()]
+
+    def grad_norm(self) -> torch.Tensor:
+        """Over the gradients each rank's optimizer steps, with the groups over which each part's squares add up
+        beyond TP and PP: ZeRO shards over their bucket's group; expert weights over the EP group too."""
+        mesh, zero, params = self.mesh, self.cfg.parallel.zero >= 1, self._stepped()
+        dense = [p for p in params if p.sharding.split("ep") is None]
+        experts = [p for p in params if p.sharding.split("ep") is not None]
+        parts = [(owned_grads(dense, mesh), [mesh.role("grad")] if zero else [])]
+        if experts:
+            groups = [mesh.role("expert")] + ([mesh.role("expert_grad")] if zero else [])
+            parts.append((owned_grads(experts, mesh), groups))
+        return global_grad_norm(parts, mesh, self.device)
+
+    def step(self, lr: float, norm: torch.Tensor | None) -> None:
+        clip_grads(self.grads(), norm, self.cfg.optim.clip_grad)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.dp.gather_params()
+
+    def zero_grads(self) -> None:
+        self.dp.zero_grads()
+
+    def weight_pieces(self, for_save: bool) -> list[GlobalPiece]:
+        return model_pieces(self.params, self.mesh, for_save)
+
+    def state_pieces(self, for_save: bool) -> list[GlobalPiece]:
+        """Weights and the Adam states of what this rank's optimizer steps (`DataParallel.owned_slices`): every
+        parameter, or with ZeRO its flat slices, each a few boxes of the global tensors. So a save holds no
+        gathered state and a load needs no scatter; the memory a save adds does not grow with DP."""
+        ensure_optimizer_state(self.optimizer)
+        out = self.weight_pieces(for_save)
+        name_of = {id(p): n for n, p in self.params.items()}
+        for key in ("exp_avg", "exp_avg_sq"):  # parameters are fp32: their own master weights
+            for owned in self.dp.owned_slices():
+                name = stored_name(name_of[id(owned.param)], owned.param.sharding, for_save)
+                if name is None:
+                    continue
+                flat = self.optimizer.state[owned.shard][key].view(-1)
+                shape = tuple(owned.param.shape)
+                out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.sharding, self.mesh)
+        return out
+
+    def loaded(self, optimizer_steps: int | None) -> None:
+        if optimizer_steps is None:
+            return
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                self.optimizer.state[p]["step"].fill_(float(optimizer_steps))
+
+
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam's lazily-made state (zeros) so it can be loaded into or saved before the first step."""
+    fused = optimizer.defaults.get("fused")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if hasattr(optimizer, "init_state"):  # optimizers that keep their state elsewhere (CPU offload)
+                optimizer.init_state(p)
+                continue
+            state = optimizer.state[p]
+            if not state:
+                step_device = p.device if fused else torch.device("cpu")
+                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
