@@ -17,6 +17,7 @@ from megatronlite.untrusted import read_dcp_metadata
 pytestmark = pytest.mark.slow  # every test launches training jobs, or reads what they saved
 
 STEPS = 6
+DS_PARTITION_ALL = "deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}"
 LAYOUTS = {
     "1": (1, []),
     "pp2": (2, ["parallel.pipeline=2"]),
@@ -37,6 +38,10 @@ LAYOUTS = {
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "ep2xdp2-distopt": (4, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
     "ep4": (4, ["parallel.expert=4"]),
+    # the DeepSpeed engine (ZeRO-3 partitioning every parameter: no size threshold)
+    "ds-zero3-dp2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3", DS_PARTITION_ALL]),
+    "ds-zero3-dp4": (4, ["parallel.engine=deepspeed", "parallel.zero_stage=3", DS_PARTITION_ALL]),
+    "ds-zero2xtp2": (4, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.tensor=2"]),
 }
 # experts with a sigmoid router and its aux-loss-free selection biases (state saved beside the weights), the
 # balance loss and a shared expert
@@ -77,9 +82,10 @@ def uninterrupted(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, corpus):
-    """Step-3 checkpoints written by tp2 x pp2, and with the distributed optimizer by dp2 and tp2 x dp2."""
+    """Step-3 checkpoints written by tp2 x pp2, with the distributed optimizer by dp2 and tp2 x dp2, and by the
+    DeepSpeed engine's ZeRO-3 at dp2."""
     out = {}
-    for layout in ("tp2xpp2", "dp2-distopt", "tp2xdp2-distopt"):
+    for layout in ("tp2xpp2", "dp2-distopt", "tp2xdp2-distopt", "ds-zero3-dp2"):
         run = tmp_path_factory.mktemp(f"src-{layout}") / "run"
         done = run_layout(run, corpus, layout)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -126,6 +132,10 @@ def assert_continues(run, reference, first_step):
         ("tp2xpp2", "cp2xtp2"),
         ("tp2xpp2", "cp2xdp2-distopt"),  # ZeRO shards over dp x cp
         ("tp2xpp2", "dp2-zero2"),  # ZeRO-2: the same optimizer slices as ZeRO-1
+        # between engines: DeepSpeed's fp32 partitions and moments are slices of the same global tensors
+        ("tp2xpp2", "ds-zero3-dp4"),
+        ("ds-zero3-dp2", "tp2xpp2"),
+        ("tp2xdp2-distopt", "ds-zero2xtp2"),
     ],
 )
 def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):
