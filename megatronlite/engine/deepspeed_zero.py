@@ -6,7 +6,8 @@ decay on matrices only) or, with offload, DeepSpeedCPUAdam over the same groups;
 model parallel = TP, data parallel = the grad role (dp x cp: CP ranks hold other tokens of the same sequences,
 their gradients average as DP's do). TP-split parameters are marked `tensor_model_parallel`, so its norm counts
 replicated ones once. Its config is generated from ours (config_for) with a user's `deepspeed:` section merged over
-it: micro-batch and accumulation steps, the ZeRO stage, offload, bf16/fp16 from `train.precision` (fp16 with
+it: micro-batch and accumulation steps, the ZeRO stage, offload, the reduce / all-gather / prefetch buckets from
+`parallel.bucket_mb` (DeepSpeed's defaults of 5e8 elements are 2 GB buffers in fp32), bf16/fp16 from `train.precision` (fp16 with
 DeepSpeed's dynamic loss scale from `optim.initial_loss_scale`), `gradient_clipping` from `optim.clip_grad` (the
 same factor as ours: max_norm / (norm + 1e-6) when above 1). The learning rate is ours, set on its parameter groups
 before each step; its scheduler is unused.
@@ -110,7 +111,10 @@ def _real_group(group: Group) -> tuple[Group, dist.ProcessGroup]:
 def config_for(cfg: Config, dp: int, micro_batches: int) -> dict:
     """The DeepSpeed config of a run: generated from ours, then the user's `deepspeed:` section merged over it."""
     t, o, stage = cfg.train, cfg.optim, cfg.parallel.zero
-    zero: dict = {"stage": stage}
+    bucket = int(cfg.parallel.bucket_mb * 2**20 / 4)  # elements of parallel.bucket_mb in fp32 (DeepSpeed: 5e8)
+    zero: dict = {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket
     if o.offload_to != "none":
         target = {"device": o.offload_to, **({"nvme_path": o.nvme_path} if o.offload_to == "nvme" else {})}
         zero["offload_optimizer"] = {**target, "pin_memory": False}
@@ -163,6 +167,8 @@ class DeepSpeedEngine:
         (_, model), *more = stages
         assert not more, "validated: no pipeline with the DeepSpeed engine"
         self.params = dict(model.named_parameters())
+        # DeepSpeed asserts its launcher's LOCAL_RANK (torchrun sets it; `megatronlite train` in one process does not)
+        os.environ.setdefault("LOCAL_RANK", str(device.index or 0))
         if not dist.is_initialized():  # one process: DeepSpeed still needs a process group (of one rank)
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
