@@ -96,6 +96,8 @@ PRECISION_LAYOUTS = {  # multi-process runs in mixed precision, each against one
         4,
         ["parallel.pipeline=2", "parallel.distributed_optimizer=true", "train.precision=fp16"],
     ),
+    # DeepSpeed's bf16: the model in bf16 and fp32 master weights in its optimizer, against autocast over fp32
+    "ds-zero2-bf16": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "train.precision=bf16"]),
 }
 
 
@@ -221,7 +223,6 @@ DEEPSPEED_LAYOUTS = {
     "ds-zero1": (2, [*DS, "parallel.zero_stage=1"]),
     "ds-zero2": (2, [*DS, "parallel.zero_stage=2"]),
     "ds-zero3": (2, DS_ZERO3),
-    "ds-zero2-offload": (2, [*DS, "parallel.zero_stage=2", "optim.offload=cpu"]),
     "ds-zero3-offload": (2, [*DS_ZERO3, "optim.offload=cpu"]),
     "ds-zero3xtp2": (4, [*DS_ZERO3, "parallel.tensor=2"]),
 }

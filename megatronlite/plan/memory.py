@@ -8,6 +8,8 @@ bucket buffers, ZeRO-1 adds each bucket's reduced fp32 slice, and AdamW keeps tw
 step counter) per tensor it steps. Under bf16/fp16, autocast keeps a half-precision copy of every matmul
 weight alive through the step (the cast cache, then the copies the GEMMs saved for backward).
 
+The DeepSpeed engine's states follow DeepSpeed's layout instead (plan/deepspeed_memory.py).
+
 Activations. What one micro-batch leaves saved for backward, layer by layer, as our model builds it (not a
 generic transformer): fp32 residual stream and norm statistics; linear inputs, QKV, rotated q and k, the
 attention output and its log-sum-exp, the MLP's intermediates in the compute dtype. Sequence parallelism
@@ -75,6 +77,10 @@ def _matmul_weights(model) -> int:
 
 def model_states(cfg: Config, world_size: int, rank: int) -> ModelStates:
     """Model-state bytes of `rank` when `cfg` trains on `world_size` GPUs (nothing real is allocated)."""
+    if cfg.parallel.engine == "deepspeed":
+        from megatronlite.plan.deepspeed_memory import deepspeed_states
+
+        return deepspeed_states(cfg, world_size, rank)
     mesh = mesh_at(cfg, world_size, rank)
     options = RunOptions(sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.train.recompute)
     with torch.device("meta"):
