@@ -2,34 +2,33 @@
 engine seam, on megatronlite's model, data, mesh, schedule and checkpoints.
 
 What DeepSpeed gets. `deepspeed.initialize` over the (single) pipeline stage with our AdamW (its parameter groups:
-decay on matrices only) or, with offload, DeepSpeedCPUAdam over the same groups; and our mesh as its `mpu`:
-model parallel = TP, data parallel = the grad role (dp x cp: CP ranks hold other tokens of the same sequences,
-their gradients average as DP's do). TP-split parameters are marked `tensor_model_parallel`, so its norm counts
-replicated ones once. Its config is generated from ours (config_for) with a user's `deepspeed:` section merged over
-it: micro-batch and accumulation steps, the ZeRO stage, offload, the reduce / all-gather / prefetch buckets from
-`parallel.bucket_mb` (DeepSpeed's defaults of 5e8 elements are 2 GB buffers in fp32), bf16/fp16 from `train.precision` (fp16 with
-DeepSpeed's dynamic loss scale from `optim.initial_loss_scale`), `gradient_clipping` from `optim.clip_grad` (the
-same factor as ours: max_norm / (norm + 1e-6) when above 1). The learning rate is ours, set on its parameter groups
-before each step; its scheduler is unused.
+decay on matrices only) or, with offload, DeepSpeedCPUAdam over the same groups; and our mesh as its `mpu`: model
+parallel = TP, data parallel = the grad role (dp x cp: CP ranks hold other tokens of the same sequences, their
+gradients average as DP's do). TP-split parameters are marked `tensor_model_parallel`, so its norm counts replicated
+ones once. Its config is generated from ours (config_for) with a user's `deepspeed:` section merged over it: micro-
+batch and accumulation steps, the ZeRO stage, offload, the reduce / all-gather / prefetch buckets from
+`parallel.bucket_mb` (DeepSpeed's defaults of 5e8 elements are 2 GB buffers in fp32), bf16/fp16 from
+`train.precision` (fp16 with DeepSpeed's dynamic loss scale from `optim.initial_loss_scale`), `gradient_clipping`
+from `optim.clip_grad` (the same factor as ours: max_norm / (norm + 1e-6) when above 1). The learning rate is ours,
+set on its parameter groups before each step; its scheduler is unused.
 
-A step. Each micro-batch's forward runs through DeepSpeed's engine, its loss (already divided by the
-micro-batches) through `engine.backward` without its
-own division, the last one at the accumulation boundary (where ZeRO-1 reduces; ZeRO-2/3 reduce as they go); then
-one `engine.step`. Its gradient norm is known only inside its step, so the trainer checks the loss before the step
-and the norm after (non-finite: the run stops before any checkpoint holds the step).
+A step. Each micro-batch's forward runs through DeepSpeed's engine, its loss (already divided by the micro-batches)
+through `engine.backward` without its own division, the last one at the accumulation boundary (where ZeRO-1 reduces;
+ZeRO-2/3 reduce as they go); then one `engine.step`. Its gradient norm is known only inside its step, so the trainer
+checks the loss before the step and the norm after (non-finite: the run stops before any checkpoint holds the step).
 
-Checkpoints. The same layout-free checkpoint as the native engine, from DeepSpeed's fp32 master partitions and
-their Adam moments, each a flat slice of one parameter (ZeRO-1/2: `param._hp_mapping`, the fragment of the
-parameter in this rank's partition; ZeRO-3: `safe_get_local_fp32_param`, the parameter's 1/D) written as global
-pieces like ZeRO-1's slices: no parameter is ever gathered for a save, and a load reads into those views, after
-which the model's copy is refreshed from them (ZeRO-1/2: every rank's updated partition all-gathered; ZeRO-3:
-each rank's own partition).
+Checkpoints. The same layout-free checkpoint as the native engine, from DeepSpeed's fp32 master partitions and their
+Adam moments, each a flat slice of one parameter (ZeRO-1/2: `param._hp_mapping`, the fragment of the parameter in
+this rank's partition; ZeRO-3: `safe_get_local_fp32_param`, the parameter's 1/D) written as global pieces like
+ZeRO-1's slices: no parameter is ever gathered for a save, and a load reads into those views, after which the
+model's copy is refreshed from them (ZeRO-1/2: every rank's updated partition all-gathered; ZeRO-3: each rank's own
+partition).
 
-Refused, each with one line (config.validate_engine): pipeline parallelism (DeepSpeed's ZeRO-2/3 do not run with
-it, and its pipeline needs its own PipelineModule), expert parallelism (its MoE groups are not ours), sequence
+Refused, each with one line (config.validate_engine): pipeline parallelism (DeepSpeed's ZeRO-2/3 do not run with it,
+and its pipeline needs its own PipelineModule), expert parallelism (its MoE groups are not ours), sequence
 parallelism and other gradients that must be summed over TP before the DP reduction (its reduction cannot wait for
-that sum), ZeRO stage 0 (the native engine's plain DP), `train.on_nonfinite: skip` (needs the norm before the
-step), optim.impl triton / apex.
+that sum), ZeRO stage 0 (the native engine's plain DP), `train.on_nonfinite: skip` (needs the norm before the step),
+optim.impl triton / apex.
 """
 
 from __future__ import annotations
