@@ -44,15 +44,18 @@ class Engine(Protocol):
 
     def zero_grads(self) -> None: ...
 
-    def state_pieces(self, for_save: bool) -> list[GlobalPiece]:
-        """The model weights (`model.*`) and Adam's moments (`optim.exp_avg.*`, `optim.exp_avg_sq.*`)."""
-
     def weight_pieces(self, for_save: bool) -> list[GlobalPiece]:
-        """The model weights alone."""
+        """The model weights (`model.*`)."""
 
-    def loaded(self, optimizer_steps: int | None) -> None:
-        """After a load into the pieces: Adam's step count (None: a weights-only load), and whatever the
-        engine derives from what was loaded (DeepSpeed: the model's copy of its master weights)."""
+    def optimizer_pieces(self, for_save: bool) -> list[GlobalPiece]:
+        """Adam's moments (`optim.exp_avg.*`, `optim.exp_avg_sq.*`) of what this rank steps."""
+
+    def weights_loaded(self) -> None:
+        """After a load into the weight pieces: whatever the engine derives from them (DeepSpeed: the model's copy of
+        its fp32 master weights)."""
+
+    def set_optimizer_steps(self, steps: int) -> None:
+        """Adam's step count (its bias correction), after a load into the optimizer pieces."""
 
 
 def build_engine(

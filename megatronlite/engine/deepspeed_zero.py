@@ -272,28 +272,27 @@ class DeepSpeedEngine:
     def weight_pieces(self, for_save: bool) -> list[GlobalPiece]:
         return self._pieces("model.", None, for_save)
 
-    def state_pieces(self, for_save: bool) -> list[GlobalPiece]:
+    def optimizer_pieces(self, for_save: bool) -> list[GlobalPiece]:
         self._ensure_states()
-        out = self.weight_pieces(for_save)
-        for key in ADAM:
-            out += self._pieces(f"optim.{key}.", key, for_save)
-        return out
+        return [piece for key in ADAM for piece in self._pieces(f"optim.{key}.", key, for_save)]
 
-    def loaded(self, optimizer_steps: int | None) -> None:
-        """The model's copy of the loaded master weights; Adam's step count."""
-        if self.stage == 3:
-            for p in self.params.values():
-                local = self._local(p, None)
-                if local is not None:
-                    p.ds_tensor.data[: local[0].numel()].copy_(local[0])
-        else:
+    def weights_loaded(self) -> None:
+        """The model's copy of the loaded fp32 master weights: ZeRO-3 each rank its partition, ZeRO-1/2 every rank's
+        updated partition all-gathered."""
+        if self.stage < 3:
             self.optimizer.update_lp_params()
-        if optimizer_steps is None:
             return
+        for p in self.params.values():
+            local = self._local(p, None)
+            if local is not None:
+                p.ds_tensor.data[: local[0].numel()].copy_(local[0])
+
+    def set_optimizer_steps(self, steps: int) -> None:
+        self._ensure_states()
         for state in self.optimizer.optimizer.state.values():
             if "step" in state:
                 step = state["step"]
-                state["step"] = step.fill_(float(optimizer_steps)) if torch.is_tensor(step) else optimizer_steps
+                state["step"] = step.fill_(float(steps)) if torch.is_tensor(step) else steps
 
 
 class _quiet:

@@ -73,12 +73,12 @@ class NativeEngine:
     def weight_pieces(self, for_save: bool) -> list[GlobalPiece]:
         return model_pieces(self.params, self.mesh, for_save)
 
-    def state_pieces(self, for_save: bool) -> list[GlobalPiece]:
-        """Weights and the Adam states of what this rank's optimizer steps (`DataParallel.owned_slices`): every
-        parameter, or with ZeRO its flat slices, each a few boxes of the global tensors. So a save holds no
-        gathered state and a load needs no scatter; the memory a save adds does not grow with DP."""
+    def optimizer_pieces(self, for_save: bool) -> list[GlobalPiece]:
+        """The Adam states of what this rank's optimizer steps (`DataParallel.owned_slices`): every parameter, or
+        with ZeRO its flat slices, each a few boxes of the global tensors. So a save holds no gathered state and a
+        load needs no scatter; the memory a save adds does not grow with DP."""
         ensure_optimizer_state(self.optimizer)
-        out = self.weight_pieces(for_save)
+        out = []
         name_of = {id(p): n for n, p in self.params.items()}
         for key in ("exp_avg", "exp_avg_sq"):  # parameters are fp32: their own master weights
             for owned in self.dp.owned_slices():
@@ -90,12 +90,14 @@ class NativeEngine:
                 out += slice_pieces(f"optim.{key}.{name}", flat, owned.start, shape, owned.param.sharding, self.mesh)
         return out
 
-    def loaded(self, optimizer_steps: int | None) -> None:
-        if optimizer_steps is None:
-            return
+    def weights_loaded(self) -> None:
+        """The parameters are the weights: nothing to derive."""
+
+    def set_optimizer_steps(self, steps: int) -> None:
+        ensure_optimizer_state(self.optimizer)
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                self.optimizer.state[p]["step"].fill_(float(optimizer_steps))
+                self.optimizer.state[p]["step"].fill_(float(steps))
 
 
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -25,6 +25,7 @@ from megatronlite.errors import UserError
 from megatronlite.parallel.mesh import new_group
 from megatronlite.train.metrics import print_line
 from megatronlite.train.restarts import restart_count
+from megatronlite.train.stateful import all_pieces, all_values
 from megatronlite.version import versions
 
 
@@ -50,17 +51,9 @@ def layout_of(trainer) -> dict:
 
 
 def _meta(trainer) -> dict:
-    return {
-        "step": trainer.step,
-        # Adam's step count (its bias correction): fewer than `step` when steps were skipped
-        "optimizer_steps": trainer.step - (trainer.scaler.skipped if trainer.scaler else 0) - trainer.nonfinite_skips,
-        "nonfinite_skips": trainer.nonfinite_skips,
-        "consumed_samples": trainer.consumed_samples,
-        "loss_scale": trainer.scaler.state() if trainer.scaler else None,
-        "layout": layout_of(trainer),
-        "model": trainer.cfg.to_dict()["model"],
-        "versions": versions(),
-    }
+    """meta.json: every stateful part's values, and what describes the run (layout, model, versions)."""
+    extra = {"layout": layout_of(trainer), "model": trainer.cfg.to_dict()["model"], "versions": versions()}
+    return {**all_values(trainer.stateful_parts()), **extra}
 
 
 class Checkpointer:
@@ -257,7 +250,8 @@ def load(trainer, step_dir: Path) -> None:
     if meta.get("weights_only"):
         _load_weights_only(trainer, step_dir)
         return
-    pieces = trainer.state_tensors(False)
+    parts = trainer.stateful_parts()
+    pieces = all_pieces(parts, False)
     store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
     mesh = trainer.mesh
     same_layout = meta.get("layout") == layout_of(trainer)
@@ -269,21 +263,18 @@ def load(trainer, step_dir: Path) -> None:
             torch.cuda.set_rng_state(rng[f"rng.cuda.rank{mesh.rank}"], trainer.device)
     else:  # re-derived deterministically from the seed and step
         torch.manual_seed(trainer.cfg.train.seed + meta["step"])
-    trainer.engine.loaded(meta.get("optimizer_steps", meta["step"]))
-    trainer.step = meta["step"]
-    trainer.consumed_samples = meta["consumed_samples"]
-    trainer.nonfinite_skips = meta.get("nonfinite_skips", 0)
-    if trainer.scaler and meta.get("loss_scale"):
-        trainer.scaler.load_state(meta["loss_scale"])
+    for part in parts.values():
+        part.restore(meta)
     if mesh.rank == 0:
-        print_line(f"resumed from {step_dir} at step {trainer.step}")
+        print_line(f"resumed from {step_dir} at step {meta['step']}")
 
 
 def _load_weights_only(trainer, step_dir: Path) -> None:
     """A converted or exported model: its weights, then training from step 0 with a fresh optimizer."""
-    pieces = trainer.engine.weight_pieces(for_save=False)
+    model = trainer.stateful_parts()["model"]
+    pieces = model.pieces(False)
     store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
     store.read_shards(step_dir, {}, pieces)
-    trainer.engine.loaded(None)
+    model.restore({})
     if trainer.mesh.rank == 0:
         print_line(f"initialized weights from {step_dir} (weights only: optimizer and data start fresh)")

@@ -36,6 +36,7 @@ from megatronlite.train.moe_steps import MoESteps
 from megatronlite.train.preemption import Preempted, PreemptionWatch
 from megatronlite.train.restarts import record_restart, restart_count
 from megatronlite.train.run_log import RunLog
+from megatronlite.train.stateful import Stateful, all_pieces
 from megatronlite.train.watchdog import Watchdog
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -287,15 +288,50 @@ class Trainer:
         return self._global_mean(total / self.cfg.train.eval_iters)[0]
 
     # --- checkpoints ------------------------------------------------------------------------
+    def stateful_parts(self) -> dict[str, Stateful]:
+        """The training state a checkpoint holds, by part (train/stateful.py). The LR schedule is a function of
+        the step; Adam's step count is fewer than `step` by the steps skipped."""
+
+        def restore_progress(meta: dict) -> None:
+            self.step, self.nonfinite_skips = meta["step"], meta.get("nonfinite_skips", 0)
+
+        def restore_data(meta: dict) -> None:
+            self.consumed_samples = meta["consumed_samples"]
+
+        def restore_scale(meta: dict) -> None:
+            if self.scaler and meta.get("loss_scale"):
+                self.scaler.load_state(meta["loss_scale"])
+
+        engine, skipped = self.engine, self.scaler.skipped if self.scaler else 0
+        return {
+            "model": Stateful(engine.weight_pieces, restore=lambda meta: engine.weights_loaded()),
+            "optimizer": Stateful(
+                engine.optimizer_pieces,
+                lambda: {"optimizer_steps": self.step - skipped - self.nonfinite_skips},
+                lambda meta: engine.set_optimizer_steps(meta.get("optimizer_steps", meta["step"])),
+            ),
+            "schedule": Stateful(
+                values=lambda: {"step": self.step, "nonfinite_skips": self.nonfinite_skips}, restore=restore_progress
+            ),
+            "data": Stateful(values=lambda: {"consumed_samples": self.consumed_samples}, restore=restore_data),
+            "loss_scaler": Stateful(
+                values=lambda: {"loss_scale": self.scaler.state() if self.scaler else None}, restore=restore_scale
+            ),
+            "router_biases": Stateful(self._router_bias_pieces),
+        }
+
+    def _router_bias_pieces(self, for_save: bool) -> list[GlobalPiece]:
+        """The aux-loss-free balancing's selection biases: state, not weights."""
+        return [
+            GlobalPiece(f"state.layers.{i}.mlp.bias", layer.bias, tuple(layer.bias.shape), (0,))
+            for i, layer in self.moe.layers.items()
+            if layer.bias is not None
+        ]
+
     def state_tensors(self, for_save: bool) -> list[GlobalPiece]:
-        """What a checkpoint holds of the training state, as global pieces: views of this rank's memory that a
-        save writes and a load reads into, in place. The engine's weights and Adam states (see engine/), and the
-        MoE layers' selection biases."""
-        out = self.engine.state_pieces(for_save)
-        for i, layer in self.moe.layers.items():  # aux-loss-free balancing's selection biases: state, not weights
-            if layer.bias is not None:
-                out.append(GlobalPiece(f"state.layers.{i}.mlp.bias", layer.bias, tuple(layer.bias.shape), (0,)))
-        return out
+        """Every part's tensors as global pieces: views of this rank's memory that a save writes and a load reads
+        into, in place."""
+        return all_pieces(self.stateful_parts(), for_save)
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
