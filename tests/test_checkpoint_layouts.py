@@ -5,11 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_weights, launch, read_metrics, tiny_overrides
+from helpers import final_weights, launch, read_metrics, skip_without_async_io, tiny_overrides
 
 from megatronlite.checkpoint import store
 from megatronlite.untrusted import read_dcp_metadata
@@ -42,6 +43,16 @@ LAYOUTS = {
     "ds-zero3-dp2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3", DS_PARTITION_ALL]),
     "ds-zero3-dp4": (4, ["parallel.engine=deepspeed", "parallel.zero_stage=3", DS_PARTITION_ALL]),
     "ds-zero2xtp2": (4, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.tensor=2"]),
+    "ds-zero3-nvme": (
+        2,
+        [
+            "parallel.engine=deepspeed",
+            "parallel.zero_stage=3",
+            DS_PARTITION_ALL,
+            "optim.offload=nvme",
+            f"optim.nvme_path={tempfile.gettempdir()}/mlite-nvme-resume",
+        ],
+    ),
 }
 # experts with a sigmoid router and its aux-loss-free selection biases (state saved beside the weights), the
 # balance loss and a shared expert
@@ -136,9 +147,11 @@ def assert_continues(run, reference, first_step):
         ("tp2xpp2", "ds-zero3-dp4"),
         ("ds-zero3-dp2", "tp2xpp2"),
         ("tp2xdp2-distopt", "ds-zero2xtp2"),
+        ("dp2-distopt", "ds-zero3-nvme"),  # loaded into what DeepSpeed swaps to and from the drive
     ],
 )
 def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):
+    skip_without_async_io(LAYOUTS[target][1])
     run = tmp_path / "run"
     resume_from(saved[source], run)
     done = run_layout(run, corpus, target)

@@ -84,6 +84,16 @@ def test_what_only_deepspeed_runs_is_refused_on_the_native_engine(sets, message)
         config.from_dict(config.apply_overrides({}, sets))
 
 
+def test_nvme_offload_without_async_io_is_one_line(monkeypatch):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from megatronlite.engine.deepspeed_zero import _require_async_io
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(UserError, match="optim.offload: nvme needs DeepSpeed's async_io op, which cannot build"):
+        _require_async_io()
+
+
 def _live_bytes() -> int:
     """Bytes of every tensor storage this process holds, each counted once."""
     seen = {}

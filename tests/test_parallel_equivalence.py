@@ -1,10 +1,11 @@
 """Every parallel layout trains the same model as one process: same losses, same final weights."""
 
 import math
+import tempfile
 
 import pytest
 import torch
-from helpers import final_weights, launch, read_metrics, tiny_overrides
+from helpers import final_weights, launch, read_metrics, skip_without_async_io, tiny_overrides
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
@@ -224,6 +225,8 @@ DEEPSPEED_LAYOUTS = {
     "ds-zero2": (2, [*DS, "parallel.zero_stage=2"]),
     "ds-zero3": (2, DS_ZERO3),
     "ds-zero3-offload": (2, [*DS_ZERO3, "optim.offload=cpu"]),
+    # parameters and optimizer states swapped to a directory through DeepSpeed's async_io op (libaio)
+    "ds-zero3-nvme": (2, [*DS_ZERO3, "optim.offload=nvme", f"optim.nvme_path={tempfile.gettempdir()}/mlite-nvme"]),
     "ds-zero3xtp2": (4, [*DS_ZERO3, "parallel.tensor=2"]),
 }
 MOE_CASES = {
@@ -241,6 +244,7 @@ PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 @pytest.mark.parametrize("arch, layout", LAYOUT_CASES)
 def test_layout_equals_single_process(tmp_path, overrides, reference, arch, layout):
     nproc, sets = LAYOUT_OF[layout]
+    skip_without_async_io(sets)
     run = tmp_path / "run"
     done = launch("configs/demo.yaml", run, nproc, overrides(run, arch) + sets)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -173,6 +173,8 @@ class DeepSpeedEngine:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         for p in self.params.values():
             p.tensor_model_parallel = p.sharding.dim is not None  # DeepSpeed's norm counts the others once
+        if cfg.optim.offload_to == "nvme":
+            _require_async_io()
         mpu = _MeshMPU(mesh)
         ds_config = config_for(cfg, mpu.get_data_parallel_world_size(), num_micro)
         optimizer, self.description = self._optimizer(cfg, device)
@@ -293,6 +295,19 @@ class DeepSpeedEngine:
             if "step" in state:
                 step = state["step"]
                 state["step"] = step.fill_(float(steps)) if torch.is_tensor(step) else steps
+
+
+def _require_async_io() -> None:
+    """NVMe offload swaps through DeepSpeed's async_io op, built on first use against libaio."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    with _quiet():
+        ok = AsyncIOBuilder().is_compatible(verbose=False)
+    if not ok:
+        raise UserError(
+            "optim.offload: nvme needs DeepSpeed's async_io op, which cannot build on this machine: libaio's "
+            "headers and library are missing (apt install libaio-dev); optim.offload: cpu runs without it"
+        )
 
 
 class _quiet:
