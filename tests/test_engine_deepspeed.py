@@ -84,14 +84,16 @@ def test_what_only_deepspeed_runs_is_refused_on_the_native_engine(sets, message)
         config.from_dict(config.apply_overrides({}, sets))
 
 
-def test_nvme_offload_without_async_io_is_one_line(monkeypatch):
-    from deepspeed.ops.op_builder import AsyncIOBuilder
+def test_an_op_that_cannot_build_is_one_line(monkeypatch):
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
-    from megatronlite.engine.deepspeed_zero import _require_async_io
+    from megatronlite.engine.deepspeed_zero import _require_op
 
-    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
-    with pytest.raises(UserError, match="optim.offload: nvme needs DeepSpeed's async_io op, which cannot build"):
-        _require_async_io()
+    monkeypatch.setattr(type(ALL_OPS["async_io"]), "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(
+        UserError, match="optim.offload: nvme needs DeepSpeed's async_io op, which cannot build .*libaio"
+    ):
+        _require_op("async_io", "optim.offload: nvme", "libaio's headers and library (apt install libaio-dev)")
 
 
 def _live_bytes() -> int:

@@ -228,6 +228,7 @@ DEEPSPEED_LAYOUTS = {
     # parameters and optimizer states swapped to a directory through DeepSpeed's async_io op (libaio)
     "ds-zero3-nvme": (2, [*DS_ZERO3, "optim.offload=nvme", f"optim.nvme_path={tempfile.gettempdir()}/mlite-nvme"]),
     "ds-zero3xtp2": (4, [*DS_ZERO3, "parallel.tensor=2"]),
+    "ds-zero2xcp2": (2, [*DS, "parallel.zero_stage=2", "parallel.context=2"]),  # its DP group is DP x CP
 }
 MOE_CASES = {
     "moe-softmax": ("pp2", "dp2-distopt", "cp2", "ep2", "ep4", "ep2xdp2-distopt", "ep2xtp2-sp"),

@@ -174,7 +174,7 @@ class DeepSpeedEngine:
         for p in self.params.values():
             p.tensor_model_parallel = p.sharding.dim is not None  # DeepSpeed's norm counts the others once
         if cfg.optim.offload_to == "nvme":
-            _require_async_io()
+            _require_op("async_io", "optim.offload: nvme", "libaio's headers and library (apt install libaio-dev)")
         mpu = _MeshMPU(mesh)
         ds_config = config_for(cfg, mpu.get_data_parallel_world_size(), num_micro)
         optimizer, self.description = self._optimizer(cfg, device)
@@ -193,6 +193,7 @@ class DeepSpeedEngine:
             return build_adamw(self.params, o, device)
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # builds its C++ op on first use
 
+        _require_op("cpu_adam", "optim.offload: cpu", "a C++ compiler (apt install g++)")
         groups = param_groups(self.params, o.weight_decay)
         adam = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
         return adam, "DeepSpeedCPUAdam (AdamW)"
@@ -297,17 +298,14 @@ class DeepSpeedEngine:
                 state["step"] = step.fill_(float(steps)) if torch.is_tensor(step) else steps
 
 
-def _require_async_io() -> None:
-    """NVMe offload swaps through DeepSpeed's async_io op, built on first use against libaio."""
-    from deepspeed.ops.op_builder import AsyncIOBuilder
+def _require_op(name: str, setting: str, needs: str) -> None:
+    """A DeepSpeed op `setting` needs, built on first use: one line saying why when it cannot build here."""
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
     with _quiet():
-        ok = AsyncIOBuilder().is_compatible(verbose=False)
+        ok = ALL_OPS[name].is_compatible(verbose=False)
     if not ok:
-        raise UserError(
-            "optim.offload: nvme needs DeepSpeed's async_io op, which cannot build on this machine: libaio's "
-            "headers and library are missing (apt install libaio-dev); optim.offload: cpu runs without it"
-        )
+        raise UserError(f"{setting} needs DeepSpeed's {name} op, which cannot build on this machine: it needs {needs}")
 
 
 class _quiet:
