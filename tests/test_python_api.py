@@ -48,3 +48,37 @@ def test_load_model_takes_lists_hides_padding_and_generates(tmp_path, arch):
     greedy = generate_ids(model, list(b"Hi"), 6, stop_id=256)
     assert megatronlite.generate(model, list(b"Hi"), max_new_tokens=6) == greedy
     assert megatronlite.generate(model, "Hi", max_new_tokens=6) == ByteTokenizer().decode(greedy)
+
+
+def test_load_model_routes_by_the_trained_selection_biases(tmp_path, corpus):
+    """A run with aux-loss-free balancing saves its routers' biases as state beside the weights; the loaded model
+    routes by them (its logits change without them)."""
+    from helpers import tiny_overrides, train
+
+    from megatronlite.checkpoint import store
+
+    moe = {"num_experts": 4, "top_k": 1, "router": "sigmoid", "bias_update_rate": 0.05, "ffn_hidden_size": 32}
+    sets = {f"model.moe.{k}": v for k, v in moe.items()} | {"train.steps": 3, "checkpoint.interval": 3}
+    run = tmp_path / "run"
+    train(run, tiny_overrides(corpus, run, **sets))
+    model = load_model(run)
+    step_dir = store.find_step_dir(run)
+    stored = {}
+    store.read_shards(step_dir, {}, [p for p in _bias_pieces(model, stored)])
+    for i, bias in stored.items():
+        assert bias.abs().sum() > 0 and torch.equal(model.layers[str(i)].mlp.bias, bias), i
+    ids = list(range(40, 56))
+    routed = model(ids)
+    for layer in model.layers.values():
+        layer.mlp.bias.zero_()
+    assert not torch.allclose(model(ids), routed)
+
+
+def _bias_pieces(model, into: dict) -> list:
+    from megatronlite.checkpoint.views import GlobalPiece
+
+    out = []
+    for i, block in model.layers.items():
+        into[int(i)] = torch.empty_like(block.mlp.bias)
+        out.append(GlobalPiece(f"state.layers.{i}.mlp.bias", into[int(i)], tuple(block.mlp.bias.shape), (0,)))
+    return out

@@ -9,10 +9,11 @@ import torch
 
 from megatronlite import config as config_mod
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import model_pieces
+from megatronlite.checkpoint.views import model_pieces, router_bias_pieces
 from megatronlite.config import Config
 from megatronlite.models.gpt import GPTModel
 from megatronlite.parallel.mesh import Mesh
+from megatronlite.train.moe_steps import moe_layers
 
 TokenIds = torch.Tensor | list
 
@@ -74,6 +75,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     cfg = load_config(step_dir)
     model = LoadedModel(dataclasses.replace(cfg.model, make_vocab_size_divisible_by=1))
     pieces = model_pieces(dict(model.named_parameters()), Mesh(), for_save=False)
+    stored = store.stored_shapes(step_dir)  # a run trained with aux-loss-free balancing routes by its biases
+    pieces += [p for p in router_bias_pieces(moe_layers([(None, model)])) if p.key in stored]
     store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
     store.read_shards(step_dir, {}, pieces)
     model.run_config = cfg

@@ -133,3 +133,13 @@ def model_pieces(named_params: dict[str, torch.nn.Parameter], mesh: Mesh, for_sa
         if stored is not None:
             out += tensor_pieces(f"model.{stored}", p.data, p.sharding, mesh)
     return out
+
+
+def router_bias_pieces(moe_layers: dict) -> list[GlobalPiece]:
+    """The MoE layers' selection biases (aux-loss-free balancing; `{global layer id: layer}`), whole on every rank:
+    state, not weights, stored as `state.layers.<id>.mlp.bias`."""
+    return [
+        GlobalPiece(f"state.layers.{i}.mlp.bias", layer.bias, tuple(layer.bias.shape), (0,))
+        for i, layer in moe_layers.items()
+        if layer.bias is not None
+    ]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatronlite import config as config_mod
 from megatronlite import kernels
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import GlobalPiece
+from megatronlite.checkpoint.views import GlobalPiece, router_bias_pieces
 from megatronlite.config import Config
 from megatronlite.data.documents import document_ids, document_positions
 from megatronlite.data.loader import BatchLoader
@@ -317,16 +317,8 @@ class Trainer:
             "loss_scaler": Stateful(
                 values=lambda: {"loss_scale": self.scaler.state() if self.scaler else None}, restore=restore_scale
             ),
-            "router_biases": Stateful(self._router_bias_pieces),
+            "router_biases": Stateful(lambda for_save: router_bias_pieces(self.moe.layers)),
         }
-
-    def _router_bias_pieces(self, for_save: bool) -> list[GlobalPiece]:
-        """The aux-loss-free balancing's selection biases: state, not weights."""
-        return [
-            GlobalPiece(f"state.layers.{i}.mlp.bias", layer.bias, tuple(layer.bias.shape), (0,))
-            for i, layer in self.moe.layers.items()
-            if layer.bias is not None
-        ]
 
     def state_tensors(self, for_save: bool) -> list[GlobalPiece]:
         """Every part's tensors as global pieces: views of this rank's memory that a save writes and a load reads
