@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import platform
 import statistics
@@ -29,6 +28,7 @@ from common import emit, run_under_torchrun
 
 from megatronlite import config
 from megatronlite.plan.estimate import gpu_options
+from megatronlite.plan.measure import live_tensor_bytes
 from megatronlite.plan.memory import layout_memories, model_states
 
 GiB = 2**30
@@ -54,15 +54,6 @@ PRESET_RUNS = {  # name: overrides, all bf16
 RUN = ["train.eval_interval=0", "logging.interval=1", "checkpoint.save=false", "checkpoint.load=null"]
 
 
-def live_bytes() -> int:
-    seen = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 def worker(run_dir: str, steps: int, sets: list[str]) -> None:
     """(Under torchrun.) Train; record this rank's held bytes."""
     from megatronlite.parallel.mesh import build_mesh, init_distributed
@@ -71,12 +62,10 @@ def worker(run_dir: str, steps: int, sets: list[str]) -> None:
     world, rank, _ = init_distributed("cpu", 10)
     run = Path(run_dir)
     cfg = config.load("configs/demo.yaml", [*sets, *RUN, f"train.steps={steps}", "train.device=cpu"])
-    gc.collect()
-    before = live_bytes()
+    before = live_tensor_bytes()
     trainer = Trainer(cfg, run, build_mesh(cfg, world, rank), torch.device("cpu"))
     trainer.run()
-    gc.collect()
-    (run / f"held{rank}.json").write_text(json.dumps(live_bytes() - before))
+    (run / f"held{rank}.json").write_text(json.dumps(live_tensor_bytes() - before))
 
 
 def measured(steps: int) -> list[str]:

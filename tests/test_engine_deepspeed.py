@@ -1,7 +1,6 @@
 """The DeepSpeed engine beyond equivalence (tests/test_parallel_equivalence.py) and resumes across engines
 (tests/test_checkpoint_layouts.py): the config it gets, what it refuses, and the memory its ZeRO stages hold."""
 
-import gc
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from helpers import spawn, tiny_overrides
 from megatronlite import config
 from megatronlite.engine.deepspeed_zero import config_for
 from megatronlite.errors import UserError
+from megatronlite.plan.measure import live_tensor_bytes
 
 
 def cfg_of(*sets: str) -> config.Config:
@@ -96,16 +96,6 @@ def test_an_op_that_cannot_build_is_one_line(monkeypatch):
         _require_op("async_io", "optim.offload: nvme", "libaio's headers and library (apt install libaio-dev)")
 
 
-def _live_bytes() -> int:
-    """Bytes of every tensor storage this process holds, each counted once."""
-    seen = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 BUCKET_MB = 0.125
 STAGES = {  # name: overrides; measured in this order, in the same processes
     "native-zero0": [],
@@ -132,12 +122,10 @@ def _held_after_training(rank: int, world: int, corpus: str, out: Path) -> None:
         extra |= {"train.steps": 2, "train.global_batch_size": 8, "checkpoint.save": "false"}
         overrides = tiny_overrides(corpus, run, **extra) + [f"parallel.bucket_mb={BUCKET_MB}", *sets]
         cfg = config.load("configs/demo.yaml", overrides + ["train.device=cpu"])
-        gc.collect()
-        before = _live_bytes()
+        before = live_tensor_bytes()
         trainer = Trainer(cfg, run, build_mesh(cfg, world, rank), torch.device("cpu"))
         trainer.run()
-        gc.collect()
-        held[name] = _live_bytes() - before
+        held[name] = live_tensor_bytes() - before
         if name == "native-zero0":
             held["params"] = sum(p.numel() * p.element_size() for p in trainer.params.values())
         del trainer

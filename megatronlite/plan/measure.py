@@ -3,6 +3,8 @@ prediction is checked against (tests/test_plan.py, exactly) and recorded beside 
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from megatronlite.config import Config
@@ -41,3 +43,15 @@ def allocated_states(cfg: Config, world_size: int, rank: int) -> dict[str, int]:
         for t in state.values():
             add("optimizer", t)
     return {kind: sum(sizes.values()) for kind, sizes in seen.items()}
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage this process holds (after a collection), each counted once: what a trained
+    engine holds is the difference across its life (bench/bench_zero.py, tests/test_engine_deepspeed.py)."""
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
