@@ -42,7 +42,6 @@ LAYOUTS = {
     # the DeepSpeed engine (ZeRO-3 partitioning every parameter: no size threshold)
     "ds-zero3-dp2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3", DS_PARTITION_ALL]),
     "ds-zero3-dp4": (4, ["parallel.engine=deepspeed", "parallel.zero_stage=3", DS_PARTITION_ALL]),
-    "ds-zero2xtp2": (4, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.tensor=2"]),
     "ds-zero3-nvme": (
         2,
         [
@@ -146,7 +145,6 @@ def assert_continues(run, reference, first_step):
         # between engines: DeepSpeed's fp32 partitions and moments are slices of the same global tensors
         ("tp2xpp2", "ds-zero3-dp4"),
         ("ds-zero3-dp2", "tp2xpp2"),
-        ("tp2xdp2-distopt", "ds-zero2xtp2"),
         ("dp2-distopt", "ds-zero3-nvme"),  # loaded into what DeepSpeed swaps to and from the drive
     ],
 )

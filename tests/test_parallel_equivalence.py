@@ -237,7 +237,10 @@ MOE_CASES = {
 LAYOUT_CASES += [(model, layout) for model, layouts in MOE_CASES.items() for layout in layouts]
 LAYOUT_CASES += [("llama", layout) for layout in DEEPSPEED_LAYOUTS]
 LAYOUT_OF = {**LAYOUTS, **FEATURE_LAYOUTS, **MOE_LAYOUTS, **DEEPSPEED_LAYOUTS}
-PRECISION_CASES = [(model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS]
+PRECISION_CASES = [
+    (model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS if "ds-" not in layout
+]
+PRECISION_CASES.append(("llama", "ds-zero2-bf16"))
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 
 

@@ -261,7 +261,8 @@ class MoE(nn.Module):
     def _balance_shares(self, routed: torch.Tensor) -> torch.Tensor:
         """Each expert's share of the assignments the balance loss weighs (see `aux_loss_scope`)."""
         if self.cfg.moe.aux_loss_scope == "micro_batch":
-            return _summed(routed, self.sequence) / routed.sum()
+            counts = _summed(routed, self.sequence)
+            return counts / counts.sum()
         if _UNCOUNTED[0]:  # a recompute: what its first forward used (the pipeline's shape inference: anything)
             return self.step_shares.popleft() if self.step_shares else routed / routed.sum()
         counts = _summed(routed, self.batch).float()
