@@ -96,6 +96,25 @@ def test_an_op_that_cannot_build_is_one_line(monkeypatch):
         _require_op("async_io", "optim.offload: nvme", "libaio's headers and library (apt install libaio-dev)")
 
 
+@pytest.mark.slow
+def test_fp16_overflow_steps_are_skipped_by_deepspeed_and_counted(tmp_path, corpus):
+    """DeepSpeed's fp16 skips a step whose scaled gradients overflow and lowers its scale: the run goes on (not a
+    non-finite stop), the skips are counted, and Adam's step count in the checkpoint leaves them out."""
+    from helpers import launch, read_metrics
+
+    from megatronlite.checkpoint import store
+
+    run = tmp_path / "run"
+    sets = {"train.steps": 10, "checkpoint.interval": 10, "train.precision": "fp16"}
+    ds = ["parallel.engine=deepspeed", "parallel.zero_stage=2", f"optim.initial_loss_scale={2**24}"]
+    done = launch("configs/demo.yaml", run, 1, tiny_overrides(corpus, run, **sets) + ds)
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = [m["nonfinite_skipped"] for m in read_metrics(run)]
+    assert skipped[0] == 1 and 0 < skipped[-1] < 10, skipped  # it overflows at first, then steps
+    meta = store.read_meta(store.find_step_dir(run))
+    assert meta["optimizer_steps"] == 10 - skipped[-1], (meta, skipped)
+
+
 BUCKET_MB = 0.125
 STAGES = {  # name: overrides; measured in this order, in the same processes
     "native-zero0": [],

@@ -39,8 +39,9 @@ class Engine(Protocol):
     def grad_norm(self) -> torch.Tensor:
         """The global gradient norm (0-dim, on the device): before `step` if `norm_before_step`, else after."""
 
-    def step(self, lr: float, norm: torch.Tensor | None) -> None:
-        """Clip by `norm` (or the engine's own), step at `lr`, make the new weights visible to the model."""
+    def step(self, lr: float, norm: torch.Tensor | None) -> bool:
+        """Clip by `norm` (or the engine's own), step at `lr`, make the new weights visible to the model; whether
+        the weights moved (DeepSpeed's fp16 skips a step whose scaled gradients overflowed, and lowers its scale)."""
 
     def zero_grads(self) -> None: ...
 

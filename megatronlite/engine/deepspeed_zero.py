@@ -218,10 +218,11 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 
-    def step(self, lr: float, norm: torch.Tensor | None) -> None:
+    def step(self, lr: float, norm: torch.Tensor | None) -> bool:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
+        return self.engine.was_step_applied()
 
     def zero_grads(self) -> None:
         self.engine.zero_grad()

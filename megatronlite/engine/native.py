@@ -60,12 +60,14 @@ class NativeEngine:
             parts.append((owned_grads(experts, mesh), groups))
         return global_grad_norm(parts, mesh, self.device)
 
-    def step(self, lr: float, norm: torch.Tensor | None) -> None:
+    def step(self, lr: float, norm: torch.Tensor | None) -> bool:
+        """(The trainer's guards and loss scaler already decided that this step is taken.)"""
         clip_grads(self.grads(), norm, self.cfg.optim.clip_grad)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.dp.gather_params()
+        return True
 
     def zero_grads(self) -> None:
         self.dp.zero_grads()

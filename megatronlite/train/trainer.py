@@ -111,7 +111,7 @@ class Trainer:
             )
         self.step = 0
         self.consumed_samples = 0
-        self.nonfinite_skips = 0  # steps dropped by train.on_nonfinite: skip (Adam did not step)
+        self.nonfinite_skips = 0  # steps Adam did not take: train.on_nonfinite: skip, DeepSpeed's fp16 overflow
         self.skips = SkipBudget(t.max_skipped_steps)
         self.spikes = SpikeDetector(t.loss_spike_factor)
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
@@ -221,17 +221,20 @@ class Trainer:
         stepped = self._may_step(loss, loss_finite, norm, total, grads)
         if stepped:
             self.beat("optimizer step")
-            engine.step(lr_at(self.step, self.cfg.optim, self.cfg.train.steps), norm_on_device)
+            stepped = engine.step(lr_at(self.step, self.cfg.optim, self.cfg.train.steps), norm_on_device)
             if norm_on_device is None:
-                norm = self._after_engine_step(engine.grad_norm().item())
+                norm = self._after_engine_step(engine.grad_norm().item(), stepped)
         engine.zero_grads()
         self.moe.after_step(stepped)
         return loss, norm
 
-    def _after_engine_step(self, norm: float) -> float:
-        """The norm an engine's own step computed: a non-finite one stops the run before any checkpoint holds
-        the step (train.on_nonfinite: skip needs the norm before the step: the native engine)."""
-        if not math.isfinite(norm):
+    def _after_engine_step(self, norm: float, applied: bool) -> float:
+        """The norm an engine's own step computed. A step it skipped (DeepSpeed's fp16 overflow, its scale then
+        lowered) is counted, as Adam did not take it; a non-finite norm of a step it took stops the run before any
+        checkpoint holds that state (train.on_nonfinite: skip needs the norm before the step: the native engine)."""
+        if not applied:
+            self.nonfinite_skips += 1
+        elif not math.isfinite(norm):
             raise TrainingStopped(
                 f"step {self.step + 1}: non-finite gradients (norm {norm}) found by the {self.cfg.parallel.engine} "
                 "engine's step; stopped, so no checkpoint holds this state; lower optim.lr"
@@ -418,7 +421,8 @@ class Trainer:
         """The metrics of skipped steps: fp16's loss scale and overflows, or the non-finite steps skipped."""
         if self.scaler is not None:
             return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped}
-        return {"nonfinite_skipped": self.nonfinite_skips} if self.cfg.train.on_nonfinite == "skip" else {}
+        shown = self.cfg.train.on_nonfinite == "skip" or self.nonfinite_skips
+        return {"nonfinite_skipped": self.nonfinite_skips} if shown else {}
 
     def resolved_config_yaml(self) -> str:
         return config_mod.to_yaml(self.cfg)
