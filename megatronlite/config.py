@@ -585,6 +585,19 @@ def validate_moe(m: ModelConfig) -> None:
         raise UserError(f"model.moe.layer_freq must be a positive integer or a 0/1 list per layer, got {freq!r}")
 
 
+# keys of a `deepspeed:` section that would change what megatronlite's own settings decide
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / micro_batch_size / DP",
+    "gradient_clipping": "optim.clip_grad",
+    "fp16": "train.precision",
+    "bf16": "train.precision",
+    "optimizer": "optim.* (megatronlite's AdamW)",
+    "scheduler": "optim.schedule",
+}
+
+
 def validate_engine(cfg: Config) -> None:
     """What each engine runs (`parallel.engine`, engine/): the ZeRO stage, offload and the layouts."""
     p, o, native = cfg.parallel, cfg.optim, cfg.parallel.engine == "native"
@@ -615,6 +628,14 @@ def validate_engine(cfg: Config) -> None:
     for key, (refused, why) in refusals.items():
         if refused:
             raise UserError(f"parallel.engine: deepspeed: {key} {why}")
+    section = cfg.deepspeed or {}
+    for key in section:
+        if key in DEEPSPEED_OWNED_KEYS:
+            raise UserError(
+                f"deepspeed.{key} is decided by megatronlite's {DEEPSPEED_OWNED_KEYS[key]}; set that instead"
+            )
+    if "stage" in (section.get("zero_optimization") or {}):
+        raise UserError("deepspeed.zero_optimization.stage is decided by parallel.zero_stage; set that instead")
 
 
 def validate_zero(p: ParallelConfig) -> None:

@@ -46,17 +46,6 @@ from megatronlite.optim.adamw import build_adamw, param_groups
 from megatronlite.parallel.mesh import Group, Mesh
 
 ADAM = ("exp_avg", "exp_avg_sq")
-# keys of a `deepspeed:` section that would change what megatronlite's own settings decide
-OWNED_KEYS = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size / micro_batch_size / DP",
-    "gradient_clipping": "optim.clip_grad",
-    "fp16": "train.precision",
-    "bf16": "train.precision",
-    "optimizer": "optim.* (megatronlite's AdamW)",
-    "scheduler": "optim.schedule",
-}
 
 
 class _MeshMPU:
@@ -116,9 +105,9 @@ def config_for(cfg: Config, dp: int, micro_batches: int) -> dict:
         zero["stage3_prefetch_bucket_size"] = bucket
     if o.offload_to != "none":
         target = {"device": o.offload_to, **({"nvme_path": o.nvme_path} if o.offload_to == "nvme" else {})}
-        zero["offload_optimizer"] = {**target, "pin_memory": False}
+        zero["offload_optimizer"] = target
         if stage == 3:
-            zero["offload_param"] = dict(target)
+            zero["offload_param"] = target
     out = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": micro_batches,
@@ -133,13 +122,7 @@ def config_for(cfg: Config, dp: int, micro_batches: int) -> dict:
         out["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         out["fp16"] = {"enabled": True, "initial_scale_power": int(math.log2(o.initial_loss_scale))}
-    for key in cfg.deepspeed or {}:
-        if key in OWNED_KEYS:
-            raise UserError(f"deepspeed.{key} is decided by megatronlite's {OWNED_KEYS[key]}; set that instead")
-    zero_user = (cfg.deepspeed or {}).get("zero_optimization", {})
-    if "stage" in zero_user:
-        raise UserError("deepspeed.zero_optimization.stage is decided by parallel.zero_stage; set that instead")
-    return _merged(out, cfg.deepspeed or {})
+    return _merged(out, cfg.deepspeed or {})  # its keys checked by config.validate_engine
 
 
 def _merged(base: dict, over: dict) -> dict:
