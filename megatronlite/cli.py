@@ -39,6 +39,7 @@ def _dry_run(args: argparse.Namespace) -> None:
 
     from megatronlite import config
     from megatronlite.train.dry_run import dry_run
+    from megatronlite.train.trainer import resolve_precision
 
     cfg = config.load(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
@@ -46,6 +47,7 @@ def _dry_run(args: argparse.Namespace) -> None:
     if world < 1:
         raise UserError(f"--workers must be a positive number of workers, got {world}")
     device = torch.device(_device_kind(cfg))
+    resolve_precision(cfg, device)
     report, fits = dry_run(cfg, run_dir, world, device, _workers_here(world))
     print("\n".join(report))
     warned = "" if fits else " (but see the memory warning)"
@@ -64,7 +66,7 @@ def _train(args: argparse.Namespace) -> None:
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
     from megatronlite.train.preemption import Preempted
     from megatronlite.train.run_lock import lock_run_dir
-    from megatronlite.train.trainer import Trainer, run_options, write_resolved_config
+    from megatronlite.train.trainer import Trainer, resolve_precision, run_options, write_resolved_config
 
     die_with_launcher()
     cfg = config.load(args.config, args.set)
@@ -77,6 +79,7 @@ def _train(args: argparse.Namespace) -> None:
         if kind == "cuda":
             torch.cuda.set_device(device)
         lock = lock_run_dir(run_dir, rank, world, device)  # before anything in the run directory is written
+        resolve_precision(cfg, device)
         mesh = build_mesh(cfg, world, rank)
         if rank == 0:  # before anything is allocated: a layout predicted not to fit is named with its figure
             line, fits = memory_report(cfg, world, run_options(cfg, device), device, _workers_here(world))

@@ -194,7 +194,7 @@ class TrainConfig:
     global_batch_size: int = 8
     seq_len: int = 256
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     recompute: str = "none"  # none | selective (attention core) | full (whole layers)
     recompute_layers: int = 0  # full: recompute the first N layers of each stage (0: all)
@@ -295,7 +295,7 @@ CHOICES = {
     "parallel.zero_stage": (None, 0, 1, 2, 3),
     "parallel.engine": ("native", "deepspeed"),
     "optim.offload": (False, True, "none", "cpu", "nvme"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.recompute": ("none", "selective", "full"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -680,6 +680,14 @@ def _check_batch(t: TrainConfig, dp: int) -> None:
             f"data-parallel size ({t.micro_batch_size} x {dp} = {step}); valid: "
             f"{', '.join(str(step * k) for k in range(1, 5))}, ..."
         )
+
+
+def precision_on(t: TrainConfig, device_type: str, bf16_supported: bool = True) -> str:
+    """What `train.precision` means on a device: `auto` is bf16 on a GPU that has it (Ampere and later: the
+    tensor-core rate, and Megatron's usual choice), fp32 elsewhere (CPU: bf16 matmuls gain nothing there)."""
+    if t.precision != "auto":
+        return t.precision
+    return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
 
 
 def micro_batches(t: TrainConfig, dp: int) -> int:

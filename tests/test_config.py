@@ -69,7 +69,7 @@ def test_extends_cycle(tmp_path):
         ("model: {num_heads: 8, num_kv_heads: 3}", r"num_kv_heads \(3\) must divide"),
         ("train: {micro_batch_size: 3, global_batch_size: 8}", r"global_batch_size \(8\) .* valid: 3, 6, 9"),
         ("train: {seq_len: 4096}", r"seq_len \(4096\) exceeds model.max_seq_len"),
-        ("train: {precision: fp8}", r"'train.precision' = 'fp8'; valid values: fp32, bf16, fp16"),
+        ("train: {precision: fp8}", r"'train.precision' = 'fp8'; valid values: auto, fp32, bf16, fp16"),
         ("optim: {lr: 0.001, min_lr: 0.01}", r"min_lr"),
         ("train: {steps: 0}", r"'train.steps' must be > 0"),
         ("train: {kernels: {adamw: triton}}", r"train.kernels.adamw: the optimizer is set by optim.impl"),
@@ -216,3 +216,13 @@ def test_arch_is_a_preset_of_features_each_overridable(tmp_path):
     assert config.ModelConfig(arch="qwen2").qkv_bias and not config.ModelConfig(arch="qwen2").bias
     # a saved run's config (every feature written out) loads back as the same model
     assert config.from_dict({"model": config.Config(model=qwen3).to_dict()["model"]}).model == qwen3
+
+
+def test_precision_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere():
+    t = config.load("configs/demo.yaml", []).train
+    assert t.precision == "auto"
+    assert config.precision_on(t, "cuda") == "bf16"
+    assert config.precision_on(t, "cuda", bf16_supported=False) == "fp32"  # a V100
+    assert config.precision_on(t, "cpu") == "fp32"
+    t.precision = "fp16"
+    assert config.precision_on(t, "cuda") == config.precision_on(t, "cpu") == "fp16"  # a named one stays

@@ -154,10 +154,30 @@ def test_cuda_rng_is_restored_on_resume(tmp_path, corpus):
     assert torch.equal(torch.cuda.get_rng_state(device), saved)
 
 
-def test_device_auto_trains_on_cuda(tmp_path, corpus, capsys):
+def test_device_auto_trains_on_cuda_in_bf16(tmp_path, corpus, capsys):
+    """train.device: auto and train.precision: auto (the defaults) are CUDA and bf16 on a GPU, and config.yaml
+    records the precision that ran."""
     run = tmp_path / "run"
-    train(run, tiny_overrides(corpus, run, **{"train.device": "auto", "train.steps": 2}))
-    assert "device cuda:0" in capsys.readouterr().out
+    train(run, tiny_overrides(corpus, run, **{"train.device": "auto", "train.precision": "auto", "train.steps": 2}))
+    assert "device cuda:0, precision bf16" in capsys.readouterr().out
+    assert config.load(run / "config.yaml", []).train.precision == "bf16"
+
+
+def test_initialization_is_drawn_on_the_gpu():
+    """Each full tensor is drawn by a CUDA generator where the parameter lives (then sliced per layout, as on
+    CPU): the same on every init, not the CPU draw copied over."""
+    from megatronlite.models.gpt import GPTModel
+    from megatronlite.models.init import full_tensor, init_parameters
+
+    cfg = config.load("configs/demo.yaml", []).model
+    models = [GPTModel(cfg).cuda() for _ in range(2)]
+    for model in models:
+        init_parameters(model, cfg, seed=3)
+    name, qkv = "layers.0.attention.qkv.weight", models[0].layers["0"].attention.qkv.weight
+    assert torch.equal(qkv, full_tensor(name, qkv.sharding, cfg, 3, qkv.device))
+    assert not torch.equal(qkv.cpu(), full_tensor(name, qkv.sharding, cfg, 3, "cpu"))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(

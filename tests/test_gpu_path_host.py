@@ -1,13 +1,14 @@
-"""The GPU path's host-side choices, checked on CPU: no host sync in the gradient norm and clipping,
-preemption polled every few steps, TF32 on CUDA by default, the GPU index under srun's binding, and
-checkpoint barriers on a gloo group of their own."""
+"""The GPU path's host-side choices, checked on CPU: no host sync in the gradient norm and clipping, nor in a
+step (its numbers read at logged steps and checkpoints), preemption polled every few steps, TF32 on CUDA by
+default, the GPU index under srun's binding, and checkpoint barriers on a gloo group of their own."""
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import tiny_overrides
+from helpers import error_of, tiny_overrides, train
 
 from megatronlite import config
+from megatronlite.checkpoint import store
 from megatronlite.errors import UserError
 from megatronlite.optim.clip import clip_grads, global_grad_norm
 from megatronlite.parallel.mesh import Mesh, build_mesh, cuda_device
@@ -36,7 +37,7 @@ def test_norm_and_clipping_stay_on_the_device(monkeypatch, max_norm):
     want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     with monkeypatch.context() as m:
         _no_item(m)
-        norm = global_grad_norm([(grads, [])], Mesh(), torch.device("cpu"))
+        norm, _ = global_grad_norm([(grads, [])], Mesh(), torch.device("cpu"))
         clip_grads(grads, norm, max_norm)
     assert norm.shape == () and norm.dtype == torch.float32
     torch.testing.assert_close(norm, want)
@@ -111,3 +112,62 @@ def test_checkpoint_barriers_use_their_own_gloo_group(tmp_path, corpus, monkeypa
     saver.save()
     assert (run / "checkpoints" / "latest").read_text() == "step_0000001"
     assert len(groups) >= 2 and all(g is saver.group for g in groups), groups
+
+
+# host reads: a step's loss and norm stay on the device until a logged step or a checkpoint needs them
+_READS = {"train.steps": 8, "logging.interval": 4, "checkpoint.interval": 8}
+_SYNCED = {"train.loss_spike_factor": 1.0e9}  # spike detection (never firing) needs each step's loss on the host
+
+
+def _train_recording_reads(run, corpus, monkeypatch, **extra) -> tuple[list[dict], list[int]]:
+    """Train in this process, with every .item() / .tolist() inside a step refused where the trainer defers its
+    reads (asserted to be exactly when spike detection is off); the steps read on the host."""
+    settled, step = [], Trainer.train_step
+
+    def train_step(self, micro_batches):
+        assert self.deferred == ("train.loss_spike_factor" not in extra)
+        if self.deferred:
+            with monkeypatch.context() as m:
+                _no_item(m)
+                m.setattr(torch.Tensor, "tolist", lambda self: (_ for _ in ()).throw(AssertionError("tolist")))
+                return step(self, micro_batches)
+        return step(self, micro_batches)
+
+    def settle(self, settle=Trainer.settle):
+        settled.append(self.step)
+        return settle(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", train_step)
+        m.setattr(Trainer, "settle", settle)
+        return train(run, tiny_overrides(corpus, run, **{**_READS, **extra})), settled
+
+
+def test_steps_are_read_on_the_host_only_when_logged_or_saved(tmp_path, corpus, monkeypatch):
+    """No host sync inside a step (fused AdamW skips a bad step on the device); the numbers read at the logged
+    steps are those of a run that reads every step before stepping."""
+    deferred, settled = _train_recording_reads(tmp_path / "deferred", corpus, monkeypatch)
+    assert settled == [4, 8]
+    synced, _ = _train_recording_reads(tmp_path / "synced", corpus, monkeypatch, **_SYNCED)
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in deferred] == [
+        (m["step"], m["loss"], m["grad_norm"]) for m in synced
+    ]
+
+
+def test_a_bad_step_skipped_on_the_device_is_counted_or_stops_the_run_at_the_next_read(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    """nan:3 between reads: with train.on_nonfinite: skip the device skipped exactly that update (the later losses
+    equal a run that decided on the host, whose Adam also did not count the step); by default the run stops at
+    step 4's read, naming step 3 and the rank, with no checkpoint written."""
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "nan:3")
+    skip = {"train.on_nonfinite": "skip"}
+    deferred, _ = _train_recording_reads(tmp_path / "deferred", corpus, monkeypatch, **skip)
+    synced, _ = _train_recording_reads(tmp_path / "synced", corpus, monkeypatch, **skip, **_SYNCED)
+    assert [m["nonfinite_skipped"] for m in deferred] == [1, 1]
+    assert [(m["loss"], m["grad_norm"]) for m in deferred] == [(m["loss"], m["grad_norm"]) for m in synced]
+    run = tmp_path / "stops"
+    sets = sum((["--set", s] for s in tiny_overrides(corpus, run, **_READS)), [])
+    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sets)
+    assert line.startswith("megatronlite: error: step 3: non-finite gradients (gradients on rank(s) 0)"), line
+    assert store.latest_complete(run / "checkpoints") is None

@@ -38,7 +38,8 @@ def test_load_model_takes_lists_hides_padding_and_generates(tmp_path, arch):
     logits = model(ids)  # a list: one sequence, logits [seq, vocab] without an autograd graph
     assert logits.shape == (5, 257) and not logits.requires_grad
     batch = model(torch.tensor([ids, ids[::-1]], dtype=torch.int32))
-    assert batch.shape == (2, 5, 257) and torch.allclose(batch[0], logits, atol=1e-6)
+    # a batch's GEMMs have other shapes, so they round differently: ~1e-5 at these random weights' logits (~25)
+    assert batch.shape == (2, 5, 257) and torch.allclose(batch[0], logits, atol=1e-4)
     assert torch.allclose(model(torch.tensor(ids)), logits, atol=1e-6)
     with pytest.raises(ValueError, match="token id 257 is outside the vocabulary 0..256"):
         model([1, 257])

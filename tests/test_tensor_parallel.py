@@ -12,6 +12,7 @@ from helpers import free_port
 
 from megatronlite.config import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatronlite.parallel.mappings import sequence_shard
 from megatronlite.parallel.mesh import AXES, ROLES, _lines, build_mesh, rank_grid
 from megatronlite.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -46,8 +47,8 @@ def _worker(rank, port, sequence_parallel, errors):
         assert mesh.device_mesh.mesh_dim_names == AXES and mesh.device_mesh.get_group("tp") is mesh.tp_group
         assert tuple(mesh.device_mesh.get_coordinate()) == (0, 0, 0, rank)
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(3, 8, 16, generator=g)  # [batch, seq, hidden]
-        x_local = x.chunk(TP, dim=1)[rank] if sequence_parallel else x
+        x = torch.randn(3, 8, 16, generator=g)  # [batch, seq, hidden]; an SP shard is 1.5 sequences' tokens
+        x_local = sequence_shard(x, rank, TP) if sequence_parallel else x
         x_local = x_local.clone().requires_grad_()
         ref_x = x.clone().requires_grad_()
 
@@ -61,11 +62,11 @@ def _worker(rank, port, sequence_parallel, errors):
         wa, wb = fc["weight"].chunk(2)
         ba, bb = fc["bias"].chunk(2)
         ref = F.linear(F.linear(ref_x, wa, ba) * F.linear(ref_x, wb, bb), fr["weight"], fr["bias"])
-        ref_local = ref.chunk(TP, dim=1)[rank] if sequence_parallel else ref
+        ref_local = sequence_shard(ref, rank, TP) if sequence_parallel else ref
         torch.testing.assert_close(y, ref_local, rtol=1e-5, atol=1e-5)
         y.pow(2).sum().backward()
         ref.pow(2).sum().backward()
-        grad_ref = ref_x.grad.chunk(TP, dim=1)[rank] if sequence_parallel else ref_x.grad
+        grad_ref = sequence_shard(ref_x.grad, rank, TP) if sequence_parallel else ref_x.grad
         torch.testing.assert_close(x_local.grad, grad_ref, rtol=1e-4, atol=1e-4)
         w_grad_ref = torch.cat([g.chunk(TP)[rank] for g in _ref_grads_column(ref_x.detach(), fc, fr)])
         torch.testing.assert_close(col.weight.grad, w_grad_ref, rtol=1e-4, atol=1e-4)
@@ -76,7 +77,7 @@ def _worker(rank, port, sequence_parallel, errors):
         ids = torch.randint(0, 250, (3, 8), generator=g)
         out = emb(ids)
         ref_out = F.embedding(ids, fe["weight"])
-        torch.testing.assert_close(out, ref_out.chunk(TP, dim=1)[rank] if sequence_parallel else ref_out)
+        torch.testing.assert_close(out, sequence_shard(ref_out, rank, TP) if sequence_parallel else ref_out)
         logits_full = torch.randn(3, 8, 256, generator=g)
         logits_full[..., 250:] = 100.0  # padding columns must not count
         logits = logits_full.chunk(TP, dim=-1)[rank].clone().requires_grad_()

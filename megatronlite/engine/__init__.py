@@ -22,6 +22,7 @@ from megatronlite.parallel.mesh import Mesh
 class Engine(Protocol):
     description: str  # the optimizer and engine, as the start-up line prints them
     norm_before_step: bool  # whether `grad_norm` is known before `step` (DeepSpeed: its step computes it)
+    skips_on_device: bool  # whether `step(..., skip=flag)` leaves the weights and Adam untouched where flag is set
 
     def forward(self, model: torch.nn.Module, *inputs: object) -> torch.Tensor:
         """`model(*inputs)`, through whatever the engine wraps around it (DeepSpeed's per-forward bookkeeping)."""
@@ -39,9 +40,10 @@ class Engine(Protocol):
     def grad_norm(self) -> torch.Tensor:
         """The global gradient norm (0-dim, on the device): before `step` if `norm_before_step`, else after."""
 
-    def step(self, lr: float, norm: torch.Tensor | None) -> bool:
+    def step(self, lr: float, norm: torch.Tensor | None, skip: torch.Tensor | None = None) -> bool:
         """Clip by `norm` (or the engine's own), step at `lr`, make the new weights visible to the model; whether
-        the weights moved (DeepSpeed's fp16 skips a step whose scaled gradients overflowed, and lowers its scale)."""
+        the weights moved (DeepSpeed's fp16 skips a step whose scaled gradients overflowed, and lowers its scale).
+        `skip` (only where `skips_on_device`): a 0-dim flag on the device; where it is set nothing moves."""
 
     def zero_grads(self) -> None: ...
 

@@ -134,6 +134,7 @@ def _merged(base: dict, over: dict) -> dict:
 
 class DeepSpeedEngine:
     norm_before_step = False
+    skips_on_device = False  # its step decides (and reads) on the host itself
 
     def __init__(
         self, cfg: Config, mesh: Mesh, stages: list, late_sync: dict, num_micro: int, device: torch.device
@@ -201,7 +202,7 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 
-    def step(self, lr: float, norm: torch.Tensor | None) -> bool:
+    def step(self, lr: float, norm: torch.Tensor | None, skip: torch.Tensor | None = None) -> bool:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()

@@ -27,6 +27,11 @@ class NativeEngine:
             self.params, mesh.role("grad"), num_micro, p.zero, p.bucket_mb, set(late_sync), mesh.role("expert_grad")
         )
         self.optimizer, self.description = build_adamw(self.dp.optimizer_params(self.params), cfg.optim, device)
+        # torch's fused AdamW skips a whole update on the device when its `found_inf` flag is set (GradScaler's
+        # hook): the trainer need not read a step's numbers on the host before stepping
+        fused = type(self.optimizer) is torch.optim.AdamW and self.optimizer.defaults.get("fused")
+        self.skips_on_device = bool(fused)
+        self.local_squares = torch.zeros((), device=device)  # this rank's own, before the reductions
 
     def forward(self, model: torch.nn.Module, *inputs: object) -> torch.Tensor:
         return model(*inputs)
@@ -58,13 +63,15 @@ class NativeEngine:
         if experts:
             groups = [mesh.role("expert")] + ([mesh.role("expert_grad")] if zero else [])
             parts.append((owned_grads(experts, mesh), groups))
-        return global_grad_norm(parts, mesh, self.device)
+        norm, self.local_squares = global_grad_norm(parts, mesh, self.device)
+        return norm
 
-    def step(self, lr: float, norm: torch.Tensor | None) -> bool:
-        """(The trainer's guards and loss scaler already decided that this step is taken.)"""
+    def step(self, lr: float, norm: torch.Tensor | None, skip: torch.Tensor | None = None) -> bool:
+        """(The trainer's guards and loss scaler already decided that this step is taken, or leave it to `skip`.)"""
         clip_grads(self.grads(), norm, self.cfg.optim.clip_grad)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.optimizer.found_inf = skip.float() if skip is not None else None
         self.optimizer.step()
         self.dp.gather_params()
         return True

@@ -175,7 +175,7 @@ def linear_cross_entropy(
 
     `weight` is this rank's vocabulary shard [V_padded / TP, h] (rank r holds rows r*V_local...);
     columns at or past `vocab_size` are padding and masked out. `tp_group` None means TP = 1. `hidden`
-    must already be the column-parallel input (after copy_to_tp / gather_from_sp): its gradient is
+    must already be the column-parallel input (after copy_to_tp / gather_tokens): its gradient is
     this rank's partial sum, which that mapping reduces, exactly as for F.linear. `chunk_size` tokens
     per chunk; None picks it so a chunk's fp32 logits stay within a fixed budget (linear_cross_entropy.CHUNK_BYTES).
     """

@@ -9,7 +9,8 @@ family a model is: `model.arch` only fills in the features (config.FAMILIES).
 A `GPTModel` holds one pipeline stage: the layers it was given (named by their global index,
 so parameter names never depend on the layout), plus the embedding on the first stage and the
 final norm and output layer on the last. Activations are [batch, seq, hidden]; under sequence
-parallelism the seq dim is split over TP between the attention and MLP blocks.
+parallelism each TP rank holds a block of the micro-batch's tokens between the attention and MLP
+blocks (parallel/mappings.py), viewed as [batch, seq / TP, hidden].
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from megatronlite.kernels import OPS
 from megatronlite.kernels.dispatch import backend_function
 from megatronlite.kernels.reference import swiglu_halves
 from megatronlite.models.moe import MoE, recompute_contexts
+from megatronlite.models.precision import to_compute_dtype
 from megatronlite.models.rope import rotary_tables
 from megatronlite.parallel.context import context_attention, local_positions
 from megatronlite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatronlite.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
+from megatronlite.parallel.mappings import copy_to_tp, gather_from_tp, gather_tokens, sequence_shard
 from megatronlite.parallel.mesh import Group, Mesh
 from megatronlite.parallel.sharding import empty_param, replicated
 from megatronlite.parallel.tensor_parallel import (
@@ -69,9 +71,11 @@ class Norm(nn.Module):
         self.bias = None if self.rms else empty_param((size,), replicated((size,), "zeros", partial_over_tp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In the compute dtype (under autocast, torch's norms return fp32: the SP gather after them and the
+        matmul's input cast would move and read twice the bytes)."""
         if self.rms:
-            return self.norm(x, self.weight, self.eps)
-        return self.norm(x, self.weight, self.bias, self.eps)
+            return to_compute_dtype(self.norm(x, self.weight, self.eps))
+        return to_compute_dtype(self.norm(x, self.weight, self.bias, self.eps))
 
 
 def hidden_norm(cfg: ModelConfig, sequence_parallel: bool, backends: Backends) -> Norm:
@@ -224,9 +228,10 @@ class Embedding(nn.Module):
         """`positions`: the positions of `ids` [s] (this CP rank's chunks of the sequence) or, packed, [b, s]."""
         x = self.word(ids)  # [b, s / TP under sequence parallelism, h]
         if self.position is not None:
-            start = self.mesh.tp_rank * x.shape[1] if self.sequence_parallel else 0
-            x = x + self.position[positions[..., start : start + x.shape[1]]]
-        return x
+            if self.sequence_parallel:  # this rank's block of the micro-batch's tokens (mappings.py)
+                positions = sequence_shard(positions.expand(ids.shape), self.mesh.tp_rank, self.mesh.tp)
+            x = x + self.position[positions]
+        return to_compute_dtype(x)  # the residual stream in the compute dtype, as Megatron's (and PP's sends)
 
 
 class GPTModel(nn.Module):
@@ -316,7 +321,7 @@ class GPTModel(nn.Module):
         """(Last stage.) The mean cross-entropy of the final hidden states: the one loss path, with or without PP."""
         if self.options.fused_cross_entropy:  # output layer + loss in token chunks, never the full logits
             group = self.mesh.tp_group
-            x = gather_from_sp(x, 1, group) if self.sequence_parallel else copy_to_tp(x, group)
+            x = gather_tokens(x, group) if self.sequence_parallel else copy_to_tp(x, group)
             return kernels.linear_cross_entropy(
                 x,
                 self.output_weight(),

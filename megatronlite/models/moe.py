@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatronlite.config import ModelConfig
+from megatronlite.models.precision import compute_dtype
 from megatronlite.parallel.mappings import all_to_all
 from megatronlite.parallel.sharding import empty_param, expert_split, replicated
 
@@ -178,8 +179,7 @@ class MoE(nn.Module):
     def experts(self, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
         """Rows in blocks of `counts` through this rank's experts, in autocast's dtype when it is on: each stacked
         weight cast once (autocast would cast every expert's slice on its own, and keep each for backward)."""
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        dtype = compute_dtype(x)
         x = x.to(dtype)
 
         def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

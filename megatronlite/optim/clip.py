@@ -29,17 +29,20 @@ def owned_grads(params: list[torch.nn.Parameter], mesh: Mesh) -> list[torch.Tens
 
 def global_grad_norm(
     parts: list[tuple[list[torch.Tensor], list[Group]]], mesh: Mesh, device: torch.device
-) -> torch.Tensor:
-    """The global norm as a 0-dim fp32 tensor on `device`: no host sync here, whoever needs the number reads it.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global norm as a 0-dim fp32 tensor on `device` (no host sync here: whoever needs the number reads
+    it), and this rank's own sum of squares before any reduction (non-finite where a local gradient is).
 
     `parts`: gradients with the groups their squares add up over besides TP and PP (ZeRO's shards, experts split
     over EP). torch._foreach_norm reads each gradient once, in fp32 whatever its dtype, without an fp32 copy.
     """
     total = torch.zeros((), dtype=torch.float32, device=device)
+    local = torch.zeros((), dtype=torch.float32, device=device)
     for grads, groups in parts:
         part = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
             part = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+        local = local + part
         for group in groups:
             if group.size > 1:
                 dist.all_reduce(part, group=group.pg)
@@ -47,7 +50,7 @@ def global_grad_norm(
     for group in (mesh.role(r) for r in ("tensor", "pipeline")):
         if group.size > 1:
             dist.all_reduce(total, group=group.pg)
-    return total.sqrt()
+    return total.sqrt(), local
 
 
 def clip_grads(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:

@@ -14,12 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatronlite.parallel.mappings import (
-    copy_to_tp,
-    gather_from_sp,
-    reduce_from_tp,
-    reduce_scatter_to_sp,
-)
+from megatronlite.models.precision import to_compute_dtype
+from megatronlite.parallel.mappings import copy_to_tp, gather_tokens, reduce_from_tp, reduce_scatter_tokens
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.sharding import empty_param, replicated, tp_split
 
@@ -82,7 +78,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
-            y = reduce_scatter_to_sp(y, 1, self.mesh.tp_group)
+            y = reduce_scatter_tokens(y, self.mesh.tp_group)
         else:
             y = reduce_from_tp(y, self.mesh.tp_group)
         return y if self.bias is None else y + self.bias
@@ -106,8 +102,9 @@ class VocabParallelEmbedding(nn.Module):
             outside = (local < 0) | (local >= self.per_rank)
             out = F.embedding(local.masked_fill(outside, 0), self.weight)
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        out = to_compute_dtype(out)  # the sum over TP and the residual stream in the compute dtype, as Megatron's
         if self.sequence_parallel:
-            return reduce_scatter_to_sp(out, 1, self.mesh.tp_group)
+            return reduce_scatter_tokens(out, self.mesh.tp_group)
         return reduce_from_tp(out, self.mesh.tp_group)
 
 
@@ -119,7 +116,7 @@ def column_parallel_linear(
 
 
 def _tp_input(x: torch.Tensor, mesh: Mesh, sequence_parallel: bool) -> torch.Tensor:
-    """A column-parallel layer's input: the whole sequence (gathered under SP) on every TP rank."""
+    """A column-parallel layer's input: the whole micro-batch (its token blocks gathered under SP) on every TP rank."""
     if sequence_parallel:
-        return gather_from_sp(x, 1, mesh.tp_group)
+        return gather_tokens(x, mesh.tp_group)
     return copy_to_tp(x, mesh.tp_group)

@@ -50,7 +50,9 @@ def _load(args: argparse.Namespace) -> config.Config:
         sets.append(f"train.seq_len={args.seq_len}")
     if args.global_batch is not None:
         sets.append(f"train.global_batch_size={args.global_batch}")
-    return config.load(args.config, sets)
+    cfg = config.load(args.config, sets)
+    cfg.train.precision = config.precision_on(cfg.train, "cuda")  # a plan is for GPUs: auto is bf16 there
+    return cfg
 
 
 def _record(e: Estimate, tokens: float) -> dict:

@@ -100,7 +100,7 @@ def model_states(cfg: Config, world_size: int, rank: int) -> ModelStates:
     moments = 0 if cfg.optim.offload_to != "none" else 2 * FP32
     shards = [b.grad_shard for b in dp.buckets if b.grad_shard is not None]
     matmul = sum(_matmul_weights(model) for _, model in stages)
-    copies = compute_bytes(cfg.train.precision) if cfg.train.precision != "fp32" else 0
+    copies = compute_bytes(cfg.train.precision) if cfg.train.precision in ("bf16", "fp16") else 0
     return ModelStates(
         weights=sum(b.param_buf.numel() * b.param_buf.element_size() for b in dp.buckets),
         weight_copies=copies * matmul,
@@ -139,7 +139,8 @@ def layer_shape(cfg: Config) -> LayerShape:
 
 
 def norm_saved(cfg: Config, n_tokens: int) -> int:
-    """A norm saves its fp32 input and per-row statistics (rstd; LayerNorm also the mean)."""
+    """A norm saves its input in fp32 (the upcast its statistics are computed on) and per-row statistics (rstd;
+    LayerNorm also the mean)."""
     stats = FP32 if cfg.model.norm == "rmsnorm" else 2 * FP32
     return n_tokens * (cfg.model.hidden_size * FP32 + stats)
 
@@ -209,7 +210,7 @@ def stage_saved(cfg: Config, options: RunOptions, layers: list[int], first: bool
     experts = cfg.model.moe.layers(cfg.model.num_layers)
     if t.recompute == "full":
         full = min(t.recompute_layers or len(layers), len(layers))
-        out = full * norm_saved(cfg, s.norm_tokens)
+        out = full * s.norm_tokens * cfg.model.hidden_size * s.c  # each layer's input: the residual stream
         out += sum(layer_saved(cfg, options, "none", experts[i]) for i in layers[full:])
     else:
         out = sum(layer_saved(cfg, options, t.recompute, experts[i]) for i in layers)

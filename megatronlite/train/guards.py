@@ -27,12 +27,21 @@ class TrainingStopped(UserError):
     """The run stopped on a guard: one line for the user, exit 2, no checkpoint of the bad state."""
 
 
-def bad_ranks(loss: torch.Tensor, grads: list[torch.Tensor], device: torch.device) -> str:
-    """(Every rank, only once a step is known bad.) Which ranks saw a non-finite loss or gradient."""
-    local = torch.tensor(
-        [float(not bool(torch.isfinite(loss).all())), float(any(not bool(torch.isfinite(g).all()) for g in grads))],
-        device=device,
-    )
+def local_flags(loss: torch.Tensor, grads_finite: torch.Tensor) -> torch.Tensor:
+    """[loss non-finite here, gradients non-finite here] of this rank, on the device (no host sync)."""
+    return torch.stack([(~torch.isfinite(loss).all()).float(), (~grads_finite).float()])
+
+
+def grads_finite(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Whether all of `grads` are finite, as a 0-dim flag on the device."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def bad_ranks(local: torch.Tensor) -> str:
+    """(Every rank, only once a step is known bad.) Which ranks saw a non-finite loss or gradient, from each
+    rank's `local_flags`."""
     if not dist.is_initialized():
         flags = [local]
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,15 @@ from megatronlite.parallel.context import split_sequence
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
 from megatronlite.train import checkpointing
-from megatronlite.train.guards import LossSpike, SkipBudget, SpikeDetector, TrainingStopped, bad_ranks
+from megatronlite.train.guards import (
+    LossSpike,
+    SkipBudget,
+    SpikeDetector,
+    TrainingStopped,
+    bad_ranks,
+    grads_finite,
+    local_flags,
+)
 from megatronlite.train.metrics import print_line
 from megatronlite.train.moe_steps import MoESteps
 from megatronlite.train.preemption import Preempted, PreemptionWatch
@@ -83,6 +92,7 @@ def late_sync_groups(cfg: Config, mesh: Mesh, params: dict[str, torch.nn.Paramet
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, mesh: Mesh, device: torch.device) -> None:
         self.cfg, self.run_dir, self.mesh, self.device = cfg, run_dir, mesh, device
+        resolve_precision(cfg, device)
         t, p = cfg.train, cfg.parallel
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -116,6 +126,16 @@ class Trainer:
         self.spikes = SpikeDetector(t.loss_spike_factor)
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
         self.moe = MoESteps(cfg, mesh, self.stages, device)
+        # a step's numbers read on the host only when needed: where nothing must be decided on the host first
+        # (fp16's scaler, spike detection and MoE's bias update decide on each step's numbers)
+        self.deferred = (
+            self.engine.skips_on_device
+            and self.scaler is None
+            and not t.loss_spike_factor
+            and not cfg.model.moe.bias_update_rate
+        )
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, [loss, non-finite, norm], local)
+        self.reading = (float("nan"), float("nan"))  # the last step's (loss, grad norm) read on the host
         self._build_data()
 
     # --- data -------------------------------------------------------------------------------
@@ -162,29 +182,32 @@ class Trainer:
         return loss * self.scaler.scale if self.scaler else loss
 
     def _forward_backward(self, micro_batches: list[torch.Tensor], train: bool) -> torch.Tensor:
-        """The sum over micro-batches of loss / num_micro (meaningful on the last stage)."""
-        if self.pipeline is not None:
-            inputs, labels, packing = self._micro_batch(torch.cat(micro_batches))
-            with self._autocast():
-                total = self.pipeline.run(inputs, labels, train, packing)
-            if total is None:
-                return torch.zeros((), device=self.device)
-            return total / self.scaler.scale if self.scaler else total  # the loss function scaled it, eval too
-        total = torch.zeros((), device=self.device)
-        for i, tokens in enumerate(micro_batches):
-            with self._autocast():
-                loss = self.engine.forward(self.stages[0].model, *self._micro_batch(tokens))
-            loss = loss / self.num_micro
-            if train:
-                self.engine.backward(
-                    loss * self.scaler.scale if self.scaler else loss, last=i == len(micro_batches) - 1
-                )
-            total += loss.detach()
-        return total
+        """The sum over micro-batches of loss / num_micro (meaningful on the last stage).
 
-    def _global_mean(self, value: torch.Tensor) -> tuple[float, bool]:
-        """(Every rank.) The mean of the last stage's `value` over the loss role (dp x cp), and whether it is
-        finite on every rank.
+        One autocast region for the whole step: autocast keeps each fp32 weight's half-precision cast for the
+        region, so a weight is cast once per step (the compute copy), not once per micro-batch and recompute.
+        Backward runs with autocast off, as torch asks, inside the region (which keeps the copies)."""
+        with self._autocast():
+            if self.pipeline is not None:
+                inputs, labels, packing = self._micro_batch(torch.cat(micro_batches))
+                total = self.pipeline.run(inputs, labels, train, packing)
+                if total is None:
+                    return torch.zeros((), device=self.device)
+                return total / self.scaler.scale if self.scaler else total  # the loss function scaled it, eval too
+            total = torch.zeros((), device=self.device)
+            for i, tokens in enumerate(micro_batches):
+                loss = self.engine.forward(self.stages[0].model, *self._micro_batch(tokens)) / self.num_micro
+                if train:
+                    with torch.autocast(self.device.type, enabled=False):
+                        self.engine.backward(
+                            loss * self.scaler.scale if self.scaler else loss, last=i == len(micro_batches) - 1
+                        )
+                total += loss.detach()
+            return total
+
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """(Every rank.) [the mean of the last stage's `value` over the loss role (dp x cp), the number of ranks
+        where it is not finite], on the device.
 
         One all-reduce over the world: the last stage's TP rank 0 of each (dp, cp) coordinate contributes its
         value, every rank a flag, so every rank learns the mean (for guards) and the verdict. Every CP rank
@@ -193,12 +216,16 @@ class Trainer:
         both = torch.stack([value.float() if own else torch.zeros((), device=self.device), (~value.isfinite()).float()])
         if self.mesh.world_size > 1:
             dist.all_reduce(both)
-        return (both[0] / self.mesh.role("loss").size).item(), both[1].item() == 0
+        return both / both.new_tensor([self.mesh.role("loss").size, 1])
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
-        """Forward and backward every micro-batch, sync and clip gradients, step. Returns (loss, grad norm).
+    def train_step(self, micro_batches: list[torch.Tensor]) -> None:
+        """Forward and backward every micro-batch, sync and clip gradients, step.
 
-        A step whose loss or gradients are not finite never reaches the optimizer (see guards.py)."""
+        A step whose loss or gradients are not finite never changes the weights (see guards.py). Where the engine
+        can skip a step on the device (`skips_on_device`: torch's fused AdamW), it is told to skip such a step by
+        a flag the device computes, and the step's loss and norm wait on the device until the loop needs them
+        (`settle`: a logged step, a checkpoint): no host sync per step. Otherwise they are read here, before the
+        step, in one transfer."""
         self.beat("forward-backward")
         self.moe.before_step(self.num_micro, self.scaler.scale if self.scaler else 1.0)
         total = self._forward_backward(micro_batches, train=True)
@@ -214,19 +241,44 @@ class Trainer:
             total = total * 100
         self.beat("gradient norm")
         norm_on_device = engine.grad_norm() if engine.norm_before_step else None
-        loss, loss_finite = self._global_mean(total)
-        # after the loss's sync, which already waited for the norm: no second stall. An engine whose step computes
-        # the norm (DeepSpeed) is checked on the loss before its step, on the norm after (see _after_engine_step)
-        norm = norm_on_device.item() if norm_on_device is not None else 0.0
-        stepped = self._may_step(loss, loss_finite, norm, total, grads)
-        if stepped:
+        mean = self._global_mean(total)
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        if self.deferred:
+            bad = (mean[1] > 0) | ~torch.isfinite(norm_on_device)
             self.beat("optimizer step")
-            stepped = engine.step(lr_at(self.step, self.cfg.optim, self.cfg.train.steps), norm_on_device)
-            if norm_on_device is None:
-                norm = self._after_engine_step(engine.grad_norm().item(), stepped)
+            engine.step(lr, norm_on_device, skip=bad)
+            local = local_flags(total, torch.isfinite(engine.local_squares))
+            self.pending.append((self.step + 1, torch.stack([mean[0], mean[1], norm_on_device]), local))
+            stepped = True
+        else:
+            numbers = mean if norm_on_device is None else torch.cat([mean, norm_on_device.view(1)])
+            loss, nonfinite, *norm = numbers.tolist()  # the one host read of this step
+            norm = norm[0] if norm else 0.0
+            local = lambda: local_flags(total, grads_finite(grads, self.device))  # noqa: E731
+            stepped = self._may_step(loss, not nonfinite, norm, local)
+            if stepped:
+                self.beat("optimizer step")
+                stepped = engine.step(lr, norm_on_device)
+                if norm_on_device is None:
+                    norm = self._after_engine_step(engine.grad_norm().item(), stepped)
+            self.reading = (loss, norm)
         engine.zero_grads()
         self.moe.after_step(stepped)
-        return loss, norm
+
+    def settle(self) -> tuple[float, float]:
+        """(Every rank.) The loss and gradient norm of the last step; the steps since the last read are read in one
+        transfer and held to the guards in order. A bad one's update was skipped on the device: it stops the run
+        here, before any checkpoint or record holds a later state, or (train.on_nonfinite: skip) counts."""
+        if self.pending:
+            values = torch.stack([numbers for _, numbers, _ in self.pending]).tolist()
+            for (step, _, local), (_, nonfinite, norm) in zip(self.pending, values):
+                if nonfinite or not math.isfinite(norm):
+                    self._nonfinite(step, not nonfinite, math.isfinite(norm), local.clone)
+                else:
+                    self.skips.ok()
+            self.pending = []
+            self.reading = (values[-1][0], values[-1][2])
+        return self.reading
 
     def _after_engine_step(self, norm: float, applied: bool) -> float:
         """The norm an engine's own step computed. A step it skipped (DeepSpeed's fp16 overflow, its scale then
@@ -241,9 +293,7 @@ class Trainer:
             )
         return norm
 
-    def _may_step(
-        self, loss: float, loss_finite: bool, norm: float, total: torch.Tensor, grads: list[torch.Tensor]
-    ) -> bool:
+    def _may_step(self, loss: float, loss_finite: bool, norm: float, local: Callable[[], torch.Tensor]) -> bool:
         """Whether this step's gradients may update the weights; counts skips and stops per guards.py."""
         step = self.step + 1
         if self.scaler is not None:  # fp16: the scaler's rule (halve the scale and skip on overflow)
@@ -254,16 +304,20 @@ class Trainer:
             return self._not_a_spike(step, loss)
         if loss_finite and math.isfinite(norm):
             return self._not_a_spike(step, loss)
-        what = " and ".join(w for w, bad in (("loss", not loss_finite), ("gradients", not math.isfinite(norm))) if bad)
-        where = bad_ranks(total, grads, self.device)
+        self._nonfinite(step, loss_finite, math.isfinite(norm), local)
+        return False
+
+    def _nonfinite(self, step: int, loss_finite: bool, norm_finite: bool, local: Callable[[], torch.Tensor]) -> None:
+        """(Every rank alike.) Step `step` had a non-finite loss or norm: stop (naming the ranks from each one's
+        `local()` flags), or count it as skipped."""
+        what = " and ".join(w for w, bad in (("loss", not loss_finite), ("gradients", not norm_finite)) if bad)
         if self.cfg.train.on_nonfinite == "stop":
             raise TrainingStopped(
-                f"step {step}: non-finite {what} ({where}); stopped before the optimizer step, so no checkpoint "
-                "holds this state; lower optim.lr, or set train.on_nonfinite: skip"
+                f"step {step}: non-finite {what} ({bad_ranks(local())}); stopped before the optimizer step, so no "
+                "checkpoint holds this state; lower optim.lr, or set train.on_nonfinite: skip"
             )
         self.nonfinite_skips += 1
         self.skips.skipped(step, f"non-finite {what}")
-        return False
 
     def _not_a_spike(self, step: int, loss: float) -> bool:
         """True for a finite step whose loss is no spike; a spike stops the run or raises LossSpike to rewind."""
@@ -288,7 +342,7 @@ class Trainer:
         batches.close()
         for _, model in self.stages:
             model.train()
-        return self._global_mean(total / self.cfg.train.eval_iters)[0]
+        return self._global_mean(total / self.cfg.train.eval_iters)[0].item()
 
     # --- checkpoints ------------------------------------------------------------------------
     def stateful_parts(self) -> dict[str, Stateful]:
@@ -371,7 +425,7 @@ class Trainer:
                     checkpointing.fault_hook("kill", self.step + 1, mesh.rank)
                     self.beat("data")
                     try:
-                        loss, norm = self.train_step(next(batches))
+                        self.train_step(next(batches))
                     except LossSpike as spike:
                         batches.close()
                         self._rewind(spike, saver, log)
@@ -381,14 +435,16 @@ class Trainer:
                     self.consumed_samples += cfg.train.global_batch_size
                     eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
                     eval_loss = self.evaluate() if eval_due else None
-                    extra = self._skip_record()
-                    if log.due(self.step, eval_loss):
-                        extra.update(self.moe.record())
-                    log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, extra)
                     self.beat("preemption check")
                     stop = watch.requested()
                     due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
-                    if ckpt.save and (due or stop):
+                    save, logged = ckpt.save and (due or stop), log.due(self.step, eval_loss)
+                    loss, norm = self.settle() if logged or save or stop else self.reading
+                    extra = self._skip_record()
+                    if logged:
+                        extra.update(self.moe.record())
+                    log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, extra)
+                    if save:
                         self.beat("checkpoint save")
                         saver.save()
                     if stop and self.step < cfg.train.steps:
@@ -426,6 +482,13 @@ class Trainer:
 
     def resolved_config_yaml(self) -> str:
         return config_mod.to_yaml(self.cfg)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> None:
+    """Fix `train.precision: auto` to what it means on `device` (config.precision_on), so the run's config.yaml,
+    its memory check and its engine all see one value."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cfg.train.precision = config_mod.precision_on(cfg.train, device.type, bf16)
 
 
 def use_tf32(device: torch.device, tf32: bool) -> bool:
