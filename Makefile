@@ -31,7 +31,9 @@ demo: $(VENV)/.package
 	$(VENV)/bin/megatronlite train configs/demo.yaml --run-dir runs/demo
 	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 300 --temperature 0.7 --top-k 20
 
+# DeepSpeed's JIT ops built first, outside any test's timeout (tests/build_deepspeed_ops.py says why)
 test: install
+	$(PY) tests/build_deepspeed_ops.py
 	$(PY) -m pytest -q -rs
 
 # the inner loop: everything but the tests marked slow (multi-process jobs, anything over ~10 s)

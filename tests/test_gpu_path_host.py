@@ -171,3 +171,31 @@ def test_a_bad_step_skipped_on_the_device_is_counted_or_stops_the_run_at_the_nex
     line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sets)
     assert line.startswith("megatronlite: error: step 3: non-finite gradients (gradients on rank(s) 0)"), line
     assert store.latest_complete(run / "checkpoints") is None
+
+
+def test_a_weight_is_cast_to_bf16_once_per_step_not_per_micro_batch(tmp_path, corpus):
+    """One autocast region per step keeps each weight's bf16 copy across its micro-batches (4 here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus, run, **{"train.precision": "bf16", "train.global_batch_size": 8})
+    cfg = config.load("configs/demo.yaml", [*sets, "train.device=cpu", "train.micro_batch_size=2"])
+    trainer = Trainer(cfg, run, build_mesh(cfg, 1, 0), torch.device("cpu"))
+    weight = trainer.params["layers.0.attention.qkv.weight"]
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() == weight.data_ptr():
+                Casts.count += kwargs.get("dtype") == torch.bfloat16
+            return func(*args, **kwargs)
+
+    batches = iter(trainer._loader(trainer.train_ds, 0))
+    micro_batches = next(batches)
+    batches.close()
+    assert trainer.num_micro == len(micro_batches) == 4
+    with Casts():
+        trainer.train_step(micro_batches)
+    assert Casts.count == 1

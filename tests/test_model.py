@@ -167,3 +167,24 @@ def test_the_readme_lists_every_preset_with_its_parameter_count():
     for name, billions in listed.items():
         count = parameter_count(config.load(repo / "configs" / "models" / name).model)
         assert f"{count / 1e9:.2f}" == billions, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_under_bf16_autocast_the_residual_stream_and_norms_are_bf16(arch):
+    """What SP's collectives and pipeline sends move: the layers' outputs (the residual stream) and the norms'
+    outputs in the compute dtype, as Megatron's; the loss in fp32."""
+    cfg = ModelConfig(
+        arch=arch, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, vocab_size=50
+    )
+    model = GPTModel(cfg)
+    init_parameters(model, cfg, seed=0)
+    seen = {}
+    for name, module in model.named_modules():
+        if name.startswith("layers.") and name.count(".") == 1 or type(module).__name__ == "Norm":
+            module.register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, out.dtype))
+    tokens = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(model.hidden(tokens[:, :-1]), tokens[:, 1:])
+    assert seen and set(seen.values()) == {torch.bfloat16}, seen
+    assert loss.dtype == torch.float32
+    assert len([n for n in seen if n.startswith("layers.") and n.count(".") == 1]) == 2

@@ -81,7 +81,7 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_tokens(y, self.mesh.tp_group)
         else:
             y = reduce_from_tp(y, self.mesh.tp_group)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # an fp32 bias would make the sum fp32
 
 
 class VocabParallelEmbedding(nn.Module):

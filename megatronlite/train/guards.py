@@ -7,6 +7,10 @@ row. fp16's loss scaler keeps its own rule (halve and skip) and stops after that
 row at its minimum scale. `train.loss_spike_factor: F` (0: off) treats a loss above F x the mean of
 the last `SPIKE_WINDOW` losses as a spike: `train.on_loss_spike: stop`, or `rewind` to the last
 checkpoint and go on past the batches that caused it, as large runs do.
+
+Where the optimizer can skip a step on the device (torch's fused AdamW), no step waits for the host: a bad
+step's update is skipped there, and the guards see it at the next read of the numbers (a logged step or a
+checkpoint, trainer.settle), which stops the run before any checkpoint is written, or counts the skip.
 """
 
 from __future__ import annotations
