@@ -157,6 +157,7 @@ class DeepSpeedEngine:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         for p in self.params.values():
             p.tensor_model_parallel = p.sharding.dim is not None  # DeepSpeed's norm counts the others once
+        _require_half_precision(cfg.train.precision, device)
         if cfg.optim.offload_to == "nvme":
             _require_op("async_io", "optim.offload: nvme", "libaio's headers and library (apt install libaio-dev)")
         mpu = _MeshMPU(mesh)
@@ -281,6 +282,19 @@ class DeepSpeedEngine:
             if "step" in state:
                 step = state["step"]
                 state["step"] = step.fill_(float(steps)) if torch.is_tensor(step) else steps
+
+
+def _require_half_precision(precision: str, device: torch.device) -> None:
+    """DeepSpeed refuses fp16/bf16 where its accelerator lacks them (on CPU: fp16 needs oneDNN's fp16, AVX512-FP16
+    or AMX hardware): one line before it starts, not its traceback."""
+    from deepspeed.accelerator import get_accelerator
+
+    supported = {"fp16": get_accelerator().is_fp16_supported, "bf16": get_accelerator().is_bf16_supported}
+    if precision in supported and not supported[precision]():
+        raise UserError(
+            f"train.precision {precision} with parallel.engine: deepspeed: DeepSpeed does not run {precision} on "
+            f"this {device.type} device; use another train.precision or parallel.engine: native"
+        )
 
 
 def _require_op(name: str, setting: str, needs: str) -> None:
