@@ -21,11 +21,14 @@ def _grads() -> list[torch.Tensor]:
     return [torch.randn(*s, generator=g).to(dt) for s, dt in (((7, 5), torch.float32), ((300,), torch.bfloat16))]
 
 
-def _no_item(monkeypatch) -> None:
+def _no_host_reads(monkeypatch) -> None:
+    """.item() and .tolist() raise: each synchronizes with the device."""
+
     def refuse(self):
-        raise AssertionError(".item() synchronizes with the device")
+        raise AssertionError("a host read synchronizes with the device")
 
     monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "under-the-limit"])
@@ -36,7 +39,7 @@ def test_norm_and_clipping_stay_on_the_device(monkeypatch, max_norm):
         t.grad = t.detach().clone()
     want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     with monkeypatch.context() as m:
-        _no_item(m)
+        _no_host_reads(m)
         norm, _ = global_grad_norm([(grads, [])], Mesh(), torch.device("cpu"))
         clip_grads(grads, norm, max_norm)
     assert norm.shape == () and norm.dtype == torch.float32
@@ -128,8 +131,7 @@ def _train_recording_reads(run, corpus, monkeypatch, **extra) -> tuple[list[dict
         assert self.deferred == ("train.loss_spike_factor" not in extra)
         if self.deferred:
             with monkeypatch.context() as m:
-                _no_item(m)
-                m.setattr(torch.Tensor, "tolist", lambda self: (_ for _ in ()).throw(AssertionError("tolist")))
+                _no_host_reads(m)
                 return step(self, micro_batches)
         return step(self, micro_batches)
 

@@ -19,20 +19,17 @@ from megatronlite.config import Config
 from megatronlite.models.gpt import RunOptions
 from megatronlite.parallel.pipeline import build_stages
 from megatronlite.plan.layout import mesh_at
-
-FP32 = 4
+from megatronlite.plan.memory import FP32, ModelStates, compute_bytes
 
 
 def deepspeed_states(cfg: Config, world_size: int, rank: int):
     """The `ModelStates` of `rank` when `cfg` trains on the DeepSpeed engine on `world_size` GPUs."""
-    from megatronlite.plan.memory import ModelStates  # which dispatches here
-
     mesh = mesh_at(cfg, world_size, rank)
     options = RunOptions(sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.train.recompute)
     with torch.device("meta"):
         n = sum(p.numel() for _, model in build_stages(cfg, mesh, options) for p in model.parameters())
     d, stage, offload = mesh.role("grad").size, cfg.parallel.zero, cfg.optim.offload_to != "none"
-    b = 2 if cfg.train.precision in ("bf16", "fp16") else FP32
+    b = compute_bytes(cfg.train.precision)
     part = -(-n // d)
     bucket = int(cfg.parallel.bucket_mb * 2**20 / FP32) * b
     if stage == 3:

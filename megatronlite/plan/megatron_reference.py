@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from megatronlite.config import Config, micro_batches
 from megatronlite.parallel.pipeline import stage_layers
+from megatronlite.plan.memory import FP32, compute_bytes
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,12 @@ def differences(cfg: Config, world_size: int, fused_swiglu: bool) -> tuple[dict[
     tp, h, f = p.tensor, m.hidden_size, m.ffn_size
     params = shard_params(cfg)
     dp = world_size // (tp * p.pipeline * p.context)
-    per_param = (
-        (6 + 12 / dp if p.zero else 18) + (4 if p.zero else 0) - (2 if t.precision not in ("bf16", "fp16") else 0)
-    )
+    fp32 = compute_bytes(t.precision) == FP32
+    per_param = (6 + 12 / dp if p.zero else 18) + (4 if p.zero else 0) - (2 if fp32 else 0)
     weights = {}
     if p.zero:
         weights["fp32 weights whole under ZeRO-1"] = 4 * params
-    if t.precision not in ("bf16", "fp16"):
+    if fp32:
         weights["fp32 training: no bf16 weight copy"] = -2 * params
     if m.position == "learned":  # fp32 weight and gradient, Adam's moments and the reduced gradient (ZeRO: sharded)
         weights["learned position embedding"] = m.max_seq_len * h * (8 + (12 / dp if p.zero else 8))

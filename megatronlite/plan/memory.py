@@ -100,7 +100,8 @@ def model_states(cfg: Config, world_size: int, rank: int) -> ModelStates:
     moments = 0 if cfg.optim.offload_to != "none" else 2 * FP32
     shards = [b.grad_shard for b in dp.buckets if b.grad_shard is not None]
     matmul = sum(_matmul_weights(model) for _, model in stages)
-    copies = compute_bytes(cfg.train.precision) if cfg.train.precision in ("bf16", "fp16") else 0
+    half = compute_bytes(cfg.train.precision)
+    copies = half if half != FP32 else 0
     return ModelStates(
         weights=sum(b.param_buf.numel() * b.param_buf.element_size() for b in dp.buckets),
         weight_copies=copies * matmul,
