@@ -11,11 +11,10 @@ import pytest
 COMMANDS = ("train", "launch", "submit", "sweep", "preprocess", "tokenizer", "data", "generate", "convert", "config")
 
 
-def imports_torch(*args: str) -> bool:
-    """Whether `python -X importtime ARGS` imported torch (-X importtime lists every module a process imports)."""
+def imported(*args: str) -> set[str]:
+    """The modules `python -X importtime ARGS` imported (-X importtime lists every module a process imports)."""
     out = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120)
-    modules = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    return "torch" in modules
+    return {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
 
 
 @pytest.mark.parametrize(
@@ -31,7 +30,14 @@ def imports_torch(*args: str) -> bool:
     ids=lambda args: " ".join(args[-2:]),
 )
 def test_no_torch_before_a_command_runs(args):
-    assert not imports_torch(*args)
+    assert "torch" not in imported(*args)
+
+
+def test_only_pipelined_runs_import_torchs_pipelining():
+    """It adds about half a second to every worker's start; the trainer imports the schedules when pp > 1."""
+    trainer = imported("-c", "import megatronlite.train.trainer")
+    assert "megatronlite.parallel.stages" in trainer
+    assert not {"torch.distributed.pipelining", "megatronlite.parallel.pipeline"} & trainer
 
 
 def test_convert_choices_name_every_format_and_dtype():

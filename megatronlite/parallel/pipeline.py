@@ -1,16 +1,14 @@
-"""Pipeline parallelism: which layers each stage holds, and the schedules that run them.
+"""Pipeline parallelism's schedules: each step's micro-batches through this rank's stages (`parallel/stages.py`).
 
-Stages are `GPTModel`s holding a contiguous run of global layers. With virtual stages
-(interleaved schedule) a rank holds several: rank p holds stages p, p + P, p + 2P, ...
-The schedules are torch.distributed.pipelining's (1F1B, interleaved 1F1B, GPipe), which
+The schedules are torch.distributed.pipelining's (1F1B, interleaved 1F1B, GPipe, zero bubble), which
 compose with our TP layers because each TP rank of a stage runs the same schedule and talks
-to the same TP rank of the neighbouring stage over the PP group.
+to the same TP rank of the neighbouring stage over the PP group. Only pipelined runs import this
+module (torch's pipelining adds about half a second to a worker's start).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,45 +20,10 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from megatronlite.config import Config
-from megatronlite.models.gpt import GPTModel, Packing, RunOptions
+from megatronlite.models.gpt import GPTModel, Packing
 from megatronlite.models.moe import uncounted
 from megatronlite.parallel.mesh import Mesh
-
-
-def stage_layers(cfg: Config) -> list[list[int]]:
-    """The global layer ids of every pipeline stage (P x virtual stages), in stage order."""
-    p = cfg.parallel
-    n_stages = p.pipeline * p.virtual_pipeline
-    counts = p.pipeline_layers or [cfg.model.num_layers // n_stages] * n_stages
-    out, start = [], 0
-    for count in counts:
-        out.append(list(range(start, start + count)))
-        start += count
-    return out
-
-
-class Stage(NamedTuple):
-    index: int  # in pipeline order, over all P x virtual stages
-    model: GPTModel
-
-
-def build_stages(cfg: Config, mesh: Mesh, options: RunOptions) -> list[Stage]:
-    """This rank's stages (one, or with virtual stages p, p + P, p + 2P, ...)."""
-    layers = stage_layers(cfg)
-    n_stages = len(layers)
-    out = []
-    for stage_index in range(mesh.pp_rank, n_stages, mesh.pp):
-        model = GPTModel(
-            cfg.model,
-            mesh,
-            layer_ids=layers[stage_index],
-            pre_process=stage_index == 0,
-            post_process=stage_index == n_stages - 1,
-            options=options,
-        )
-        out.append(Stage(stage_index, model))
-    return out
+from megatronlite.parallel.stages import Stage
 
 
 class _StageHidden(nn.Module):

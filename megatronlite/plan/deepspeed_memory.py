@@ -17,7 +17,7 @@ import torch
 
 from megatronlite.config import Config
 from megatronlite.models.gpt import RunOptions
-from megatronlite.parallel.pipeline import build_stages
+from megatronlite.parallel.stages import build_stages
 from megatronlite.plan.layout import mesh_at
 from megatronlite.plan.memory import FP32, ModelStates, compute_bytes
 

@@ -10,7 +10,7 @@ import torch
 from megatronlite.config import Config
 from megatronlite.optim.adamw import build_adamw
 from megatronlite.parallel.data_parallel import DataParallel
-from megatronlite.parallel.pipeline import build_stages
+from megatronlite.parallel.stages import build_stages
 from megatronlite.plan.layout import mesh_at
 from megatronlite.plan.memory import _late_sync_names
 from megatronlite.train.trainer import run_options

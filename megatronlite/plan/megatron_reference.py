@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatronlite.config import Config, micro_batches
-from megatronlite.parallel.pipeline import stage_layers
+from megatronlite.parallel.stages import stage_layers
 from megatronlite.plan.memory import FP32, compute_bytes
 
 

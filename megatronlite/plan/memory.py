@@ -30,7 +30,7 @@ import torch
 from megatronlite.config import Config, micro_batches
 from megatronlite.models.gpt import RunOptions
 from megatronlite.parallel.data_parallel import DataParallel
-from megatronlite.parallel.pipeline import build_stages, stage_layers
+from megatronlite.parallel.stages import build_stages, stage_layers
 from megatronlite.plan.hardware import ALLOWANCE
 from megatronlite.plan.layout import mesh_at
 

@@ -18,7 +18,7 @@ from megatronlite.checkpoint.views import model_pieces
 from megatronlite.config import Config
 from megatronlite.data.run import build_run_data, describe
 from megatronlite.models.gpt import RunOptions
-from megatronlite.parallel.pipeline import build_stages
+from megatronlite.parallel.stages import build_stages
 from megatronlite.plan.device_fit import memory_report
 from megatronlite.plan.layout import layout_of, mesh_at
 from megatronlite.plan.memory import stage_rank

@@ -29,7 +29,7 @@ from megatronlite.optim.loss_scale import LossScaler
 from megatronlite.optim.schedules import lr_at
 from megatronlite.parallel.context import split_sequence
 from megatronlite.parallel.mesh import Mesh
-from megatronlite.parallel.pipeline import PipelineRunner, build_stages, stage_layers
+from megatronlite.parallel.stages import build_stages, stage_layers
 from megatronlite.train import checkpointing
 from megatronlite.train.guards import (
     LossSpike,
@@ -115,6 +115,8 @@ class Trainer:
         self.scaler = LossScaler(cfg.optim.initial_loss_scale) if native_fp16 else None
         self.pipeline = None
         if mesh.pp > 1:
+            from megatronlite.parallel.pipeline import PipelineRunner  # torch's pipelining: pipelined runs only
+
             n_stages = len(stage_layers(cfg))
             self.pipeline = PipelineRunner(
                 self.stages, n_stages, mesh, p.schedule, self.num_micro, self._pipeline_loss, device
