@@ -44,3 +44,19 @@ def test_launch_rejects_bad_layout_before_spawning(tmp_path):
         "(2 x 1 x 1); "
         "use a world size that is a multiple of 2"
     ]
+
+
+def test_the_first_worker_to_fail_is_named_when_both_failed_within_one_second(tmp_path):
+    """torchrun's failure times have whole seconds: a peer that lost its connection to the failed worker a moment
+    later ties with it, and the lower rank would be named. The error files' write times tell them apart."""
+    from types import SimpleNamespace
+
+    from megatronlite.launcher.torchrun import _telling_failure
+
+    failures = {}
+    for rank, written_ns in ((1, 1_000_100_000_000), (0, 1_000_200_000_000)):  # rank 1 first, in the same second
+        error_file = tmp_path / f"error_{rank}.json"
+        error_file.write_text("{}")
+        os.utime(error_file, ns=(written_ns, written_ns))
+        failures[rank] = SimpleNamespace(exitcode=1, timestamp=1000, error_file=str(error_file))
+    assert _telling_failure(SimpleNamespace(failures=failures))[0] == 1

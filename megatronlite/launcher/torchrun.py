@@ -91,10 +91,19 @@ def main(args: argparse.Namespace) -> None:
         print(f"megatronlite: restarting the workers ({attempt + 1} of {args.max_restarts})", file=sys.stderr)
 
 
+def _failed_at(failure) -> int:
+    """When a worker failed, in ns: its error file's write time (the time recorded inside it has whole seconds,
+    so a worker that failed first and the peer that lost its connection a moment later would tie)."""
+    try:
+        return os.stat(failure.error_file).st_mtime_ns
+    except OSError:  # no error file: killed, or exited without raising
+        return failure.timestamp * 10**9
+
+
 def _telling_failure(e) -> tuple:
     """(rank, failure) that says why the job ended: the first worker that exited by itself (with its error or
     the watchdog's clue) before any torchrun killed by a signal on the way out; else the first failure."""
-    exited = sorted((f.timestamp, rank) for rank, f in e.failures.items() if f.exitcode >= 0)
+    exited = sorted((_failed_at(f), rank) for rank, f in e.failures.items() if f.exitcode >= 0)
     if not exited:
         return e.get_first_failure()
     rank = exited[0][1]
