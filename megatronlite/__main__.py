@@ -1,10 +1,10 @@
 """`python -m megatronlite`: how `launch` (torchrun) and srun start every worker.
 
-A command that succeeded (returned, or exited with code 0 as `launch` does) ends its process once the exit hooks
-have run (threads joined, logs, wandb and
-multiprocessing shut down, output flushed), without the interpreter's teardown after them: its last
-garbage collection walks torch's whole object graph, about half a second of CPU in every worker of every
-job, to free memory the OS frees at once. A command that failed exits the usual way, with its code.
+A command that succeeded (returned, or exited with code 0 as `launch` does) ends its process once the exit
+hooks have run (threads joined; logging, wandb and multiprocessing shut down; output flushed), without the
+interpreter's teardown after them: its last garbage collection walks torch's whole object graph, about half a
+second of CPU in every worker of every job, to free memory the OS frees at once. A command that failed exits
+the usual way, with its code.
 """
 
 import atexit
