@@ -17,9 +17,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(_dry_run if args.dry_run else _train)(args)
+    try:
+        record(_dry_run if args.dry_run else _train)(args)
+    finally:  # after `record` wrote a failed worker's error file: its peers, which fail when its connections
+        # close, fail after it on disk too, and the launcher names the worker that failed first (launcher/torchrun.py)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _device_kind(cfg) -> str:
@@ -56,7 +62,6 @@ def _dry_run(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     import torch
-    import torch.distributed as dist
 
     from megatronlite import config
     from megatronlite.launcher.torchrun import die_with_launcher
@@ -97,8 +102,6 @@ def _train(args: argparse.Namespace) -> None:
     finally:
         if lock is not None:
             lock.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -86,12 +86,34 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+_PORTS_GIVEN: set[int] = set()
+_PORT_BLOCK = 1000  # per pytest-xdist worker, below the Slurm template's ports (20000 up); restarts take the next ports
+
+
 def free_port() -> int:
+    """A free TCP port that stays free until a launcher binds it, seconds later.
+
+    Not one the kernel picks (bind to port 0): that is from the ephemeral range, where the gloo connections of
+    the test running beside this one (pytest-xdist) take ports all the time. Below that range only explicit
+    binds take a port; each xdist worker draws from its own block, and never the same port twice."""
+    import os
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    first = 10000 + (worker % 8) * _PORT_BLOCK
+    for _ in range(200):
+        port = random.randrange(first, first + _PORT_BLOCK - 8)
+        if any(p in _PORTS_GIVEN for p in range(port - 4, port + 5)):
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + _PORT_BLOCK}")
 
 
 def launch_cmd(run_dir: Path, nproc: int, overrides: list[str], *extra: str, config="configs/demo.yaml") -> list[str]:
@@ -137,15 +159,16 @@ def error_of(capsys, *args: str) -> str:
     return lines[0]
 
 
-def _spawned(rank: int, world: int, port: int, fn, args: tuple, errors) -> None:
-    """One spawned gloo worker: `fn(rank, world, *args)`, its failure reported to the parent."""
+def _spawned(rank: int, world: int, port: int, timeout: float, fn, args: tuple, errors) -> None:
+    """One spawned gloo worker: `fn(rank, world, *args)`, its failure reported to the parent. Its collectives
+    wait as long as the parent does (ranks of a loaded machine drift apart; the parent's deadline ends a hang)."""
     import os
     from datetime import timedelta
 
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     try:
         fn(rank, world, *args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -168,16 +191,18 @@ def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, fn, args, errors)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    procs = [ctx.Process(target=_spawned, args=(r, world, port, timeout, fn, args, errors)) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:  # also when pytest's own timeout interrupts the wait: no worker outlives its test
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     messages = []
     while not errors.empty():
         messages.append(errors.get())

@@ -237,7 +237,8 @@ def test_async_save_equals_sync(tmp_path, corpus):
 def test_async_save_is_its_steps_state_while_training_goes_on(tmp_path, corpus):
     """An async save is written while the next steps change the weights: what it writes must still be the state
     of the step it names, bit for bit what a sync run saved at that step. slowsave holds step 2's writer back
-    for seconds; rank 0's output shows that steps 3 and 4 trained before the write was committed."""
+    until training waits on it (step 4's save); rank 0's output shows that steps 3 and 4 trained before the write
+    was committed."""
     sets = {"train.steps": 6, "checkpoint.interval": 2, "checkpoint.keep": 0}
     sync = run_layout(tmp_path / "false", corpus, "dp2-distopt", **{"checkpoint.async": "false", **sets})
     env = {**os.environ, "MEGATRONLITE_FAULT": "slowsave:2"}

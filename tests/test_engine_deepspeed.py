@@ -162,7 +162,7 @@ def test_zero_stages_hold_their_share_of_the_states(tmp_path, corpus):
     prefetch) of parallel.bucket_mb: stage 0 holds weights, gradients and two Adam moments (at least 4 W);
     ZeRO-3 at most a quarter of that plus a quarter of one more weight copy (DeepSpeed keeps its fp32 master
     apart from the model's fp32 partition) plus B; ZeRO-2 its whole weights plus that."""
-    spawn(_held_after_training, 4, str(corpus), tmp_path, timeout=400)
+    spawn(_held_after_training, 4, str(corpus), tmp_path, timeout=240)
     buckets = 3 * BUCKET_MB * 2**20
     for rank in range(4):
         held = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from helpers import free_port
 from readme_blocks import Block, blocks, substitute
-from test_slurm import slurm  # noqa: F401 (the fixture: skips, saying why, without a Slurm that takes jobs)
+from test_slurm import slurm, slurm_up  # noqa: F401 (fixtures: skip, saying why, without a Slurm that takes jobs)
 
 from megatronlite.config import ParallelConfig
 
@@ -207,7 +207,7 @@ def _run(block: Block, text: str, cwd: Path, env: dict) -> subprocess.CompletedP
         cmd = [sys.executable, str(script)]
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-x", "-c", text]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=280)
 
 
 def test_the_config_tour_is_the_demo_config_plus_the_parallel_defaults():

@@ -4,11 +4,14 @@ with requeue and resume, the srun launcher, a rejected submission, and a sweep a
 Without a reachable Slurm every test here is skipped, with the reason (pytest -rs shows it).
 """
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ def _slurm(*cmd: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm() -> None:
+def slurm_up() -> None:
     """Skip (saying why) unless a Slurm controller answers and a node can take jobs."""
     try:
         states = _slurm("sinfo", "--noheader", "--Node", "--format=%t").split()
@@ -35,6 +38,16 @@ def slurm() -> None:
         pytest.skip(f"no Slurm: sinfo failed: {e.stderr.strip()} (is SLURM_CONF set? see .ci/slurm_up.sh)")
     if not any(s.rstrip("*") in ("idle", "mix", "alloc") for s in states):
         pytest.skip(f"no Slurm node can take jobs (node states: {states or 'none'})")
+
+
+@pytest.fixture
+def slurm(slurm_up) -> Iterator[None]:
+    """The test cluster, to this test alone: its one node has two CPUs, so a job of the test running beside this
+    one (pytest-xdist: the README's Slurm blocks) would queue this one's past its deadlines."""
+    lock = Path(os.environ.get("MEGATRONLITE_SLURM_DIR", tempfile.gettempdir())) / "tests.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 def submit(config: str, run_dir: Path, overrides: list[str], *flags: str, env: dict | None = None):

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from megatronlite import config
 from megatronlite.errors import UserError
@@ -83,9 +84,10 @@ def main(args: argparse.Namespace) -> None:
     cfg = config.load(args.config, args.set)
     config.validate_layout(cfg, args.nproc_per_node * args.nnodes)
     os.environ[LAUNCHER_PID] = str(os.getpid())
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)  # as the workers name it (cli.py)
     for attempt in range(args.max_restarts + 1):
         os.environ[RESTART_COUNT] = str(attempt)  # the workers resume and log the restart (train/restarts.py)
-        code = _run_attempt(args, attempt)
+        code = _run_attempt(args, attempt, run_dir)
         if code in (0, 2, PREEMPTED) or attempt == args.max_restarts:
             sys.exit(code)
         print(f"megatronlite: restarting the workers ({attempt + 1} of {args.max_restarts})", file=sys.stderr)
@@ -110,7 +112,20 @@ def _telling_failure(e) -> tuple:
     return rank, e.failures[rank]
 
 
-def _run_attempt(args: argparse.Namespace, attempt: int) -> int:
+def _stopped_on_request(run_dir: Path) -> str:
+    """The launcher's line for workers that saved and stopped on request. It names the checkpoint itself: rank 0's
+    own line may be cut off, as torchrun stops the workers once any of them has exited."""
+    from megatronlite.checkpoint import store
+
+    saved = store.latest_complete(run_dir / "checkpoints")
+    if saved is None:
+        return f"megatronlite: the workers stopped on request; {run_dir / 'checkpoints'} holds no complete checkpoint"
+    step = int(saved.name.removeprefix("step_"))
+    resume = "resume with checkpoint.load: auto"
+    return f"megatronlite: the workers saved step {step} ({saved}) and stopped on request; {resume}"
+
+
+def _run_attempt(args: argparse.Namespace, attempt: int, run_dir: Path) -> int:
     """Run the workers once; the exit code the launcher would end with, having printed why."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -125,7 +140,7 @@ def _run_attempt(args: argparse.Namespace, attempt: int) -> int:
     except ChildFailedError as e:
         rank, failure = _telling_failure(e)
         if failure.exitcode == PREEMPTED:
-            print("megatronlite: the workers saved a checkpoint and stopped on request", file=sys.stderr)
+            print(_stopped_on_request(run_dir), file=sys.stderr)
             return PREEMPTED
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         reason = (reason or "").strip().splitlines()[-1:] or [f"exit code {failure.exitcode}"]

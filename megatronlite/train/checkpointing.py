@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +78,7 @@ class Checkpointer:
         self.is_async = trainer.cfg.checkpoint.async_save and trainer.cfg.checkpoint.save
         self.group = new_group(trainer.cfg, backend="gloo") if dist.is_initialized() else None
         self.pending: Future | None = None
+        self.awaited = threading.Event()  # set once the training thread waits on the pending write
         self.writer: ThreadPoolExecutor | None = None
         self.stager: PieceStager | None = None
         self.needed = _global_bytes(trainer.state_tensors(True)) if trainer.cfg.checkpoint.save else 0
@@ -89,6 +91,7 @@ class Checkpointer:
     def save(self) -> None:
         trainer, mesh, ckpt = self.trainer, self.trainer.mesh, self.trainer.cfg.checkpoint
         self.wait()
+        self.awaited.clear()
         step = trainer.step
         if mesh.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,8 @@ class Checkpointer:
         def write(pieces: list[GlobalPiece]) -> str | None:
             """Write and commit; None, or (rank 0) the one-line reason nothing was committed."""
             try:
-                fault_hook("slowsave", step, mesh.rank)
+                if fault_hook("slowsave", step, mesh.rank) and self.is_async:  # (tests) in flight while training
+                    self.awaited.wait(HELD_SAVE_CAP_S)
                 fault_hook("disk", step, mesh.rank)
                 store.write_shards(tmp, rng, pieces, self.group)
                 fault_hook("save", step, mesh.rank)
@@ -131,6 +135,7 @@ class Checkpointer:
         if self.pending is None:
             return
         done, self.pending = self.pending, None
+        self.awaited.set()
         self._settle(done.result())
 
     def _settle(self, failure: str | None) -> None:
@@ -193,7 +198,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
 
 
-SLOW_SAVE_S = 3.0  # many steps of a test's tiny model
+HELD_SAVE_CAP_S = 120.0  # a held save that nothing waits on still ends
 
 
 def fault_hook(where: str, step: int, rank: int) -> bool:
@@ -201,8 +206,8 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
 
     `save:N` SIGKILLs the process in the middle of saving step N (shards written, nothing committed);
     `disk:N` fails that save as a full disk would (ENOSPC);
-    `slowsave:N` holds that save for SLOW_SAVE_S after staging, before writing, so an async save is
-    still in flight while the next steps train;
+    `slowsave:N` returns True: an async writer then holds step N's save after staging, before writing,
+    until training waits on it (the next save, or the run's end), so it is in flight while the next steps train;
     `kill:N` SIGKILLs it as step N starts, on the first attempt only (an automatic restart goes on);
     `step:N` raises in step N; `nan:N` and `spike:N` return True, for the trainer to make step N's
     gradients NaN or its loss 100x. Without @RANK every rank is hit.
@@ -218,9 +223,7 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
             raise RuntimeError(f"injected fault at {where} {step} on rank {rank}")
         if where == "disk":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        if where == "slowsave":
-            time.sleep(SLOW_SAVE_S)
-        return where in ("nan", "spike")
+        return where in ("nan", "spike", "slowsave")
     return False
 
 
