@@ -52,8 +52,9 @@ clean:
 	rm -rf $(VENV) runs .cache
 
 # A lent GPU machine (shared/FACTS.md: Python 3.12, torch + CUDA, triton and transformers; no internet) gets what
-# its image lacks as wheels: `make gpu-wheels` here fills .whl/ (git-ignored; it travels with the tree), then
-# `make gpu-check` there installs from it and writes bench/results/gpu_check_<GPU>_<date>.md (bench/gpu_check.py).
+# its image lacks as wheels: `make gpu-wheels` here fills .whl/ (git-ignored: copy it there with the tree, e.g.
+# the device tool's `carry: [".whl"]`), then `make gpu-check` there installs from it and writes
+# $(GPU_RESULTS)/gpu_check_<GPU>_<date>.md (bench/gpu_check.py; GPU_RESULTS=$$OUT where only $$OUT comes back).
 # Without make there: the three commands of $(GPU_VENV)/.installed, then `$(GPU_VENV)/bin/python bench/gpu_check.py`.
 # GPU_WHEELS: megatron-core and the test tools with their dependencies, nothing the image has (numpy, pyyaml, ...).
 GPU_WHEELS := megatron-core==0.16.1 packaging setuptools pytest pytest-timeout iniconfig pluggy pygments \
@@ -73,6 +74,9 @@ gpu-wheels: $(VENV)/.torch
 # a venv over the image's python, so its CUDA torch is the one used; setuptools first (pyproject's build backend)
 $(GPU_VENV)/.installed: pyproject.toml
 	$(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
+	# the image's packages also where its python is itself a venv (--system-site-packages sees only the base's)
+	$(GPU_PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
+		> "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
 	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl "setuptools>=77"
 	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl --no-build-isolation -e ".[gpu]"
 	touch $@

@@ -263,6 +263,8 @@ def measure(builders, cfg, device, n_micro, batches, autocast, rounds, failed) -
                 continue
             if device.type == "cuda":
                 memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
+            # as it goes: a run killed by its time limit still shows what it measured (gpu_check keeps the tail)
+            print(f"bench_train: {name}, round {round_ + 1}: {tps[name][-1]:,.0f} tokens/s", flush=True)
     steps.clear()
     gc.collect()
     if device.type == "cuda":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Iterable, Mapping
@@ -119,7 +118,9 @@ def summary(choices: str | Mapping[str, str] = "auto", device: str | torch.devic
     line = f"kernels on {torch.device(device).type}: " + " ".join(f"{op}={b}" for op, b in resolved.items())
     if "triton" in resolved.values():
         interpreted = torch.device(device).type == "cpu"
-        line += f" (triton {importlib.metadata.version('triton')}{', interpreter' if interpreted else ''})"
+        import triton  # its own version: the distribution may be named otherwise (pytorch-triton)
+
+        line += f" (triton {triton.__version__}{', interpreter' if interpreted else ''})"
     return line
 
 

@@ -73,6 +73,13 @@ def _block_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.T
     return tensor.to(device), start.to(device), sizes.to(device)
 
 
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host table on `device` with no stream sync: on a GPU from pinned memory, copied asynchronously (a
+    pageable copy would wait for every kernel queued before it)."""
+    cuda = device.type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
+
+
 def _addresses(*tensor_lists: list[torch.Tensor]) -> list[int]:
     for tensors in tensor_lists:
         for t in tensors:
@@ -98,14 +105,15 @@ def adamw_step(
         lists = [[masters[i] for i in idx], grads_c, [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]]
         if model_dtype is not None:
             lists.append([models[i] for i in idx])
-        addrs = torch.tensor(_addresses(*lists), dtype=torch.int64).to(device)
-        table = torch.tensor(
+        addrs = _on_device(_addresses(*lists), torch.int64, device)
+        table = _on_device(
             [
                 (1 - h.lr * h.weight_decay, h.beta1, h.beta2, h.eps, h.step_size, h.bias_correction2_sqrt)
                 for h in (scalars[i] for i in idx)
             ],
-            dtype=torch.float32,
-        ).to(device)
+            torch.float32,
+            device,
+        )
         block_tensor, block_start, numels = _block_table(tuple(masters[i].numel() for i in idx), device)
         _adamw_kernel[(len(block_tensor),)](
             block_tensor,

@@ -119,13 +119,19 @@ def capacity_keep(sorted_experts: torch.Tensor, counts: torch.Tensor, capacity: 
     return position < capacity
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
-    """x [N, in] in blocks of `counts` rows, block e times weight[e]^T ([E, out, in]): one grouped GEMM where the
-    device has one for this dtype, else one GEMM per expert."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    blocks = [block @ w.t() for block, w in zip(x.split(counts), weight)]
-    return torch.cat(blocks) if blocks else x.new_zeros(0, weight.shape[1])
+def has_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether the device has one grouped GEMM for x's dtype (CUDA, bf16)."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, blocks: list[int] | torch.Tensor) -> torch.Tensor:
+    """x [N, in] in blocks of rows, block e times weight[e]^T ([E, out, in]). `blocks`: the int32 cumulative row
+    offsets on the device for one grouped GEMM (`has_grouped_mm`; nothing read on the host), else the rows per
+    expert as host ints, one GEMM each."""
+    if isinstance(blocks, torch.Tensor):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=blocks)
+    out = [block @ w.t() for block, w in zip(x.split(blocks), weight)]
+    return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
 
 
 class SharedExpert(nn.Module):
@@ -176,14 +182,16 @@ class MoE(nn.Module):
         self.register_buffer("bias", torch.zeros(e) if moe.bias_update_rate else None)
         self.stats: RouterStats | None = None
 
-    def experts(self, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
-        """Rows in blocks of `counts` through this rank's experts, in autocast's dtype when it is on: each stacked
-        weight cast once (autocast would cast every expert's slice on its own, and keep each for backward)."""
+    def experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert, in blocks of `counts` rows, through this rank's experts; in autocast's dtype when
+        it is on, each stacked weight cast once (autocast would cast every expert's slice on its own, and keep each
+        for backward)."""
         dtype = compute_dtype(x)
         x = x.to(dtype)
+        blocks = torch.cumsum(counts, 0).to(torch.int32) if has_grouped_mm(x) else counts.tolist()
 
         def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return grouped_linear(rows, weight.to(dtype), counts, offsets)
+            return grouped_linear(rows, weight.to(dtype), blocks)
 
         if self.cfg.gated:
             return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
@@ -207,17 +215,13 @@ class MoE(nn.Module):
             counts = torch.bincount(sorted_experts, minlength=moe.num_experts)
         token_of = order // moe.top_k
         dispatched = tokens[token_of]
-        y = self._exchanged(dispatched, counts) if self.ep.size > 1 else self._local(dispatched, counts)
+        y = self._exchanged(dispatched, counts) if self.ep.size > 1 else self.experts(dispatched, counts)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(tokens, dtype=y.dtype).index_add_(0, token_of, y).to(x.dtype).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x)
         aux = self._losses(logits, scores, routed, counts, keep) if torch.is_grad_enabled() else None
         return AuxLosses.apply(out, aux) if aux is not None else out
-
-    def _local(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert, `counts` per expert of this rank, through their experts."""
-        return self.experts(x, counts.tolist(), torch.cumsum(counts, 0).to(torch.int32))
 
     def _exchanged(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert parallelism: rows sorted by (global) expert go to the EP rank holding their expert, all-to-all
@@ -232,7 +236,7 @@ class MoE(nn.Module):
         rows = all_to_all(x, got, sent, pg)  # by sender, then by expert within each sender
         expert_of = torch.arange(local, device=x.device).repeat(size).repeat_interleave(received.reshape(-1))
         by_expert = expert_of.argsort(stable=True)  # by expert, then by sender
-        y = torch.empty_like(rows).index_copy(0, by_expert, self._local(rows[by_expert], received.sum(0)))
+        y = torch.empty_like(rows).index_copy(0, by_expert, self.experts(rows[by_expert], received.sum(0)))
         return all_to_all(y, sent, got, pg)
 
     def _losses(

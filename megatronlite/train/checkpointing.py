@@ -83,7 +83,9 @@ class Checkpointer:
         self.stager: PieceStager | None = None
         self.needed = _global_bytes(trainer.state_tensors(True)) if trainer.cfg.checkpoint.save else 0
         if self.is_async:
-            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            # on the trainer's GPU: a new thread's current device is GPU 0, where DCP's writer would make a context
+            set_device = torch.cuda.set_device if trainer.device.type == "cuda" else None
+            self.writer = ThreadPoolExecutor(1, "checkpoint-writer", initializer=set_device, initargs=(trainer.device,))
             # one stager for the whole run, its CPU buffers allocated now: saves only copy into them
             self.stager = PieceStager(pin_memory=trainer.device.type == "cuda")
             self.stager.reserve(trainer.state_tensors(True))
