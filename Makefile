@@ -74,8 +74,9 @@ gpu-wheels: $(VENV)/.torch
 # a venv over the image's python, so its CUDA torch is the one used; setuptools first (pyproject's build backend)
 $(GPU_VENV)/.installed: pyproject.toml
 	$(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
-	# the image's packages also where its python is itself a venv (--system-site-packages sees only the base's)
-	$(GPU_PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
+	# the image's packages also where its python is itself a venv (--system-site-packages sees only the base's);
+	# site.addsitedir, so their own .pth files (editable installs) count too
+	$(GPU_PYTHON) -c "import site; print(''.join(f'import site; site.addsitedir({d!r})\n' for d in site.getsitepackages()))" \
 		> "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
 	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl "setuptools>=77"
 	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl --no-build-isolation -e ".[gpu]"

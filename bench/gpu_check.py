@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import os
 import platform
 import re
@@ -149,10 +148,9 @@ def run_step(step: Step, timeout_s: float) -> Outcome:
 
 
 def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
+    from megatronlite.version import installed
+
+    return installed(dist) or "absent"
 
 
 def machine() -> tuple[str, list[str]]:

@@ -22,8 +22,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     try:
         record(_dry_run if args.dry_run else _train)(args)
-    finally:  # after `record` wrote a failed worker's error file: its peers, which fail when its connections
-        # close, fail after it on disk too, and the launcher names the worker that failed first (launcher/torchrun.py)
+    finally:
+        # after `record` wrote a failed worker's error file: its peers, which fail when its connections close,
+        # fail after it on disk too, and the launcher names the worker that failed first (launcher/torchrun.py)
         if dist.is_initialized():
             dist.destroy_process_group()
 

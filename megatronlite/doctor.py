@@ -8,7 +8,6 @@ reports what it found or why not; none of them stops the report.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 import shutil
 import subprocess
@@ -29,10 +28,9 @@ OPTIONAL = (  # distribution name, what megatronlite uses it for
 
 
 def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+    from megatronlite.version import installed
+
+    return installed(dist) or "not installed"
 
 
 def _torch_lines() -> list[str]:

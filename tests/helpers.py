@@ -86,8 +86,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-_PORTS_GIVEN: set[int] = set()
-_PORT_BLOCK = 1000  # per pytest-xdist worker, below the Slurm template's ports (20000 up); restarts take the next ports
+_PORT_BLOCK = 1000  # per pytest-xdist worker, below the Slurm template's ports (20000 up)
+_PORT_STRIDE = 8  # a launcher's restarts take the next ports up
+_ports_given = 0
 
 
 def free_port() -> int:
@@ -95,23 +96,25 @@ def free_port() -> int:
 
     Not one the kernel picks (bind to port 0): that is from the ephemeral range, where the gloo connections of
     the test running beside this one (pytest-xdist) take ports all the time. Below that range only explicit
-    binds take a port; each xdist worker draws from its own block, and never the same port twice."""
+    binds take a port; each xdist worker walks its own block, a port coming round again only after a hundred
+    others (a random start: two sessions on one machine rarely meet)."""
     import os
     import random
     import socket
 
+    global _ports_given
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    first = 10000 + (worker % 8) * _PORT_BLOCK
-    for _ in range(200):
-        port = random.randrange(first, first + _PORT_BLOCK - 8)
-        if any(p in _PORTS_GIVEN for p in range(port - 4, port + 5)):
-            continue
+    first, slots = 10000 + (worker % 8) * _PORT_BLOCK, _PORT_BLOCK // _PORT_STRIDE
+    if _ports_given == 0:
+        _ports_given = random.randrange(slots)
+    for _ in range(slots):
+        port = first + (_ports_given % slots) * _PORT_STRIDE
+        _ports_given += 1
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _PORTS_GIVEN.add(port)
         return port
     raise RuntimeError(f"no free port in {first}-{first + _PORT_BLOCK}")
 
@@ -185,6 +188,7 @@ def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
     """Run the module-level `fn(rank, world, *args)` in `world` gloo processes; fail (never hang) on any rank's
     error or after `timeout` seconds, killing what is left."""
     import time
+    from multiprocessing.connection import wait
 
     import torch.multiprocessing as mp
 
@@ -196,8 +200,13 @@ def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        running = {p.sentinel: p for p in procs}
+        failed = False
+        while running and not failed and time.monotonic() < deadline:  # all ended, or one failed (its peers wait)
+            for ended in wait(list(running), timeout=max(0.0, deadline - time.monotonic())):
+                p = running.pop(ended)
+                p.join()
+                failed = failed or p.exitcode != 0
     finally:  # also when pytest's own timeout interrupts the wait: no worker outlives its test
         for p in procs:
             if p.is_alive():

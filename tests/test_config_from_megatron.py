@@ -496,7 +496,7 @@ def test_the_config_passes_a_dry_run(tmp_path, corpus, short_docs):
         [*CLI, "train", str(out), "--dry-run", "--workers", "32", "--run-dir", str(tmp_path / "run"), *few_steps],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr
     assert "every check passed" in done.stdout

@@ -38,7 +38,7 @@ def plain(tmp_path_factory) -> Path:
     venv.create(tmp / "venv", with_pip=True)
     python = tmp / "venv" / "bin" / "python"
     torch_pin = "torch==" + torch.__version__.split("+")[0]
-    subprocess.run([python, *pip, str(wheel), torch_pin], check=True, timeout=280)  # the error names pip
+    subprocess.run([python, *pip, str(wheel), torch_pin], check=True, timeout=240)  # the error names pip
     return python.parent
 
 

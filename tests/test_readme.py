@@ -207,7 +207,7 @@ def _run(block: Block, text: str, cwd: Path, env: dict) -> subprocess.CompletedP
         cmd = [sys.executable, str(script)]
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-x", "-c", text]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=280)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_the_config_tour_is_the_demo_config_plus_the_parallel_defaults():

@@ -123,7 +123,7 @@ def test_warning_signal_saves_requeues_and_resumes(slurm, tmp_path, corpus):
     final = slurmctl.wait(job, poll_s=1.0)[0]
     log = (run / f"slurm-{job}.out").read_text()
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", (final, log)
-    saved = int(log.split("saved step ", 1)[1].split()[0])
+    saved = int(log.split("the latest checkpoint is step ", 1)[1].split()[0])  # the launcher's line
     assert 0 < saved < 300, log
     assert f"resumed from {run / 'checkpoints' / f'step_{saved:07d}'} at step {saved}" in log
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]

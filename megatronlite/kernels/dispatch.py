@@ -29,6 +29,7 @@ from megatronlite.extras import install_hint
 from megatronlite.kernels import external
 from megatronlite.kernels.fused_adamw import FusedAdamW
 from megatronlite.kernels.linear_cross_entropy import linear_cross_entropy as _chunked_cross_entropy
+from megatronlite.version import installed
 
 IMPLS = ("auto", "torch", "triton", "apex", "te")
 
@@ -118,9 +119,7 @@ def summary(choices: str | Mapping[str, str] = "auto", device: str | torch.devic
     line = f"kernels on {torch.device(device).type}: " + " ".join(f"{op}={b}" for op, b in resolved.items())
     if "triton" in resolved.values():
         interpreted = torch.device(device).type == "cpu"
-        import triton  # its own version: the distribution may be named otherwise (pytorch-triton)
-
-        line += f" (triton {triton.__version__}{', interpreter' if interpreted else ''})"
+        line += f" (triton {installed('triton')}{', interpreter' if interpreted else ''})"
     return line
 
 

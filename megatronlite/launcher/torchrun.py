@@ -113,16 +113,18 @@ def _telling_failure(e) -> tuple:
 
 
 def _stopped_on_request(run_dir: Path) -> str:
-    """The launcher's line for workers that saved and stopped on request. It names the checkpoint itself: rank 0's
+    """The launcher's line for workers that stopped on request, naming the checkpoint a resume starts from: rank 0's
     own line may be cut off, as torchrun stops the workers once any of them has exited."""
     from megatronlite.checkpoint import store
 
-    saved = store.latest_complete(run_dir / "checkpoints")
-    if saved is None:
+    latest = store.latest_complete(run_dir / "checkpoints")
+    if latest is None:
         return f"megatronlite: the workers stopped on request; {run_dir / 'checkpoints'} holds no complete checkpoint"
-    step = int(saved.name.removeprefix("step_"))
-    resume = "resume with checkpoint.load: auto"
-    return f"megatronlite: the workers saved step {step} ({saved}) and stopped on request; {resume}"
+    step = int(latest.name.removeprefix("step_"))
+    return (
+        f"megatronlite: the workers stopped on request; the latest checkpoint is step {step} ({latest}): "
+        "resume with checkpoint.load: auto"
+    )
 
 
 def _run_attempt(args: argparse.Namespace, attempt: int, run_dir: Path) -> int:

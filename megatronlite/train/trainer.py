@@ -451,7 +451,8 @@ class Trainer:
                         saver.save()
                     if stop and self.step < cfg.train.steps:
                         watch.clear()
-                        raise Preempted(f"saved step {self.step} and stopped on request")
+                        what = f"saved step {self.step}" if save else f"at step {self.step} (checkpoint.save is off)"
+                        raise Preempted(f"{what} and stopped on request")
         finally:
             self.beat = lambda phase: None
             saver.wait()
