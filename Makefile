@@ -31,13 +31,12 @@ demo: $(VENV)/.package
 	$(VENV)/bin/megatronlite train configs/demo.yaml --run-dir runs/demo
 	$(VENV)/bin/megatronlite generate runs/demo --prompt "def read_file(path):" --max-new-tokens 300 --temperature 0.7 --top-k 20
 
-# DeepSpeed's JIT ops built outside any test's timeout (tests/build_deepspeed_ops.py says why): async IO, the
-# slowest, beside the tests (only the NVMe tests load it, late in their files, waiting on its lock if need be);
+# DeepSpeed's JIT ops built first, outside any test's timeout (tests/build_deepspeed_ops.py says why); then
 # TEST_WORKERS test files at a time (pytest-xdist; each file in one worker, so its module fixtures run once)
 TEST_WORKERS ?= 2
 test: install
-	$(PY) tests/build_deepspeed_ops.py --except AsyncIOBuilder
-	$(PY) tests/build_deepspeed_ops.py AsyncIOBuilder & $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+	$(PY) tests/build_deepspeed_ops.py
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 # the inner loop: everything but the tests marked slow (multi-process jobs, anything over ~10 s)
 test-fast: install

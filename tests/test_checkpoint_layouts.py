@@ -145,9 +145,11 @@ def assert_continues(run, reference, first_step):
         # between engines: DeepSpeed's fp32 partitions and moments are slices of the same global tensors
         ("tp2xpp2", "ds-zero3-dp4"),
         ("ds-zero3-dp2", "tp2xpp2"),
+        ("dp2-distopt", "ds-zero3-nvme"),  # loaded into what DeepSpeed swaps to and from the drive
     ],
 )
 def test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, source, target):
+    skip_without_async_io(LAYOUTS[target][1])
     run = tmp_path / "run"
     resume_from(saved[source], run)
     done = run_layout(run, corpus, target)
@@ -409,13 +411,6 @@ def test_every_schedule_resumes_bit_exact(tmp_path, corpus, arch, layout):
     assert final.keys() == expected.keys()
     for key, value in expected.items():  # weights and Adam states, bit for bit
         assert torch.equal(final[key], value), key
-
-
-def test_nvme_offload_resumes_from_another_layout(tmp_path, corpus, uninterrupted, saved):
-    """Loaded into what DeepSpeed swaps to and from the drive. Last in this file: `make test` builds its async_io
-    op while the tests run (Makefile)."""
-    skip_without_async_io(LAYOUTS["ds-zero3-nvme"][1])
-    test_resume_in_another_layout(tmp_path, corpus, uninterrupted, saved, "dp2-distopt", "ds-zero3-nvme")
 
 
 if __name__ == "__main__":

@@ -228,8 +228,7 @@ DEEPSPEED_LAYOUTS = {
     "ds-zero2": (2, [*DS, "parallel.zero_stage=2"]),
     "ds-zero3": (2, DS_ZERO3),
     "ds-zero3-offload": (2, [*DS_ZERO3, "optim.offload=cpu"]),
-    # parameters and optimizer states swapped to a directory through DeepSpeed's async_io op (libaio); late in
-    # this file: `make test` builds that op while the tests run (Makefile)
+    # parameters and optimizer states swapped to a directory through DeepSpeed's async_io op (libaio)
     "ds-zero3-nvme": (2, [*DS_ZERO3, "optim.offload=nvme", f"optim.nvme_path={tempfile.gettempdir()}/mlite-nvme"]),
     "ds-zero3xtp2": (4, [*DS_ZERO3, "parallel.tensor=2"]),
     "ds-zero2xcp2": (2, [*DS, "parallel.zero_stage=2", "parallel.context=2"]),  # its DP group is DP x CP
