@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from megatronlite.errors import UserError
 
@@ -49,7 +48,7 @@ def _dry_run(args: argparse.Namespace) -> None:
     from megatronlite.train.trainer import resolve_precision
 
     cfg = config.load(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    run_dir = config.run_dir(cfg, args.run_dir)
     world = args.workers or int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
         raise UserError(f"--workers must be a positive number of workers, got {world}")
@@ -76,7 +75,7 @@ def _train(args: argparse.Namespace) -> None:
 
     die_with_launcher()
     cfg = config.load(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    run_dir = config.run_dir(cfg, args.run_dir)
     kind = _device_kind(cfg)
     world, rank, local_rank = init_distributed(kind, cfg.parallel.timeout_minutes)
     lock = None

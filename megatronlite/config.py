@@ -453,6 +453,11 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def run_dir(cfg: Config, given: str | None) -> Path:
+    """The run directory: `--run-dir` when given, else runs/<config name> (every command and worker agrees)."""
+    return Path(given or Path("runs") / cfg.name)
+
+
 def check_inputs(cfg: Config) -> None:
     """Paths a run starts from must exist (before any worker starts). Not part of `validate`: a
     saved run's config stays loadable after the checkpoint it once started from is gone."""

@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
     check_resources(args)
     cfg = config.load(args.config, args.set)
     config.validate_layout(cfg, args.nodes * args.nproc_per_node)
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
+    run_dir = config.run_dir(cfg, args.run_dir).resolve()
     job = Job(
         name=args.job_name or cfg.name,
         run=f"RUN_DIR={shlex.quote(str(run_dir))}\nCONFIG={shlex.quote(os.path.abspath(args.config))}",

@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = config.load(args.config, args.set)
     config.validate_layout(cfg, args.nproc_per_node * args.nnodes)
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name)  # as the workers name it (cli.py)
+    run_dir = config.run_dir(cfg, args.run_dir)
     for attempt in range(args.max_restarts + 1):
         os.environ[RESTART_COUNT] = str(attempt)  # the workers resume and log the restart (train/restarts.py)
         code = _run_attempt(args, attempt, run_dir)
@@ -120,9 +120,9 @@ def _stopped_on_request(run_dir: Path) -> str:
     latest = store.latest_complete(run_dir / "checkpoints")
     if latest is None:
         return f"megatronlite: the workers stopped on request; {run_dir / 'checkpoints'} holds no complete checkpoint"
-    step = int(latest.name.removeprefix("step_"))
     return (
-        f"megatronlite: the workers stopped on request; the latest checkpoint is step {step} ({latest}): "
+        f"megatronlite: the workers stopped on request; the latest checkpoint is step "
+        f"{store.read_meta(latest)['step']} ({latest}): "
         "resume with checkpoint.load: auto"
     )
 
