@@ -162,84 +162,156 @@ def error_of(capsys, *args: str) -> str:
     return lines[0]
 
 
-def _spawned(rank: int, world: int, port: int, timeout: float, fn, args: tuple, errors) -> None:
-    """One spawned gloo worker: `fn(rank, world, *args)`, its failure reported to the parent. Its collectives
-    wait as long as the parent does (ranks of a loaded machine drift apart; the parent's deadline ends a hang)."""
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-    try:
-        fn(rank, world, *args)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
-    # done and reported: skip the interpreter's teardown, where gloo's threads may abort the process
-    # ("terminate called without an active exception") after the work has succeeded
-    os._exit(0)
+# What every worker of a job imports: torch (1.9 s of CPU here), dynamo (torch.optim's methods import it) and DCP
+# (1.5 s), megatronlite. Forked from a process that has imported them (a forkserver: one per pytest process,
+# started on first use), a worker starts in milliseconds instead of ~3.5 s; the equivalence and resume tests start
+# hundreds of workers.
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.distributed.checkpoint",
+    "torch.distributed.pipelining",
+    "megatronlite.cli",
+    "megatronlite.train.trainer",
+]
 
 
-def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
-    """Run the module-level `fn(rank, world, *args)` in `world` gloo processes; fail (never hang) on any rank's
-    error or after `timeout` seconds, killing what is left."""
+def _forked():
+    """The multiprocessing context tests start their workers in: forked from a forkserver holding `_PRELOAD`."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: on first use, once per pytest process
+    return ctx
+
+
+def _run_all(procs: list, timeout: float) -> tuple[list[int], bool]:
+    """Start `procs` and wait until all have ended, one has failed (its peers would wait for it in a collective)
+    or `timeout` seconds have passed; kill what is left. (The ranks that failed by themselves, in the order they
+    ended; whether the deadline passed.)"""
     import time
     from multiprocessing.connection import wait
 
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, timeout, fn, args, errors)) for r in range(world)]
+    failed, running = [], {}
     try:
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        running = {p.sentinel: p for p in procs}
-        failed = False
-        while running and not failed and time.monotonic() < deadline:  # all ended, or one failed (its peers wait)
+        running = {p.sentinel: rank for rank, p in enumerate(procs)}
+        while running and not failed and time.monotonic() < deadline:
             for ended in wait(list(running), timeout=max(0.0, deadline - time.monotonic())):
-                p = running.pop(ended)
-                p.join()
-                failed = failed or p.exitcode != 0
+                rank = running.pop(ended)
+                procs[rank].join()
+                if procs[rank].exitcode != 0:
+                    failed.append(rank)
     finally:  # also when pytest's own timeout interrupts the wait: no worker outlives its test
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs) and not messages, messages or [p.exitcode for p in procs]
+    return failed, bool(running) and not failed
 
 
-def torchrun_script(script: str, nproc: int, *args: object, timeout: float = 240) -> None:
-    """Run `script args` as `nproc` gloo workers under torchrun (the megatron-core side of a test); a worker that
-    fails or a job past `timeout` fails the test with the job's log."""
+def _job_worker(rank: int, world: int, port: int, env: dict, logs: str, fn, args: tuple) -> None:
+    """One worker of `run_job`, as torchrun starts it: the test's environment (not the forkserver's) with its
+    rank's variables, one CPU thread when it shares the node (torchrun's OMP_NUM_THREADS=1), its output to files;
+    then `fn(*args)`, ended as `python -m megatronlite` ends (no interpreter teardown) with fn's exit code."""
+    import os
+    import sys
+    import traceback
+
+    import torch
+
+    os.environ.clear()
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for fd, stream in ((1, "out"), (2, "err")):
+        file = os.open(f"{logs}/{rank}.{stream}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
+    if world > 1:
+        torch.set_num_threads(1)
+    code = 0
+    try:
+        fn(*args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001 - printed, as the interpreter would
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _read(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else ""  # none from a worker killed on its way up
+
+
+def run_job(fn, nproc: int, *args, timeout: float = 240, env=None):
+    """`fn(*args)` in `nproc` worker processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR...),
+    forked (`_forked`) instead of each importing torch afresh: the finished job, as `launch` returns it (stdout:
+    every rank's, rank 0 first; stderr: the failed ranks' last; returncode: the first failed worker's). When one
+    worker fails the others are stopped, as torchrun does; a job past `timeout` fails with its output."""
     import os
     import subprocess
-    import sys
+    import tempfile
 
-    import pytest
+    ctx = _forked()
+    with tempfile.TemporaryDirectory(prefix="job-logs-") as logs:
+        port, env = free_port(), dict(os.environ if env is None else env)
+        procs = [ctx.Process(target=_job_worker, args=(r, nproc, port, env, logs, fn, args)) for r in range(nproc)]
+        failed, timed_out = _run_all(procs, timeout)
+        stdout = "".join(_read(Path(logs, f"{r}.out")) for r in range(nproc))
+        last = [r for r in range(nproc) if r not in failed] + failed  # the failures last: what a tail shows
+        stderr = "".join(_read(Path(logs, f"{r}.err")) for r in last)
+    if timed_out:
+        raise TimeoutError(f"the job still ran after {timeout} s; its output:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    code = procs[failed[0]].exitcode if failed else 0
+    return subprocess.CompletedProcess(getattr(fn, "__name__", str(fn)), code, stdout, stderr)
 
-    pytest.importorskip("megatron.core")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script]
-    proc = subprocess.Popen(
-        [*run, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+
+def _train(argv: list[str]) -> None:
+    from megatronlite.cli import main
+
+    main(argv)
+
+
+def train_job(config, run_dir: Path, nproc: int, overrides: list[str], timeout: float = 240, env=None):
+    """`megatronlite train` as a job of `nproc` workers (`run_job`). The launcher itself, torchrun's agent, is
+    tested through `launch` (test_launch_failures.py, test_faults.py, the README's blocks)."""
+    argv = ["train", str(config), "--run-dir", str(run_dir)]
+    for o in overrides:
+        argv += ["--set", o]
+    return run_job(_train, nproc, argv, timeout=timeout, env=env)
+
+
+def _in_group(fn, timeout: float, *args) -> None:
+    """(A worker of `spawn`.) `fn(rank, world, *args)` in a gloo group whose collectives wait as long as the
+    parent does (ranks of a loaded machine drift apart; the parent's deadline ends a hang)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its workers on SIGTERM
-        log, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, log[-6000:]
+        fn(dist.get_rank(), dist.get_world_size(), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
+    """Run the module-level `fn(rank, world, *args)` in `world` gloo processes; fail (never hang) on any rank's
+    error or after `timeout` seconds, killing what is left."""
+    done = run_job(_in_group, world, fn, timeout, *args, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-6000:]
+
+
+def workers(fn, nproc: int, *args, timeout: float = 240) -> None:
+    """Run the module-level `fn(*args)` in `nproc` workers that make their own process group from torchrun's
+    variables (the megatron-core side of a test); fail with the job's output if any fails."""
+    done = run_job(fn, nproc, *args, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
 
 
 def skip_without_async_io(overrides: list[str]) -> None:

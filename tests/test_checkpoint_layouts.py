@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_weights, launch, read_metrics, skip_without_async_io, tiny_overrides
+from helpers import final_weights, read_metrics, skip_without_async_io, tiny_overrides, train_job
 
 from megatronlite.checkpoint import store
 from megatronlite.untrusted import read_dcp_metadata
@@ -78,7 +78,7 @@ def overrides(corpus, run, **extra):
 
 def run_layout(run, corpus, layout, env=None, **extra):
     nproc, sets = LAYOUTS[layout]
-    done = launch("configs/demo.yaml", run, nproc, overrides(corpus, run, **extra) + sets, env=env)
+    done = train_job("configs/demo.yaml", run, nproc, overrides(corpus, run, **extra) + sets, env=env)
     return done
 
 

@@ -9,7 +9,7 @@ shimmed: it cannot run without the grouped_gemm package and CUDA, but it loads m
 and saves its forms (weight1/weight2 rank files, torch_dist), which we read. What runs only with CUDA and
 Transformer Engine (TE layers, their FP8 extra state, TEGroupedMLP) is not exercised here.
 
-Run as a script under torch.distributed.run this file is the megatron-core side (`_worker`).
+`_worker` is the megatron-core side, run in the workers of a job (tests/helpers.py `workers`).
 """
 
 import argparse
@@ -17,14 +17,13 @@ import dataclasses
 import datetime
 import json
 import re
-import sys
 import types
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import conversion_model, torchrun_script
+from helpers import conversion_model, workers
 
 from megatronlite import load_model
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
@@ -352,7 +351,8 @@ def test_real_vocab_size_comes_from_the_option(tmp_path):
 
 
 def _run_workers(scenario: str, nproc: int, out: Path) -> dict:
-    torchrun_script(__file__, nproc, scenario, out)
+    pytest.importorskip("megatron.core")
+    workers(_worker, nproc, scenario, str(out))
     return json.loads((out / "results.json").read_text())
 
 
@@ -683,7 +683,3 @@ def _worker(scenario: str, out: str) -> None:
     if dist.get_rank() == 0:
         (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _worker(*sys.argv[1:])

@@ -12,19 +12,18 @@ back the way Megatron-LM's load_checkpoint does: content metadata, model and opt
 The references come from megatron-core in the training processes (its optimizer's own model-space export and
 its torch AdamW's step count): trusted code, unlike anything read from the checkpoint directory.
 
-Run as a script under torch.distributed.run this file is the megatron-core side (`_worker`).
+`_worker` is the megatron-core side, run in the workers of a job (tests/helpers.py `workers`).
 """
 
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import conversion_model, error_of, torchrun_script
+from helpers import conversion_model, error_of, workers
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
@@ -180,15 +179,16 @@ def test_legacy_optimizer_state_is_refused(tmp_path, capsys):
 # --- against megatron-core ----------------------------------------------------------------------
 
 
-def _torchrun(scenario: str, *paths: Path) -> None:
-    torchrun_script(__file__, DP, scenario, *paths)
+def _megatron(scenario: str, *paths: Path) -> None:
+    pytest.importorskip("megatron.core")
+    workers(_worker, DP, scenario, *map(str, paths))
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """megatron-core's training checkpoints (`fully_reshardable/`, `dp_reshardable/`) and `reference.pt`."""
     out = tmp_path_factory.mktemp("megatron")
-    _torchrun("save", out)
+    _megatron("save", out)
     return out
 
 
@@ -312,7 +312,7 @@ def test_round_trip_and_megatron_core_loads_it(source, resumed, tmp_path):
         back = _stored(store.find_step_dir(tmp_path / "back"), prefix)
         assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items()), prefix
 
-    _torchrun("load", tmp_path / "meg", tmp_path / "loaded.pt")
+    _megatron("load", tmp_path / "meg", tmp_path / "loaded.pt")
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
     assert loaded["iteration"] == meta["step"] and loaded["consumed_train_samples"] == meta["consumed_samples"]
     assert loaded["scheduler_num_steps"] == meta["consumed_samples"]
@@ -338,7 +338,7 @@ def test_bucket_space_is_refused_unless_weights_only(source, tmp_path, capsys):
     assert all(torch.equal(back.get(n), t) for n, t in expected.items())  # fp32: the model tensors are the masters
 
 
-# --- the megatron-core side (torchrun workers) ---------------------------------------------------
+# --- the megatron-core side (the job's workers) ---------------------------------------------------
 
 
 def _optimizer_shims() -> None:
@@ -546,8 +546,3 @@ def _worker(scenario: str, *paths: str) -> None:
     {"save": _save, "load": _load}[scenario](*map(Path, paths))
     dist.barrier()
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    _worker(*sys.argv[1:])

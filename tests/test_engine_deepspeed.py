@@ -101,14 +101,14 @@ def test_fp16_overflow_steps_are_skipped_by_deepspeed_and_counted(tmp_path, corp
     """DeepSpeed's fp16 skips a step whose scaled gradients overflow and lowers its scale: the run goes on (not a
     non-finite stop), the skips are counted, and Adam's step count in the checkpoint leaves them out."""
     from deepspeed.accelerator import get_accelerator
-    from helpers import launch, read_metrics
+    from helpers import read_metrics, train_job
 
     from megatronlite.checkpoint import store
 
     run = tmp_path / "run"
     sets = {"train.steps": 10, "checkpoint.interval": 10, "train.precision": "fp16"}
     ds = ["parallel.engine=deepspeed", "parallel.zero_stage=2", f"optim.initial_loss_scale={2**24}"]
-    done = launch("configs/demo.yaml", run, 1, tiny_overrides(corpus, run, **sets) + ds)
+    done = train_job("configs/demo.yaml", run, 1, tiny_overrides(corpus, run, **sets) + ds)
     if not get_accelerator().is_fp16_supported():  # a CPU without oneDNN fp16 (AVX512-FP16 or AMX): one line
         assert done.returncode != 0 and "DeepSpeed does not run fp16 on this cpu device" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr

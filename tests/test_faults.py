@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import error_of, launch, launch_cmd, read_metrics, tiny_overrides, train
+from helpers import error_of, launch, launch_cmd, read_metrics, tiny_overrides, train, train_job
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import read_tensors
@@ -125,7 +125,7 @@ def test_killing_the_launchers_process_group_leaves_no_worker(tmp_path, corpus, 
 def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tmp_path, corpus):
     sets = {"train.steps": 8, "checkpoint.interval": 3, "parallel.tensor": 2, "parallel.timeout_minutes": 1}
     ref = tmp_path / "ref"
-    done = launch("configs/demo.yaml", ref, 2, tiny_overrides(corpus, ref, **sets))
+    done = train_job("configs/demo.yaml", ref, 2, tiny_overrides(corpus, ref, **sets))
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     env = {**os.environ, "MEGATRONLITE_FAULT": "kill:5@1"}
@@ -146,7 +146,7 @@ def test_a_save_and_exit_request_saves_stops_and_resumes_exactly(tmp_path, corpu
     steps = 200  # many times more than the steps run while the test notices the first one and writes the flag
     sets = {"train.steps": steps, "checkpoint.interval": 0, "logging.interval": 1}
     ref = tmp_path / "ref"
-    done = launch("configs/demo.yaml", ref, 2, tiny_overrides(corpus, ref, **sets))
+    done = train_job("configs/demo.yaml", ref, 2, tiny_overrides(corpus, ref, **sets))
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     overrides = tiny_overrides(corpus, run, **sets)

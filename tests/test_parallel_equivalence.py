@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import final_weights, launch, read_metrics, skip_without_async_io, tiny_overrides
+from helpers import final_weights, read_metrics, skip_without_async_io, tiny_overrides, train_job
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
@@ -177,7 +177,7 @@ def reference(tmp_path_factory, overrides):
     def get(arch, precision="fp32"):
         if (arch, precision) not in runs:
             run = tmp_path_factory.mktemp(f"ref-{arch}-{precision}") / "run"
-            done = launch("configs/demo.yaml", run, 1, overrides(run, arch, precision))
+            done = train_job("configs/demo.yaml", run, 1, overrides(run, arch, precision))
             assert done.returncode == 0, done.stderr[-3000:]
             runs[arch, precision] = (read_metrics(run), final_weights(run))
         return runs[arch, precision]
@@ -253,7 +253,7 @@ def test_layout_equals_single_process(tmp_path, overrides, reference, arch, layo
     nproc, sets = LAYOUT_OF[layout]
     skip_without_async_io(sets)
     run = tmp_path / "run"
-    done = launch("configs/demo.yaml", run, nproc, overrides(run, arch) + sets)
+    done = train_job("configs/demo.yaml", run, nproc, overrides(run, arch) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(run, reference(arch), "fp32")
 
@@ -264,7 +264,7 @@ def test_mixed_precision_layout_equals_single_process(tmp_path, overrides, refer
     nproc, sets = PRECISION_LAYOUTS[layout]
     precision = next(s.split("=")[1] for s in sets if s.startswith("train.precision="))
     run = tmp_path / "run"
-    done = launch("configs/demo.yaml", run, nproc, overrides(run, arch, precision) + sets)
+    done = train_job("configs/demo.yaml", run, nproc, overrides(run, arch, precision) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(run, reference(arch, precision), precision)
 
@@ -278,6 +278,6 @@ def test_global_balance_loss_equals_one_process_over_the_global_batch(tmp_path, 
     runs = {}
     for nproc, layout in ((1, ["train.micro_batch_size=4"]), (2, ["parallel.expert=2", "train.recompute=full"])):
         run = runs[nproc] = tmp_path / f"run{nproc}"
-        done = launch("configs/demo.yaml", run, nproc, overrides(run, "moe-softmax") + sets + layout)
+        done = train_job("configs/demo.yaml", run, nproc, overrides(run, "moe-softmax") + sets + layout)
         assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(runs[2], (read_metrics(runs[1]), final_weights(runs[1])), "fp32")

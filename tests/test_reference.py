@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import launch, read_metrics, tiny_overrides, train
+from helpers import read_metrics, tiny_overrides, train, train_job
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
@@ -197,6 +197,6 @@ def test_tp2_pp2_dp2_distributed_optimizer_equals_reference(tmp_path, corpus, re
         "parallel.sequence_parallel=true",
         "parallel.distributed_optimizer=true",
     ]
-    done = launch(CONFIG, run, 8, overrides(corpus, run, arch, init) + sets)
+    done = train_job(CONFIG, run, 8, overrides(corpus, run, arch, init) + sets)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(run, record)
