@@ -152,17 +152,23 @@ def test_bad_yaml_and_missing_file(tmp_path):
         (["configs/demo.yaml", "--set", "train.global_batch_size=12"], "valid: 8, 16, 24"),
     ],
 )
-def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
+    from helpers import error_of
+
+    assert message in error_of(capsys, "train", *args, "--run-dir", str(tmp_path / "run"))
+
+
+def test_a_cli_error_is_one_line_from_the_process_too(tmp_path):
+    """What the process prints, imports and all: nothing but the one line (no warning, no traceback), exit 2."""
     run = subprocess.run(
-        [sys.executable, "-m", "megatronlite", "train", *args, "--run-dir", str(tmp_path / "run")],
+        [sys.executable, "-m", "megatronlite", "train", "configs/demo.yaml", "--set", "model.hiden_size=3"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
-    assert message in lines[0]
+    assert len(lines) == 1 and "did you mean 'model.hidden_size'" in lines[0], run.stderr
 
 
 def test_exponent_floats_in_files_and_overrides(tmp_path):

@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import train_job  # noqa: E402
+
 from megatronlite import load_model  # noqa: E402
 from megatronlite.convert import Options, convert  # noqa: E402
 
@@ -59,7 +61,8 @@ def converted(tmp_path_factory) -> Path:
     return out / "run"
 
 
-def train(launcher: list[str], converted: Path, run: Path, data: str, *extra: str) -> subprocess.CompletedProcess:
+def train(nproc: int, converted: Path, run: Path, data: str, *extra: str) -> subprocess.CompletedProcess:
+    """`megatronlite train` of the converted run's config in `nproc` workers, starting from its checkpoint."""
     sets = [
         f"checkpoint.load={converted}",
         f"data.sources=[{{path: {data}}}]",
@@ -74,8 +77,7 @@ def train(launcher: list[str], converted: Path, run: Path, data: str, *extra: st
         "logging.interval=1",
         *extra,
     ]
-    cmd = [*launcher, "train", str(converted / "config.yaml"), "--run-dir", str(run)]
-    return subprocess.run([*cmd, *(a for s in sets for a in ("--set", s))], capture_output=True, text=True, timeout=280)
+    return train_job(converted / "config.yaml", run, nproc, sets, timeout=280)
 
 
 def losses(run: Path) -> list[float]:
@@ -112,7 +114,7 @@ def transformers_first_loss(hf_dir: Path, run: Path) -> float:
 @pytest.mark.slow
 def test_converted_model_trains_in_one_process(tmp_path, converted, data):
     run = tmp_path / "run"
-    curve = assert_learns(train([sys.executable, "-m", "megatronlite"], converted, run, data), converted, run)
+    curve = assert_learns(train(1, converted, run, data), converted, run)
     # the weights reached the parameters: step 1's loss is transformers' loss on the same batch
     assert curve[0] == pytest.approx(transformers_first_loss(converted.parent / "hf", run), rel=1e-5)
     # the run's saved config names the checkpoint it started from: the run stays loadable without it
@@ -128,9 +130,7 @@ def test_converted_model_trains_in_one_process(tmp_path, converted, data):
 def test_converted_model_trains_at_tp2_pp2(tmp_path, converted, data):
     """The same start in 4 gloo processes, TP 2 x PP 2: the converted weights load into any layout."""
     one = tmp_path / "one"
-    reference = assert_learns(train([sys.executable, "-m", "megatronlite"], converted, one, data), converted, one)
+    reference = assert_learns(train(1, converted, one, data), converted, one)
     run = tmp_path / "tp2pp2"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
-    launcher += ["-m", "megatronlite"]
-    done = train(launcher, converted, run, data, "parallel.tensor=2", "parallel.pipeline=2")
+    done = train(4, converted, run, data, "parallel.tensor=2", "parallel.pipeline=2")
     assert assert_learns(done, converted, run) == pytest.approx(reference, rel=1e-4)  # the same run, sharded
