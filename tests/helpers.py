@@ -165,7 +165,10 @@ def error_of(capsys, *args: str) -> str:
 # What every worker of a job imports: torch (1.9 s of CPU here), dynamo (torch.optim's methods import it) and DCP
 # (1.5 s), megatronlite. Forked from a process that has imported them (a forkserver: one per pytest process,
 # started on first use), a worker starts in milliseconds instead of ~3.5 s; the equivalence and resume tests start
-# hundreds of workers.
+# hundreds of workers. What a module reads from the environment when it is imported (TRITON_INTERPRET, the
+# calibration file, OMP_NUM_THREADS for libgomp) is the server's: a job's `env` reaches what is read at run time.
+# And unlike torchrun's workers, all share the server's string-hash seed: one equivalence case goes through
+# `launch` (test_parallel_equivalence.py), as the fault, README and Slurm tests do.
 _PRELOAD = [
     "torch",
     "torch._dynamo",
@@ -189,13 +192,19 @@ def _run_all(procs: list, timeout: float) -> tuple[list[int], bool]:
     """Start `procs` and wait until all have ended, one has failed (its peers would wait for it in a collective)
     or `timeout` seconds have passed; kill what is left. (The ranks that failed by themselves, in the order they
     ended; whether the deadline passed.)"""
+    import signal
     import time
     from multiprocessing.connection import wait
 
     failed, running = [], {}
     try:
-        for p in procs:
-            p.start()
+        # pytest-timeout's alarm waits until every start returned: one landing inside would lose a started worker
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         deadline = time.monotonic() + timeout
         running = {p.sentinel: rank for rank, p in enumerate(procs)}
         while running and not failed and time.monotonic() < deadline:
@@ -212,16 +221,19 @@ def _run_all(procs: list, timeout: float) -> tuple[list[int], bool]:
     return failed, bool(running) and not failed
 
 
-def _job_worker(rank: int, world: int, port: int, env: dict, logs: str, fn, args: tuple) -> None:
+def _job_worker(rank: int, world: int, port: int, env: dict, logs: str, fn: tuple[str, str], args: tuple) -> None:
     """One worker of `run_job`, as torchrun starts it: the test's environment (not the forkserver's) with its
     rank's variables, one CPU thread when it shares the node (torchrun's OMP_NUM_THREADS=1), its output to files;
-    then `fn(*args)`, ended as `python -m megatronlite` ends (no interpreter teardown) with fn's exit code."""
+    then `fn(*args)` (fn: module and name, imported once the output goes to the files). multiprocessing ends the
+    worker as an interpreter would: non-daemon threads joined, an exception's traceback or a SystemExit's code."""
+    import ctypes
     import os
+    import signal
     import sys
-    import traceback
 
     import torch
 
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: ends with the forkserver, i.e. with pytest
     os.environ.clear()
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     os.environ.update(GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -230,18 +242,21 @@ def _job_worker(rank: int, world: int, port: int, env: dict, logs: str, fn, args
         os.dup2(file, fd)
         os.close(file)
     if world > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-    code = 0
     try:
-        fn(*args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:  # noqa: BLE001 - printed, as the interpreter would
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        _named(fn)(*args)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _named(fn: tuple[str, str]):
+    """The module-level function (module, name) names."""
+    import importlib
+
+    module, name = fn
+    return getattr(importlib.import_module(module), name)
 
 
 def _read(log: Path) -> str:
@@ -260,7 +275,8 @@ def run_job(fn, nproc: int, *args, timeout: float = 240, env=None):
     ctx = _forked()
     with tempfile.TemporaryDirectory(prefix="job-logs-") as logs:
         port, env = free_port(), dict(os.environ if env is None else env)
-        procs = [ctx.Process(target=_job_worker, args=(r, nproc, port, env, logs, fn, args)) for r in range(nproc)]
+        named = (fn.__module__, fn.__name__)
+        procs = [ctx.Process(target=_job_worker, args=(r, nproc, port, env, logs, named, args)) for r in range(nproc)]
         failed, timed_out = _run_all(procs, timeout)
         stdout = "".join(_read(Path(logs, f"{r}.out")) for r in range(nproc))
         last = [r for r in range(nproc) if r not in failed] + failed  # the failures last: what a tail shows
@@ -268,7 +284,7 @@ def run_job(fn, nproc: int, *args, timeout: float = 240, env=None):
     if timed_out:
         raise TimeoutError(f"the job still ran after {timeout} s; its output:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     code = procs[failed[0]].exitcode if failed else 0
-    return subprocess.CompletedProcess(getattr(fn, "__name__", str(fn)), code, stdout, stderr)
+    return subprocess.CompletedProcess(fn.__name__, code, stdout, stderr)
 
 
 def _train(argv: list[str]) -> None:
@@ -278,15 +294,16 @@ def _train(argv: list[str]) -> None:
 
 
 def train_job(config, run_dir: Path, nproc: int, overrides: list[str], timeout: float = 240, env=None):
-    """`megatronlite train` as a job of `nproc` workers (`run_job`). The launcher itself, torchrun's agent, is
-    tested through `launch` (test_launch_failures.py, test_faults.py, the README's blocks)."""
+    """`megatronlite train` as a job of `nproc` workers (`run_job`), on the CPU (on a GPU machine the forkserver
+    may have initialised CUDA, which forked workers cannot use). The launcher itself, torchrun's agent, is tested
+    through `launch` (test_launch_failures.py, test_faults.py, the README's blocks)."""
     argv = ["train", str(config), "--run-dir", str(run_dir)]
-    for o in overrides:
+    for o in [*overrides, "train.device=cpu"]:
         argv += ["--set", o]
     return run_job(_train, nproc, argv, timeout=timeout, env=env)
 
 
-def _in_group(fn, timeout: float, *args) -> None:
+def _in_group(fn: tuple[str, str], timeout: float, *args) -> None:
     """(A worker of `spawn`.) `fn(rank, world, *args)` in a gloo group whose collectives wait as long as the
     parent does (ranks of a loaded machine drift apart; the parent's deadline ends a hang)."""
     from datetime import timedelta
@@ -295,7 +312,7 @@ def _in_group(fn, timeout: float, *args) -> None:
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     try:
-        fn(dist.get_rank(), dist.get_world_size(), *args)
+        _named(fn)(dist.get_rank(), dist.get_world_size(), *args)
     finally:
         dist.destroy_process_group()
 
@@ -303,7 +320,7 @@ def _in_group(fn, timeout: float, *args) -> None:
 def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
     """Run the module-level `fn(rank, world, *args)` in `world` gloo processes; fail (never hang) on any rank's
     error or after `timeout` seconds, killing what is left."""
-    done = run_job(_in_group, world, fn, timeout, *args, timeout=timeout)
+    done = run_job(_in_group, world, (fn.__module__, fn.__name__), timeout, *args, timeout=timeout)
     assert done.returncode == 0, done.stderr[-6000:]
 
 
