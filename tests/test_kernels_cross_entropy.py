@@ -10,8 +10,8 @@ import importlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import spawn
 
 from megatronlite.kernels import linear_cross_entropy
 from megatronlite.kernels.dispatch import triton_problem
@@ -75,30 +75,26 @@ def test_autocast_bf16_matches_unfused(impl):
         torch.testing.assert_close(g.view_as(e).float(), e.float(), **TOLERANCES[torch.bfloat16])
 
 
-def _tp_worker(rank, world, store, impls):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        rows = PADDED_VOCAB // world
-        for vocab_size in (100, 60):  # rank 1 holds 36 padding columns, or only padding
-            hidden, weight, target = inputs(11, vocab_size, seed=vocab_size, device="cpu")
-            loss, grad_hidden, grad_weight = reference(hidden, weight, target, vocab_size)
-            shard = weight.detach()[rank * rows : (rank + 1) * rows].clone().requires_grad_()
-            for impl in impls:
-                got_loss, got_hidden, got_weight = fused(hidden, shard, target, vocab_size, impl, dist.group.WORLD, 4)
-                dist.all_reduce(got_hidden)  # what copy_to_tp's backward does with the partial gradients
-                tol = TOLERANCES[torch.float32]
-                torch.testing.assert_close(got_loss, loss, **tol)
-                torch.testing.assert_close(got_hidden, grad_hidden, **tol)
-                torch.testing.assert_close(got_weight, grad_weight[rank * rows : (rank + 1) * rows], **tol)
-    finally:
-        dist.destroy_process_group()
+def _tp_worker(rank, world, impls):
+    rows = PADDED_VOCAB // world
+    for vocab_size in (100, 60):  # rank 1 holds 36 padding columns, or only padding
+        hidden, weight, target = inputs(11, vocab_size, seed=vocab_size, device="cpu")
+        loss, grad_hidden, grad_weight = reference(hidden, weight, target, vocab_size)
+        shard = weight.detach()[rank * rows : (rank + 1) * rows].clone().requires_grad_()
+        for impl in impls:
+            got_loss, got_hidden, got_weight = fused(hidden, shard, target, vocab_size, impl, dist.group.WORLD, 4)
+            dist.all_reduce(got_hidden)  # what copy_to_tp's backward does with the partial gradients
+            tol = TOLERANCES[torch.float32]
+            torch.testing.assert_close(got_loss, loss, **tol)
+            torch.testing.assert_close(got_hidden, grad_hidden, **tol)
+            torch.testing.assert_close(got_weight, grad_weight[rank * rows : (rank + 1) * rows], **tol)
 
 
 @pytest.mark.slow
-def test_tensor_parallel_two_ranks(tmp_path):
+def test_tensor_parallel_two_ranks():
     """On CPU with gloo; the TP logic lives in the backend-independent driver, so CPU covers it."""
     impls = ["torch"] + (["triton"] if triton_problem("cpu") is None else [])
-    mp.spawn(_tp_worker, args=(2, tmp_path / "store", impls), nprocs=2)
+    spawn(_tp_worker, 2, impls, timeout=240)
 
 
 def plain_fp32(hidden, weight, target, vocab_size):
