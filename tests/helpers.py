@@ -64,14 +64,16 @@ def tiny_overrides(corpus: str, run_dir: Path, arch: str = "llama", **extra) -> 
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+def set_args(overrides) -> list[str]:
+    """`--set KEY=VALUE` for each override: a command line's config overrides."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def train(run_dir: Path, overrides: list[str]) -> list[dict]:
     """`megatronlite train configs/demo.yaml` in this process; the run's metrics records."""
     from megatronlite.cli import main
 
-    args = ["train", "configs/demo.yaml", "--run-dir", str(run_dir)]
-    for o in overrides:
-        args += ["--set", o]
-    main(args)
+    main(["train", "configs/demo.yaml", "--run-dir", str(run_dir), *set_args(overrides)])
     return read_metrics(run_dir)
 
 
@@ -124,10 +126,7 @@ def launch_cmd(run_dir: Path, nproc: int, overrides: list[str], *extra: str, con
     import sys
 
     cmd = [sys.executable, "-m", "megatronlite", "launch", str(config), "--nproc-per-node", str(nproc)]
-    cmd += ["--master-port", str(free_port()), "--run-dir", str(run_dir), *extra]
-    for o in overrides:
-        cmd += ["--set", o]
-    return cmd
+    return [*cmd, "--master-port", str(free_port()), "--run-dir", str(run_dir), *extra, *set_args(overrides)]
 
 
 def launch(config: Path, run_dir: Path, nproc: int, overrides: list[str], timeout: int = 240, env=None):
@@ -245,14 +244,18 @@ def _job_worker(rank: int, world: int, port: int, env: dict, logs: str, fn: tupl
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     try:
-        _named(fn)(*args)
+        _resolve(fn)(*args)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
 
 
-def _named(fn: tuple[str, str]):
-    """The module-level function (module, name) names."""
+def _name(fn) -> tuple[str, str]:
+    """How a worker finds the module-level `fn`: its module and name, imported there by `_resolve`."""
+    return fn.__module__, fn.__name__
+
+
+def _resolve(fn: tuple[str, str]):
     import importlib
 
     module, name = fn
@@ -274,9 +277,8 @@ def run_job(fn, nproc: int, *args, timeout: float = 240, env=None):
 
     ctx = _forked()
     with tempfile.TemporaryDirectory(prefix="job-logs-") as logs:
-        port, env = free_port(), dict(os.environ if env is None else env)
-        named = (fn.__module__, fn.__name__)
-        procs = [ctx.Process(target=_job_worker, args=(r, nproc, port, env, logs, named, args)) for r in range(nproc)]
+        job = (free_port(), dict(os.environ if env is None else env), logs, _name(fn), args)
+        procs = [ctx.Process(target=_job_worker, args=(r, nproc, *job)) for r in range(nproc)]
         failed, timed_out = _run_all(procs, timeout)
         stdout = "".join(_read(Path(logs, f"{r}.out")) for r in range(nproc))
         last = [r for r in range(nproc) if r not in failed] + failed  # the failures last: what a tail shows
@@ -297,9 +299,7 @@ def train_job(config, run_dir: Path, nproc: int, overrides: list[str], timeout: 
     """`megatronlite train` as a job of `nproc` workers (`run_job`), on the CPU (on a GPU machine the forkserver
     may have initialised CUDA, which forked workers cannot use). The launcher itself, torchrun's agent, is tested
     through `launch` (test_launch_failures.py, test_faults.py, the README's blocks)."""
-    argv = ["train", str(config), "--run-dir", str(run_dir)]
-    for o in [*overrides, "train.device=cpu"]:
-        argv += ["--set", o]
+    argv = ["train", str(config), "--run-dir", str(run_dir), *set_args([*overrides, "train.device=cpu"])]
     return run_job(_train, nproc, argv, timeout=timeout, env=env)
 
 
@@ -312,7 +312,7 @@ def _in_group(fn: tuple[str, str], timeout: float, *args) -> None:
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     try:
-        _named(fn)(dist.get_rank(), dist.get_world_size(), *args)
+        _resolve(fn)(dist.get_rank(), dist.get_world_size(), *args)
     finally:
         dist.destroy_process_group()
 
@@ -320,7 +320,7 @@ def _in_group(fn: tuple[str, str], timeout: float, *args) -> None:
 def spawn(fn, world: int, *args, timeout: float = 120.0) -> None:
     """Run the module-level `fn(rank, world, *args)` in `world` gloo processes; fail (never hang) on any rank's
     error or after `timeout` seconds, killing what is left."""
-    done = run_job(_in_group, world, (fn.__module__, fn.__name__), timeout, *args, timeout=timeout)
+    done = run_job(_in_group, world, _name(fn), timeout, *args, timeout=timeout)
     assert done.returncode == 0, done.stderr[-6000:]
 
 

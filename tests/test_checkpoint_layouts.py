@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_weights, read_metrics, skip_without_async_io, tiny_overrides, train_job
+from helpers import final_weights, read_metrics, set_args, skip_without_async_io, tiny_overrides, train_job
 
 from megatronlite.checkpoint import store
 from megatronlite.untrusted import read_dcp_metadata
@@ -295,7 +295,7 @@ def test_shape_mismatch_lists_tensors(tmp_path, corpus, saved):
     run = tmp_path / "run"
     resume_from(saved["tp2xpp2"], run)
     sets = overrides(corpus, run, **{"model.hidden_size": 128})
-    done = cli("train", "configs/demo.yaml", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)])
+    done = cli("train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets))
     assert done.returncode == 2
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and "does not match the model config" in err[0]
@@ -309,7 +309,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path, corpus, saved):
     for path, message in ((tmp_path / "nope", "does not exist"), (broken, "DCP metadata is missing or unreadable")):
         run = tmp_path / f"run-{path.name}"
         sets = overrides(corpus, run, **{"checkpoint.load": str(path)})
-        done = cli("train", "configs/demo.yaml", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)])
+        done = cli("train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets))
         assert done.returncode == 2, done.stderr[-2000:]
         assert message in done.stderr and "Traceback" not in done.stderr
 

@@ -21,7 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from helpers import error_of, spawn  # noqa: E402
+from helpers import error_of, set_args, spawn  # noqa: E402
 
 from megatronlite.checkpoint import store  # noqa: E402
 from megatronlite.cli import main  # noqa: E402
@@ -212,7 +212,7 @@ def test_converted_run_continues_training(zero2, tmp_path):
         "logging.interval=1",
     ]
     cmd = [*cli, "train", str(run / "config.yaml"), "--run-dir", str(tmp_path / "train")]
-    done = subprocess.run([*cmd, *(a for s in sets for a in ("--set", s))], capture_output=True, text=True, timeout=200)
+    done = subprocess.run([*cmd, *set_args(sets)], capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {run}/checkpoints/step_0000002 at step 2" in done.stdout
     metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]

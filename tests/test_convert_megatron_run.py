@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import conversion_model, error_of, workers
+from helpers import conversion_model, error_of, set_args, workers
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
@@ -246,7 +246,7 @@ def resumed(source, tmp_path_factory):
                 str(out / "run" / "config.yaml"),
                 "--run-dir",
                 str(out / "train"),
-                *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")),
+                *set_args(f"{k}={v}" for k, v in sets.items()),
             ]
         )
     finally:

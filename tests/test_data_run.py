@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from helpers import tiny_overrides
+from helpers import set_args, tiny_overrides
 
 from megatronlite.cli import main
 
@@ -16,7 +16,7 @@ def cached(cache_dir):
 def test_prebuild_then_train_reuse_the_caches(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     sets = tiny_overrides(corpus, run, **{"train.steps": 2, "checkpoint.save": False})
-    options = [arg for s in sets for arg in ("--set", s)]
+    options = set_args(sets)
     main(["data", "prebuild", "configs/demo.yaml", *options])
     out = capsys.readouterr().out
     assert re.search(r"train: [\d,]+ samples\n", out) and re.search(r"valid: [\d,]+ samples\n", out)
@@ -34,6 +34,6 @@ def test_prebuild_then_train_reuse_the_caches(tmp_path, corpus, capsys):
 def test_prebuild_reports_a_bad_config_in_one_line(tmp_path, corpus, capsys):
     sets = tiny_overrides(corpus, tmp_path / "run", **{"model.vocab_size": 200})
     with pytest.raises(SystemExit) as e:
-        main(["data", "prebuild", "configs/demo.yaml", *[arg for s in sets for arg in ("--set", s)]])
+        main(["data", "prebuild", "configs/demo.yaml", *set_args(sets)])
     assert e.value.code == 2
     assert "model.vocab_size (200) is smaller than the tokenizer's vocabulary (257" in capsys.readouterr().err

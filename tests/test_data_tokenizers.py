@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import read_metrics, tiny_overrides
+from helpers import read_metrics, set_args, tiny_overrides
 
 from megatronlite.data import tokenizer_train
 from megatronlite.data.tokenizers import build_tokenizer
@@ -88,7 +88,7 @@ def test_preprocess_with_a_tokenizer_json_then_train(tmp_path, trained):
     run = tmp_path / "run"
     sets = {"model.vocab_size": 400, "data.tokenizer": str(trained), "train.steps": 2, "train.seq_len": 16}
     args = ["train", "configs/demo.yaml", "--run-dir", str(run)]
-    args += [a for o in tiny_overrides(str(prefix), run, **sets) for a in ("--set", o)]
+    args += set_args(tiny_overrides(str(prefix), run, **sets))
     done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [m["step"] for m in read_metrics(run)] == [1, 2]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import tiny_overrides, train
+from helpers import set_args, tiny_overrides, train
 
 from megatronlite import config
 from megatronlite.cli import main
@@ -15,10 +15,7 @@ from megatronlite.train.run_lock import RunLock
 
 
 def dry_run(run_dir, sets, *extra):
-    args = ["train", "configs/demo.yaml", "--dry-run", "--run-dir", str(run_dir), *extra]
-    for s in sets:
-        args += ["--set", s]
-    main(args)
+    main(["train", "configs/demo.yaml", "--dry-run", "--run-dir", str(run_dir), *extra, *set_args(sets)])
 
 
 def refusal(capsys, run_dir, sets, *extra) -> str:
@@ -67,8 +64,7 @@ def test_dry_run_checks_the_checkpoint_against_the_model(tmp_path, corpus, capsy
 def test_dry_run_errors_are_one_line_exit_2(tmp_path, corpus):
     run = tmp_path / "run"
     args = ["train", "configs/demo.yaml", "--dry-run", "--workers", "3", "--run-dir", str(run)]
-    for s in tiny_overrides(corpus, run, **{"parallel.tensor": 2}):
-        args += ["--set", s]
+    args += set_args(tiny_overrides(corpus, run, **{"parallel.tensor": 2}))
     done = subprocess.run([sys.executable, "-m", "megatronlite", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "parallel.tensor" in done.stderr, done.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import error_of, launch, launch_cmd, read_metrics, tiny_overrides, train, train_job
+from helpers import error_of, launch, launch_cmd, read_metrics, set_args, tiny_overrides, train, train_job
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import read_tensors
@@ -200,7 +200,7 @@ def test_a_diverging_run_stops_without_a_nan_checkpoint(tmp_path, corpus, capsys
             "train.max_skipped_steps": 3,
         },
     )
-    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), []))
+    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets))
     if precision == "fp16":  # the scaler halves to its minimum first, then stops on overflows there
         assert "fp16 overflow at the minimum loss scale" in line, line
     else:
@@ -227,7 +227,7 @@ def test_injected_nan_stops_by_default(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setenv("MEGATRONLITE_FAULT", "nan:3")
     run = tmp_path / "run"
     sets = tiny_overrides(corpus, run, **{"checkpoint.interval": 1})
-    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), []))
+    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets))
     assert line.startswith("megatronlite: error: step 3: non-finite gradients (gradients on rank(s) 0)"), line
     assert store.latest_complete(run / "checkpoints").name == "step_0000002"
 
@@ -237,7 +237,7 @@ def test_a_loss_spike_stops_or_rewinds(tmp_path, corpus, capsys, monkeypatch):
     spike = {"train.loss_spike_factor": 3.0, "train.steps": 10}
     run = tmp_path / "stop"
     sets = tiny_overrides(corpus, run, **spike)
-    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), []))
+    line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets))
     assert "step 7: loss spike" in line and "train.on_loss_spike: stop" in line, line
 
     run = tmp_path / "rewind"
@@ -276,7 +276,7 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, corpus, capsys, monkeyp
     sets = tiny_overrides(
         corpus, run, **{"checkpoint.keep": 1, "checkpoint.async": is_async, "checkpoint.required": required}
     )
-    argv = ["train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), [])]
+    argv = ["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)]
     if required == "true":
         line = error_of(capsys, *argv)
         assert "stopping: checkpoint.required" in line, line

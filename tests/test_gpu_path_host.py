@@ -5,7 +5,7 @@ default, the GPU index under srun's binding, and checkpoint barriers on a gloo g
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import error_of, tiny_overrides, train
+from helpers import error_of, set_args, tiny_overrides, train
 
 from megatronlite import config
 from megatronlite.checkpoint import store
@@ -169,7 +169,7 @@ def test_a_bad_step_skipped_on_the_device_is_counted_or_stops_the_run_at_the_nex
     assert [m["nonfinite_skipped"] for m in deferred] == [1, 1]
     assert [(m["loss"], m["grad_norm"]) for m in deferred] == [(m["loss"], m["grad_norm"]) for m in synced]
     run = tmp_path / "stops"
-    sets = sum((["--set", s] for s in tiny_overrides(corpus, run, **_READS)), [])
+    sets = set_args(tiny_overrides(corpus, run, **_READS))
     line = error_of(capsys, "train", "configs/demo.yaml", "--run-dir", str(run), *sets)
     assert line.startswith("megatronlite: error: step 3: non-finite gradients (gradients on rank(s) 0)"), line
     assert store.latest_complete(run / "checkpoints") is None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import set_args, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +85,7 @@ def test_submit_and_sweep_dry_runs(plain, outside):
 def test_train_then_convert(plain, outside):
     run = outside / "run"
     sets = tiny_overrides("builtin:stdlib", run, **{"train.steps": 2, "checkpoint.interval": 2, "data.split": "90,10"})
-    args = [a for s in sets for a in ("--set", s)]
-    done = mlite(plain, "train", DEMO, "--run-dir", str(run), *args, MEGATRONLITE_STDLIB_MAX_BYTES="1000000")
+    done = mlite(plain, "train", DEMO, "--run-dir", str(run), *set_args(sets), MEGATRONLITE_STDLIB_MAX_BYTES="1000000")
     assert done.returncode == 0, done.stderr
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import error_of, launch, tiny_overrides
+from helpers import error_of, launch, set_args, tiny_overrides
 
 from megatronlite.config import Config, LoggingConfig
 from megatronlite.errors import UserError
@@ -48,10 +48,7 @@ def holder(tmp_path):
 
 
 def _train_args(run, overrides):
-    args = ["train", "configs/demo.yaml", "--run-dir", str(run)]
-    for o in overrides:
-        args += ["--set", o]
-    return args
+    return ["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(overrides)]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import read_metrics, tiny_overrides
+from helpers import read_metrics, set_args, tiny_overrides
 
 from megatronlite.launcher import slurmctl
 
@@ -52,8 +52,7 @@ def slurm(slurm_up) -> Iterator[None]:
 
 def submit(config: str, run_dir: Path, overrides: list[str], *flags: str, env: dict | None = None):
     cmd = [sys.executable, "-m", "megatronlite", "submit", config, "--run-dir", str(run_dir), *CPU_JOB, *flags]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd += set_args(overrides)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
 
 

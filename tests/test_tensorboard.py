@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import read_metrics, tiny_overrides
+from helpers import read_metrics, set_args, tiny_overrides
 
 from megatronlite.cli import main
 
@@ -13,10 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def train(run: Path, corpus: str, *extra: str) -> None:
-    args = ["train", "configs/demo.yaml", "--run-dir", str(run)]
-    for o in [*tiny_overrides(corpus, run, **{"train.steps": 4, "train.eval_interval": 2}), *extra]:
-        args += ["--set", o]
-    main(args)
+    sets = [*tiny_overrides(corpus, run, **{"train.steps": 4, "train.eval_interval": 2}), *extra]
+    main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)])
 
 
 def test_event_files_hold_the_metrics(tmp_path, corpus, monkeypatch):

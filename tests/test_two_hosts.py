@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import read_metrics, tiny_overrides, train
+from helpers import read_metrics, set_args, tiny_overrides, train
 
 SUBNET = "10.213.0"  # addresses of this test's own namespaces only
 TIMEOUT_S = 15
@@ -78,8 +78,7 @@ def start_node(ns: str, link: str, node_rank: int, run: Path, port: int, sets: l
         "--run-dir",
         str(run),
     ]
-    for s in sets:
-        cmd += ["--set", s]
+    cmd += set_args(sets)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": link}  # gloo talks over the veth, not the hostname's address
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

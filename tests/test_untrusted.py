@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import conversion_model, error_of, tiny_overrides
+from helpers import conversion_model, error_of, set_args, tiny_overrides
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,7 +97,7 @@ def test_no_command_runs_code_from_a_native_checkpoint(tmp_path, native, corpus,
     run = tmp_path / "run"
     sets = tiny_overrides(corpus, run, **{"checkpoint.load": str(native)})
     commands = {
-        "train": ["train", "configs/demo.yaml", "--run-dir", str(run), *sum((["--set", s] for s in sets), [])],
+        "train": ["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)],
         "generate": ["generate", str(native), "--prompt", "x", "--max-new-tokens", "2"],
         "convert-torch": ["convert", "--from", "mlite", "--to", "torch", str(native), str(tmp_path / "out.pt")],
         "convert-hf": ["convert", "--from", "mlite", "--to", "hf", str(native), str(tmp_path / "hf")],

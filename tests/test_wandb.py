@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import read_metrics, tiny_overrides
+from helpers import read_metrics, set_args, tiny_overrides
 
 from megatronlite.cli import main
 
@@ -44,10 +44,8 @@ def wandb_history(run_file: Path) -> list[dict]:
 
 
 def train(run: Path, corpus: str, *extra: str) -> None:
-    args = ["train", "configs/demo.yaml", "--run-dir", str(run)]
-    for o in [*tiny_overrides(corpus, run, **{"train.steps": 4}), *extra]:
-        args += ["--set", o]
-    main(args)
+    sets = [*tiny_overrides(corpus, run, **{"train.steps": 4}), *extra]
+    main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)])
 
 
 def test_offline_run_logs_metrics(tmp_path, corpus, monkeypatch):
@@ -91,9 +89,8 @@ def test_online_without_key_or_network_trains_on(tmp_path, corpus):
         "WANDB_CONFIG_DIR": str(tmp_path / "config"),
         "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens there: no network either way
     }
-    cmd = [sys.executable, "-m", "megatronlite", "train", "configs/demo.yaml", "--run-dir", str(run)]
-    for o in [*tiny_overrides(corpus, run, **{"train.steps": 4}), "logging.wandb={mode: online, project: t}"]:
-        cmd += ["--set", o]
+    sets = [*tiny_overrides(corpus, run, **{"train.steps": 4}), "logging.wandb={mode: online, project: t}"]
+    cmd = [sys.executable, "-m", "megatronlite", "train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("wandb disabled") == 1, done.stderr
