@@ -157,6 +157,11 @@ FEATURE_LAYOUTS = {
     )
 }
 FEATURE_LAYOUTS["tp2-selective-recompute"] = (2, ["parallel.tensor=2", "train.recompute=selective"])
+# two stages on each rank: each takes its micro-batch's documents by the index the schedule runs
+FEATURE_LAYOUTS["pp2-zero-bubble"] = (
+    2,
+    ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zero_bubble"],
+)
 
 
 @pytest.fixture(scope="module")
