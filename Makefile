@@ -57,16 +57,21 @@ clean:
 # $(GPU_RESULTS)/gpu_check_<GPU>_<date>.md (bench/gpu_check.py; GPU_RESULTS=$$OUT where only $$OUT comes back).
 # Without make there: the three commands of $(GPU_VENV)/.installed, then `$(GPU_VENV)/bin/python bench/gpu_check.py`.
 # GPU_WHEELS: megatron-core and the test tools with their dependencies, nothing the image has (numpy, pyyaml, ...).
-GPU_WHEELS := megatron-core==0.16.1 packaging setuptools pytest pytest-timeout iniconfig pluggy pygments \
+# setuptools: pyproject's build backend needs >= 77 and torch 2.11 requires < 82; one outside that range makes pip
+# replace the image's torch (or, with no other torch at hand, refuse the install)
+GPU_SETUPTOOLS := "setuptools>=77,<82"
+GPU_WHEELS := megatron-core==0.16.1 packaging $(GPU_SETUPTOOLS) pytest pytest-timeout iniconfig pluggy pygments \
 	hypothesis sortedcontainers
 GPU_PYTHON ?= python3
+# the image's python (FACTS.md), which the wheels are for
+GPU_PYTHON_VERSION ?= 3.12
 GPU_VENV ?= .venv-gpu
 GPU_DRY_RUN ?=
 GPU_RESULTS ?= $(if $(GPU_DRY_RUN),runs/gpu_check,bench/results)
 
 gpu-wheels: $(VENV)/.torch
 	rm -rf .whl
-	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		$(GPU_WHEELS)
 	du -sh .whl
@@ -78,7 +83,7 @@ $(GPU_VENV)/.installed: pyproject.toml
 	# site.addsitedir, so their own .pth files (editable installs) count too
 	$(GPU_PYTHON) -c "import site; print(''.join(f'import site; site.addsitedir({d!r})\n' for d in site.getsitepackages()))" \
 		> "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
-	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl "setuptools>=77"
+	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl $(GPU_SETUPTOOLS)
 	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl --no-build-isolation -e ".[gpu]"
 	touch $@
 
