@@ -5,7 +5,7 @@ here), then the norms, SwiGLU, RoPE and the fused cross-entropy at the widths of
 presets, where Triton launches several blocks per row or column and the backward loops over rows.
 Training: a bf16 run of the demo model on one GPU (the loss falls, resume is bit-exact), CUDA's
 RNG restored from a checkpoint, `train.device: auto` on CUDA (NCCL with two GPUs), the compiled
-blocks. apex and Transformer Engine, where they import.
+blocks. The MoE layer's grouped GEMM. apex and Transformer Engine, where they import.
 """
 
 import os
@@ -14,6 +14,7 @@ import pytest
 import test_kernels_adamw as adamw_cases
 import test_kernels_cross_entropy as ce_cases
 import test_kernels_ops as op_cases
+import test_moe as moe_cases
 import torch
 from helpers import launch, resume_from, tiny_overrides, train
 
@@ -113,6 +114,13 @@ def test_fused_adamw_natively(impl):
     """fp32 against torch.optim.AdamW, and bf16 parameters rewritten from the fp32 masters every step."""
     adamw_cases.test_fp32_matches_torch_adamw(impl)
     adamw_cases.test_bf16_params_step_fp32_masters(impl)
+
+
+@pytest.mark.parametrize("ffn", [16, 12], ids=["aligned", "unaligned"])
+def test_moe_grouped_gemm_natively(monkeypatch, ffn):
+    """torch._grouped_mm against cuBLAS GEMMs per expert; a width it refuses falls back to the latter."""
+    for grouped, looped in moe_cases.grouped_and_looped(monkeypatch, ffn, "cuda"):
+        torch.testing.assert_close(grouped.float(), looped.float(), **TOLERANCES[torch.bfloat16])
 
 
 # --- training on one GPU ---------------------------------------------------------------------------

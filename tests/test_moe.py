@@ -94,6 +94,40 @@ def test_dropless_layer_equals_a_loop_over_tokens(moe, arch):
     assert stats.tokens_per_expert.sum() == 24 * cfg.moe.top_k and stats.dropped == 0
 
 
+def grouped_and_looped(monkeypatch, ffn: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(grouped, looped) pairs of a bf16 MoE layer's output and gradients: its experts run once as the device's
+    one grouped GEMM (on the CPU, torch's version of it, which checks the same strides) and once one GEMM per
+    expert; an expert without tokens among them. Asserts the grouped GEMM ran where the sizes allow it."""
+    cfg = moe_config(ffn_hidden_size=ffn)
+    x = torch.randn(24, H, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
+    grouped_mm = torch._grouped_mm
+
+    def run(grouped: bool) -> list[torch.Tensor]:
+        m = layer(cfg).bfloat16().to(device)
+        with torch.no_grad():
+            m.router[3] = -50.0 * m.router[3].sign()  # expert 3 gets (almost surely) no token
+        monkeypatch.setattr(moe_module, "has_grouped_mm", lambda rows: grouped and rows.dtype == torch.bfloat16)
+        calls = []
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+        x_ = x.clone().requires_grad_()
+        out = m(x_)
+        out.float().square().sum().backward()
+        assert bool(calls) == (grouped and ffn % 8 == 0)
+        return [out, x_.grad, *(p.grad for p in m.parameters())]
+
+    return list(zip(run(True), run(False)))
+
+
+@pytest.mark.parametrize("ffn", [16, 12], ids=["aligned", "unaligned"])
+def test_grouped_gemm_path_equals_one_gemm_per_expert(monkeypatch, ffn):
+    """An expert width of 12 (24 bytes) is one torch._grouped_mm refuses: the layer keeps one GEMM per expert."""
+    for grouped, looped in grouped_and_looped(monkeypatch, ffn, "cpu"):
+        torch.testing.assert_close(grouped, looped, rtol=0, atol=0)
+    weights = torch.zeros(1 + 2 * ffn * H, dtype=torch.bfloat16)
+    assert moe_module.grouped_mm_takes([weights[:-1].view(2, ffn, H)]) == (ffn % 8 == 0)
+    assert not moe_module.grouped_mm_takes([weights[1:].view(2, ffn, H)])  # 2 bytes past a 16-byte boundary
+
+
 def test_capacity_drops_the_latest_assignments_and_counts_them():
     cfg = moe_config(capacity_factor=0.5)
     m = layer(cfg)

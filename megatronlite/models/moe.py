@@ -8,12 +8,12 @@ the choice but not the weights. The chosen scores, renormalised to sum to one wh
 
 Dispatch (dropless by default). The (token, expert) assignments are sorted by expert, stably, so each expert's
 tokens are one contiguous block in token order; each projection is then one grouped GEMM over the blocks
-(`torch._grouped_mm` on GPUs that have it, one GEMM per expert otherwise), and the outputs, times their weights,
-are added back at their tokens. With expert parallelism (`parallel.expert`) the sender sorts: its sorted rows
-are already grouped by destination rank, so one all-to-all (after one of the per-expert counts) delivers them;
-the receiver permutes what it got from all senders into per-expert blocks, runs its experts, permutes back,
-and a second all-to-all returns each output row to its token's rank, where it is weighted and added as above.
-With a capacity factor an expert takes at most ceil(factor x assignments / experts) assignments, the
+(`torch._grouped_mm` on GPUs that have it, for sizes it takes; one GEMM per expert otherwise), and the outputs,
+times their weights, are added back at their tokens. With expert parallelism (`parallel.expert`) the sender sorts:
+its sorted rows are already grouped by destination rank, so one all-to-all (after one of the per-expert counts)
+delivers them; the receiver permutes what it got from all senders into per-expert blocks, runs its experts,
+permutes back, and a second all-to-all returns each output row to its token's rank, where it is weighted and added
+as above. With a capacity factor an expert takes at most ceil(factor x assignments / experts) assignments, the
 earliest tokens first; the rest are dropped (their weight is lost) and counted.
 
 Losses. The load-balancing loss (Switch Transformer / GShard form, as Megatron computes it) is
@@ -36,7 +36,7 @@ import collections
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -124,6 +124,18 @@ def has_grouped_mm(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
+def grouped_mm_takes(weights: Iterable[torch.Tensor]) -> bool:
+    """Whether torch._grouped_mm takes these [E, out, in] expert weights (and rows as wide as their inputs): it
+    reads by 16-byte-aligned strides and addresses, so every size it multiplies is a multiple of 16 bytes and each
+    weight starts on a 16-byte boundary (a view into a flat buffer may not)."""
+    return all(
+        (w.shape[-1] * w.element_size()) % 16 == 0
+        and (w.shape[-2] * w.element_size()) % 16 == 0
+        and w.data_ptr() % 16 == 0
+        for w in weights
+    )
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, blocks: list[int] | torch.Tensor) -> torch.Tensor:
     """x [N, in] in blocks of rows, block e times weight[e]^T ([E, out, in]). `blocks`: the int32 cumulative row
     offsets on the device for one grouped GEMM (`has_grouped_mm`; nothing read on the host), else the rows per
@@ -188,14 +200,17 @@ class MoE(nn.Module):
         for backward)."""
         dtype = compute_dtype(x)
         x = x.to(dtype)
-        blocks = torch.cumsum(counts, 0).to(torch.int32) if has_grouped_mm(x) else counts.tolist()
+        names = ("gate", "up", "down") if self.cfg.gated else ("fc1", "fc2")
+        w = {name: getattr(self, name).to(dtype) for name in names}
+        grouped = has_grouped_mm(x) and grouped_mm_takes(w.values())
+        blocks = torch.cumsum(counts, 0).to(torch.int32) if grouped else counts.tolist()
 
         def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return grouped_linear(rows, weight.to(dtype), blocks)
+            return grouped_linear(rows, weight, blocks)
 
         if self.cfg.gated:
-            return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
-        return linear(F.gelu(linear(x, self.fc1), approximate="tanh"), self.fc2)
+            return linear(F.silu(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+        return linear(F.gelu(linear(x, w["fc1"]), approximate="tanh"), w["fc2"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.cfg.moe
