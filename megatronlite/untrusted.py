@@ -8,7 +8,8 @@ exports). A pickle names the callables it wants called; loading one runs them. S
   (module, name) pair is on a fixed list of DCP's dataclasses, torch dtypes and a few inert
   builtins. Protocol 4 lets a name be dotted (`os.system` "inside" an allowed module); such a
   name never equals an allowed one, and we resolve by plain `getattr`, never by walking dots.
-- `.pt` files go through `torch.load(weights_only=True)`, torch's own restricted unpickler; the
+- `.pt` files (and the common state newer megatron-core torch.saves into one entry of its DCP files) go
+  through `torch.load(weights_only=True)`, torch's own restricted unpickler; the
   few foreign classes Megatron files name are bound to an inert `Placeholder` (or, for the
   argparse/SimpleNamespace holding Megatron's args, to themselves).
 - Every (file, offset, length) the metadata names is checked against the directory before DCP
@@ -24,6 +25,7 @@ import os
 import pickle
 import types
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +165,37 @@ def load_torch_file(path: Path, only: frozenset[str] | None = None) -> Any:
     """
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    return _load_torch(lambda: str(path), str(path), only, mmap=True)
+
+
+def load_torch_bytes(data: bytes, where: str, only: frozenset[str] | None = None) -> Any:
+    """A torch.save'd object held inside another file (a DCP entry), read as `load_torch_file` reads a file."""
+    return _load_torch(lambda: io.BytesIO(data), where, only, mmap=False)
+
+
+def _load_torch(source: Callable[[], Any], where: str, only: frozenset[str] | None, mmap: bool) -> Any:
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(source())
         refused = sorted(set(names) - only) if only is not None else []
         if refused:
-            raise UserError(f"{path}: refusing to unpickle {refused[0]} (not a class this format holds)")
+            raise UserError(f"{where}: refusing to unpickle {refused[0]} (not a class this format holds)")
         allowed = [REBUILT[n] if n in REBUILT else (Placeholder, n) for n in names]
         with torch.serialization.safe_globals(allowed):
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(source(), map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable torch file ({first})") from None
+        raise UserError(f"{where}: not a readable torch file ({first})") from None
+
+
+def read_dcp_bytes(directory: Path, key: str) -> bytes | None:
+    """The stored bytes of DCP's non-tensor entry `key` (None if the checkpoint has none), where the checked
+    metadata puts them; nothing unpickled. An entry DCP stored transformed (compressed, extensions) is refused."""
+    md = read_dcp_metadata(directory)
+    info = next((v for k, v in md.storage_data.items() if getattr(k, "fqn", None) == key), None)
+    if info is None:
+        return None
+    if getattr(info, "transform_descriptors", None):
+        raise UserError(f"checkpoint {directory}: entry {key} is stored transformed ({info.transform_descriptors})")
+    with open(Path(directory) / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        return f.read(info.length)

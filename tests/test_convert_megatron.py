@@ -399,10 +399,15 @@ def _cpu_shims() -> None:
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer.moe import grouped_gemm_util, moe_utils
+    from megatron.core.transformer.moe import moe_utils
 
     moe_utils.te_general_gemm = None  # megatron-core's router uses it unset when Transformer Engine is absent
-    grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None  # GroupedMLP is built and saved, never run
+    try:
+        from megatron.core.transformer.moe import grouped_gemm_util
+    except ImportError:  # megatron-core >= 0.17 has no GroupedMLP (TEGroupedMLP only)
+        pass
+    else:
+        grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None  # GroupedMLP is built and saved, never run
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a: None
     torch.Tensor.cuda = lambda self, *a, **k: self

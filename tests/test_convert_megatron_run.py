@@ -367,6 +367,8 @@ def _optimizer_shims() -> None:
         type_of(self, *a, **k) if a or k else type_of(self).replace("torch.", "torch.cuda.", 1)
     )
     torch.cuda.empty_cache = lambda: None
+    # megatron-core >= 0.17's grad sync asks for the current stream, to wait on CUDA-graph events it has none of
+    torch.cuda.current_stream = lambda *a, **k: None
     # Without apex or TE, megatron-core 0.16's distributed optimizer runs torch's AdamW, whose state holds a
     # per-parameter `step`; `fully_reshardable` keeps the step in the param groups instead, and on load
     # `load_state_dict` sets every parameter's step from them, then `_set_main_param_and_optimizer_states` copies

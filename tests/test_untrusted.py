@@ -121,6 +121,53 @@ def test_no_code_runs_from_a_megatron_checkpoint(tmp_path, native, capsys, varia
     assert not marker.exists()
 
 
+def in_common_state_entry(iteration_dir, common) -> None:
+    """Rewrite a torch_dist iteration as newer megatron-core (0.19) writes it: no common.pt; its content, as a
+    one-item list, saved by torch.save into the DCP entry `common_state/shard_0_1` beside the tensors."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    class AsSerialized(dcp.DefaultSavePlanner):  # as megatron-core's planner: serialized bytes stored as given
+        def transform_object(self, write_item, object):
+            return object if isinstance(object, io.BytesIO) else super().transform_object(write_item, object)
+
+    dcp_to_torch_save(iteration_dir, iteration_dir.parent / "tensors.pt")
+    tensors = torch.load(iteration_dir.parent / "tensors.pt", weights_only=True)
+    blob = io.BytesIO()
+    torch.save([common], blob)
+    metadata_json = (iteration_dir / "metadata.json").read_text()
+    shutil.rmtree(iteration_dir)
+    state = {**tensors, "common_state/shard_0_1": blob}
+    dcp.save(state, checkpoint_id=iteration_dir, planner=AsSerialized(), no_dist=True)
+    (iteration_dir / "metadata.json").write_text(metadata_json)
+
+
+def test_megatron_core_common_state_entry_is_read_and_runs_no_code(tmp_path, native, capsys):
+    """The common state inside the DCP files (megatron-core 0.19; tests/test_convert_megatron*.py run against
+    0.16.1, which writes common.pt) converts as common.pt does; a poisoned one runs nothing."""
+    from megatronlite.cli import main
+
+    meg = tmp_path / "meg"
+    main(["convert", "--from", "mlite", "--to", "megatron", str(native), str(meg)])
+    main(["convert", "--from", "megatron", "--to", "torch", str(meg), str(tmp_path / "old.pt")])
+    common = torch.load(meg / "release" / "common.pt", weights_only=False)
+    in_common_state_entry(meg / "release", common)
+    assert not (meg / "release" / "common.pt").exists()
+    main(["convert", "--from", "megatron", "--to", "torch", str(meg), str(tmp_path / "new.pt")])
+    old, new = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("old", "new"))
+    assert (new["format"], new["config"]) == (old["format"], old["config"]) and old["model"]
+    torch.testing.assert_close(new["model"], old["model"], rtol=0, atol=0)
+
+    marker, bad = tmp_path / "ran", tmp_path / "bad"
+    main(["convert", "--from", "mlite", "--to", "megatron", str(native), str(bad)])
+    in_common_state_entry(bad / "release", Trigger(os.system, f"touch {marker}"))
+    line = error_of(capsys, "convert", "--from", "megatron", "--to", "torch", str(bad), str(tmp_path / "bad.pt"))
+    assert "common_state" in line, line  # refused by the weights-only unpickler
+    assert not marker.exists()
+
+
 def test_the_metadata_of_real_checkpoints_is_allowed(native):
     md = read_dcp_metadata(store.find_step_dir(native))
     assert md.state_dict_metadata  # our own files load through the allow-list

@@ -40,10 +40,12 @@ from megatronlite.convert.megatron_names import EXPERTS, LAYER, expert_biases
 from megatronlite.convert.model_state import Checkpoint, TrainingState
 from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
-from megatronlite.untrusted import load_torch_file
+from megatronlite.untrusted import load_torch_bytes, load_torch_file, read_dcp_bytes
 
 METADATA = "metadata.json"
 COMMON = "common.pt"
+# where newer megatron-core (0.19 here) keeps what common.pt held: one object entry of the DCP files
+COMMON_STATE = "common_state/shard_0_1"
 BACKEND = {
     "sharded_backend": "torch_dist",
     "sharded_backend_version": 1,
@@ -83,17 +85,25 @@ def is_dist(directory: Path) -> bool:
 
 
 def load_common(directory: Path) -> dict:
-    """common.pt: the non-tensor state (args, iteration, the optimizer's param groups, the LR scheduler's state)."""
+    """The non-tensor state (args, iteration, the optimizer's param groups, the LR scheduler's state): common.pt,
+    or megatron-core's `common_state` entry (a one-item list) where it writes no common.pt."""
     try:
         backend = json.loads((directory / METADATA).read_text()).get("sharded_backend")
     except (json.JSONDecodeError, AttributeError) as e:
         raise UserError(f"{directory / METADATA}: not valid JSON ({e})") from None
     if backend != "torch_dist":
         raise UserError(f"{directory}: sharded backend {backend!r}; megatronlite reads torch_dist and legacy torch")
-    common = load_torch_file(directory / COMMON)
+    if (directory / COMMON).is_file():
+        where, common = directory / COMMON, load_torch_file(directory / COMMON)
+    else:
+        where, data = f"{directory} ({COMMON_STATE})", read_dcp_bytes(directory, COMMON_STATE)
+        if data is None:
+            raise UserError(f"{directory}: neither {COMMON} nor a {COMMON_STATE} entry (megatron-core's common state)")
+        common = load_torch_bytes(data, where)
+        common = common[0] if isinstance(common, list) and len(common) == 1 else common
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, argparse.Namespace):
-        raise UserError(f"{directory / COMMON}: no Megatron-LM args; they hold the model's shape, needed to convert it")
+        raise UserError(f"{where}: no Megatron-LM args; they hold the model's shape, needed to convert it")
     return common
 
 
@@ -155,7 +165,9 @@ def _adam_steps(optimizer: object, iteration: int, where: Path) -> tuple[int, st
         if isinstance(state, dict) and _is_count(state.get("common_step")):
             found[float(state["common_step"])] = "the optimizer's common_step"
     if len(found) > 1:
-        raise UserError(f"{where / COMMON}: the optimizer's param groups hold different step counts {sorted(found)}")
+        raise UserError(
+            f"{where}: the common state's optimizer param groups hold different step counts {sorted(found)}"
+        )
     if found:
         step, source = next(iter(found.items()))
         return int(step), source
@@ -189,7 +201,7 @@ def optimizer_state(directory: Path, args: dict, store: DcpStore) -> OptimizerSt
     stores = {kind: open_store(directory, args, f"{STATE}{kind}.") for kind in kinds}
     iteration = common.get("iteration")
     if not isinstance(iteration, int) or iteration < 0:
-        raise UserError(f"{directory / COMMON}: iteration is missing or malformed ({iteration!r})")
+        raise UserError(f"{directory}: the common state's iteration is missing or malformed ({iteration!r})")
     consumed = args.get("consumed_train_samples") or 0
     steps, source = _adam_steps(optimizer, iteration, directory)
     masters = next((stores[k] for k in MASTERS if k in stores), None)
