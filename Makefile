@@ -71,7 +71,8 @@ GPU_RESULTS ?= $(if $(GPU_DRY_RUN),runs/gpu_check,bench/results)
 
 gpu-wheels: $(VENV)/.torch
 	rm -rf .whl
-	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		$(GPU_WHEELS)
 	du -sh .whl

@@ -168,9 +168,9 @@ def load_torch_file(path: Path, only: frozenset[str] | None = None) -> Any:
     return _load_torch(lambda: str(path), str(path), only, mmap=True)
 
 
-def load_torch_bytes(data: bytes, where: str, only: frozenset[str] | None = None) -> Any:
+def load_torch_bytes(data: bytes, where: str) -> Any:
     """A torch.save'd object held inside another file (a DCP entry), read as `load_torch_file` reads a file."""
-    return _load_torch(lambda: io.BytesIO(data), where, only, mmap=False)
+    return _load_torch(lambda: io.BytesIO(data), where, None, mmap=False)
 
 
 def _load_torch(source: Callable[[], Any], where: str, only: frozenset[str] | None, mmap: bool) -> Any:
