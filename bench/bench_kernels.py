@@ -1,7 +1,7 @@
 """Kernel speed: each op's Triton kernel against the torch reference, eager and under torch.compile.
 
-Run: python bench/bench_kernels.py [--size tiny|small|llama8b] [--dtype fp32|bf16] [--iters 20] [--no-compile]
-                                   [--no-triton]
+Run: python bench/bench_kernels.py [--size tiny|small|llama1b|llama8b] [--dtype fp32|bf16] [--iters 20]
+                                   [--no-compile] [--no-triton]
                                    [--markdown bench/results/kernels_<device>.md]
 Times are forward + backward (the AdamW row: one step over all tensors), median of --iters runs after
 warm-up. The last column is the largest difference between the Triton and torch outputs, so the
@@ -33,12 +33,33 @@ from megatronlite import kernels
 from megatronlite.kernels import reference
 from megatronlite.kernels.dispatch import triton_problem
 
-SIZES = {  # tokens, hidden, heads, head_dim, ffn, vocab, adam tensors of hidden x hidden
-    "tiny": {"tokens": 64, "hidden": 64, "heads": 4, "head_dim": 16, "ffn": 128, "vocab": 250, "tensors": 4},
+SIZES = {  # tokens (in sequences of seq), hidden, heads, head_dim, ffn, vocab, adam tensors of hidden x hidden
+    "tiny": {"tokens": 64, "seq": 64, "hidden": 64, "heads": 4, "head_dim": 16, "ffn": 128, "vocab": 250, "tensors": 4},
     # a real vocabulary at CPU scale: the output-layer rows against plain torch mean something on CPU
-    "small": {"tokens": 1024, "hidden": 256, "heads": 4, "head_dim": 64, "ffn": 1024, "vocab": 32000, "tensors": 4},
+    "small": {
+        "tokens": 1024,
+        "seq": 1024,
+        "hidden": 256,
+        "heads": 4,
+        "head_dim": 64,
+        "ffn": 1024,
+        "vocab": 32000,
+        "tensors": 4,
+    },
+    # Llama 3.2 1B (configs/models/llama-1b.yaml) at gpu_check's batch: one sequence of 4096
+    "llama1b": {
+        "tokens": 4096,
+        "seq": 4096,
+        "hidden": 2048,
+        "heads": 32,
+        "head_dim": 64,
+        "ffn": 8192,
+        "vocab": 128256,
+        "tensors": 16,
+    },
     "llama8b": {
         "tokens": 8192,
+        "seq": 2048,
         "hidden": 4096,
         "heads": 32,
         "head_dim": 128,
@@ -69,8 +90,7 @@ def _plain_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targ
 
 def _cases(size: dict, dtype: torch.dtype, device: str) -> list[Case]:
     t, h, ffn, vocab = size["tokens"], size["hidden"], size["ffn"], size["vocab"]
-    heads, d = size["heads"], size["head_dim"]
-    seq = min(t, 2048)
+    heads, d, seq = size["heads"], size["head_dim"], size["seq"]
 
     def rand(*shape, dt=dtype, scale=1.0, grad=True):
         return (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_(grad)
@@ -216,7 +236,7 @@ def _against_plain(cases: list[Case], iters: int, device: str, skip: str | None)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: llama8b on GPU, tiny on CPU")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: llama1b on GPU, tiny on CPU")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column (slow to compile)")
@@ -224,7 +244,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table here, e.g. bench/results/kernels_h100.md")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = args.size or ("llama8b" if device == "cuda" else "tiny")
+    size = args.size or ("llama1b" if device == "cuda" else "tiny")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     skip = "skipped (--no-triton)" if args.no_triton else triton_problem(device)
     machine = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()

@@ -202,16 +202,23 @@ def peers(compile_mode: str, model) -> dict[str, Callable[..., Step]]:
 
 
 def time_steps(step: Step, batches, autocast, device) -> float:
-    """Seconds for one optimizer step per batch, after one warm-up step."""
-    with autocast():
-        step(batches[0])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for b in batches:
+    """Seconds for one optimizer step per batch, after one warm-up step.
+
+    One autocast region per step, as the Trainer opens: autocast caches its bf16 casts of the weights
+    until the region ends, so a region across steps would run later steps on stale, uncounted casts."""
+
+    def one(b) -> None:
+        with autocast():
             step(b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+    one(batches[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches:
+        one(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

@@ -210,8 +210,10 @@ def test_compiled_blocks_keep_the_losses(tmp_path, corpus):
         tmp_path / "compiled", tiny_overrides(corpus, tmp_path / "compiled", **sets) + ["train.compile=true"]
     )
     assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
-    for got, want in zip(compiled, base):  # inductor fuses and reorders fp32 sums: not bit-exact on a GPU
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    # the demo trains in bf16 on a GPU: eager rounds each op's output to bf16, inductor keeps a fused kernel's
+    # intermediates in fp32, so the losses drift apart by bf16 roundings (a broken graph is off by far more)
+    for got, want in zip(compiled, base, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-2)
 
 
 # --- apex and Transformer Engine ------------------------------------------------------------------

@@ -47,7 +47,15 @@ def test_flops_per_token_is_the_readme_formula(cfg):
     assert flops_per_token(cfg, SEQ) == readme_flops(model, SEQ)
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+    ],
+)
 def test_mfu_is_model_flops_over_the_peak(monkeypatch, name, peak):
     """The table's peak for the device (its first matching entry: a PCIe H100 is not an SXM one), and
     MFU = tokens/s x FLOPs per token / peak."""

@@ -20,7 +20,8 @@ import torch
 # dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); first match wins
 PEAK_BF16_FLOPS = (
     ("GH200", 989e12),
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
