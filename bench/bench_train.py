@@ -17,7 +17,7 @@ script exits 1 after writing the table.
         [--compile off|on|both] [--family llama|qwen3|mistral] [--steps 10] [--rounds 6] [--markdown FILE]
 
 On a GPU, e.g.: `--config configs/models/llama-1b.yaml --set train.seq_len=4096
---set train.micro_batch_size=2 --set train.global_batch_size=2 --device cuda --precision bf16`.
+--set train.micro_batch_size=1 --set train.global_batch_size=2 --device cuda --precision bf16`.
 """
 
 from __future__ import annotations
@@ -127,10 +127,9 @@ def mcore_name() -> str:
     return f"megatron-core GPTModel ({spec})"
 
 
-def mcore_step(cfg, device, n_micro) -> Step:
-    """megatron-core's GPTModel, TP = PP = 1 (CUDA only), configured as the others: RMSNorm, no dropout."""
-    if device.type != "cuda":
-        raise PeerSkipped("megatron-core's layers need CUDA")
+def mcore_model(cfg, device):
+    """megatron-core's GPTModel of `cfg.model`, TP = PP = 1 in a one-process group, configured as the others:
+    RMSNorm, no dropout; fp32 weights (autocast casts them, as for the others)."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
@@ -164,7 +163,7 @@ def mcore_step(cfg, device, n_micro) -> Step:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:  # without normalization="RMSNorm" the local spec takes apex's LayerNorm-only kernel when apex is present
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    model = GPTModel(
+    return GPTModel(
         tc,
         spec,
         vocab_size=m.vocab_size,
@@ -173,14 +172,26 @@ def mcore_step(cfg, device, n_micro) -> Step:
         rotary_base=int(m.rope_theta),
         share_embeddings_and_output_weights=m.tied,
     ).to(device)
+
+
+def mcore_loss(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of megatron-core's GPTModel on `tokens` (seq_len + 1 long), `positions` [1, seq_len]."""
+    ids = tokens[:, :-1]
+    return model(ids, positions.expand_as(ids), None, labels=tokens[:, 1:]).mean()
+
+
+def mcore_step(cfg, device, n_micro) -> Step:
+    """megatron-core's GPTModel (`mcore_model`) trained by torch's fused AdamW; CUDA only: its layers ask CUDA
+    for the device, the RNG and the causal mask (tests/test_gpu_check.py runs them on CPU behind shims)."""
+    if device.type != "cuda":
+        raise PeerSkipped("megatron-core's layers need CUDA")
+    model = mcore_model(cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
     positions = torch.arange(cfg.train.seq_len, device=device)[None]
 
     def step(micro_batches):
         for tokens in micro_batches:
-            ids = tokens[:, :-1]
-            loss = model(ids, positions.expand_as(ids), None, labels=tokens[:, 1:]).mean()
-            (loss / n_micro).backward()
+            (mcore_loss(model, tokens, positions) / n_micro).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -392,7 +392,8 @@ def _logits_diff(model: GPTModel, ids: torch.Tensor, reference: torch.Tensor) ->
 def _cpu_shims() -> None:
     """megatron-core asks CUDA for things CPU runs do not need: the current device, a sync, a CUDA RNG
     fork around (here zero) attention dropout, moving a tied embedding to the GPU before syncing it
-    between pipeline stages, the device of the sliding-window mask; and psutil for memory logging while saving.
+    between pipeline stages, the device of the sliding-window and default causal masks; and psutil for
+    memory logging while saving.
     For MoE: the router's TE GEMM name, undefined without TE; GroupedMLP's check for the grouped_gemm package."""
     import contextlib
 
@@ -421,6 +422,8 @@ def _cpu_shims() -> None:
     fused_softmax.get_sliding_window_causal_mask = types.FunctionType(
         window_mask.__code__, {**window_mask.__globals__, "torch": cpu_torch}
     )
+    # and the causal mask it makes when given none (made on "cuda")
+    fused_softmax.get_default_causal_mask = lambda sq: torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
 
 
 MOE_CONFIG = {  # TransformerConfig's MoE fields: Megatron-LM's args of the same names (num_experts aside)
