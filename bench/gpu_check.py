@@ -94,7 +94,7 @@ def steps(dry_run: bool, work: Path) -> list[Step]:
     kernel_args = ["--size", "tiny" if dry_run else "llama1b", "--iters", "1" if dry_run else "10", "--no-compile"]
     return [
         # only the GPU tests' module: collecting the whole suite would need its CPU-only dependencies too
-        Step("pytest -m gpu", [*pytest, "tests/test_gpu.py"], 150),
+        Step("pytest -m gpu", [*pytest, "tests/test_gpu.py"], 180),  # cold caches: every Triton kernel compiles
         train(
             # micro-batches of one sequence: megatron-core's unfused attention (no Transformer Engine in the image)
             # keeps fp32 scores of 32 x 4096 x 4096 per sequence and layer, ~100 GB for two sequences in 16 layers
@@ -108,7 +108,7 @@ def steps(dry_run: bool, work: Path) -> list[Step]:
             "train 125M",
             "llama-125m",
             ["train.seq_len=2048", "train.micro_batch_size=8", "train.global_batch_size=8"],
-            90,
+            60,
             "dry run: the same tiny model as `train 1B`" if dry_run else None,
         ),
         Step(
