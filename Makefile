@@ -55,37 +55,17 @@ clean:
 # its image lacks as wheels: `make gpu-wheels` here fills .whl/ (git-ignored: copy it there with the tree, e.g.
 # the device tool's `carry: [".whl"]`), then `make gpu-check` there installs from it and writes
 # $(GPU_RESULTS)/gpu_check_<GPU>_<date>.md (bench/gpu_check.py; GPU_RESULTS=$$OUT where only $$OUT comes back).
-# Without make there: the three commands of $(GPU_VENV)/.installed, then `$(GPU_VENV)/bin/python bench/gpu_check.py`.
-# GPU_WHEELS: megatron-core and the test tools with their dependencies, nothing the image has (numpy, pyyaml, ...).
-# setuptools: pyproject's build backend needs >= 77 and torch 2.11 requires < 82; one outside that range makes pip
-# replace the image's torch (or, with no other torch at hand, refuse the install)
-GPU_SETUPTOOLS := "setuptools>=77,<82"
-GPU_WHEELS := megatron-core==0.16.1 packaging $(GPU_SETUPTOOLS) pytest pytest-timeout iniconfig pluggy pygments \
-	hypothesis sortedcontainers
+# Both steps are bench/gpu_kit.sh, which also runs where there is no make (its header says how).
 GPU_PYTHON ?= python3
-# the image's python (FACTS.md), which the wheels are for
-GPU_PYTHON_VERSION ?= 3.12
 GPU_VENV ?= .venv-gpu
 GPU_DRY_RUN ?=
 GPU_RESULTS ?= $(if $(GPU_DRY_RUN),runs/gpu_check,bench/results)
 
 gpu-wheels: $(VENV)/.torch
-	rm -rf .whl
-	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: \
-		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		$(GPU_WHEELS)
-	du -sh .whl
+	bash bench/gpu_kit.sh wheels $(PY)
 
-# a venv over the image's python, so its CUDA torch is the one used; setuptools first (pyproject's build backend)
 $(GPU_VENV)/.installed: pyproject.toml
-	$(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
-	# the image's packages also where its python is itself a venv (--system-site-packages sees only the base's);
-	# site.addsitedir, so their own .pth files (editable installs) count too
-	$(GPU_PYTHON) -c "import site; print(''.join(f'import site; site.addsitedir({d!r})\n' for d in site.getsitepackages()))" \
-		> "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
-	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl $(GPU_SETUPTOOLS)
-	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links .whl --no-build-isolation -e ".[gpu]"
+	bash bench/gpu_kit.sh install $(GPU_PYTHON) $(GPU_VENV)
 	touch $@
 
 # GPU_DRY_RUN=1: the same steps on a machine without CUDA, tiny sizes, in the dev venv (CI: tests/test_gpu_check.py)

@@ -2,10 +2,11 @@
 
     python bench/gpu_check.py [--results DIR] [--dry-run] [--budget SECONDS]
 
-`make gpu-check` runs it on a lent GPU machine after installing the project from `.whl/` (see the
-Makefile). Each step runs in its own process group with its own timeout, capped by what is left of
-`--budget` (the whole check has to fit the machine's 10-minute command limit, install included); a
-step that fails or times out is recorded with the tail of its output and the next step runs. The
+`make gpu-check` runs it on a lent GPU machine after installing the project from `.whl/` (the Makefile
+and bench/gpu_kit.sh, which also works without make). Each step runs in its own process group with its
+own timeout, capped by what is left of `--budget` (the whole check has to fit the machine's 10-minute
+command limit, install included); a step that fails or times out is recorded with the tail of its
+output and the next step runs. The
 report, `DIR/gpu_check_<GPU>_<date>.md`, is rewritten after every step, so a check killed from
 outside still leaves what it measured. Exit status 1 when any step failed.
 
