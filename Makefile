@@ -64,7 +64,7 @@ GPU_RESULTS ?= $(if $(GPU_DRY_RUN),runs/gpu_check,bench/results)
 gpu-wheels: $(VENV)/.torch
 	bash bench/gpu_kit.sh wheels $(PY)
 
-$(GPU_VENV)/.installed: pyproject.toml
+$(GPU_VENV)/.installed: pyproject.toml bench/gpu_kit.sh
 	bash bench/gpu_kit.sh install $(GPU_PYTHON) $(GPU_VENV)
 	touch $@
 
