@@ -99,14 +99,15 @@ def test_an_op_that_cannot_build_is_one_line(monkeypatch):
 @pytest.mark.slow
 def test_fp16_overflow_steps_are_skipped_by_deepspeed_and_counted(tmp_path, corpus):
     """DeepSpeed's fp16 skips a step whose scaled gradients overflow and lowers its scale: the run goes on (not a
-    non-finite stop), the skips are counted, and Adam's step count in the checkpoint leaves them out."""
+    non-finite stop), the skips are counted, and Adam's step count in the checkpoint leaves them out. A resume goes
+    on at the scale reached (not at `optim.initial_loss_scale`, which overflows again): the same losses and skips."""
     from deepspeed.accelerator import get_accelerator
-    from helpers import read_metrics, train_job
+    from helpers import read_metrics, resume_from, train_job
 
     from megatronlite.checkpoint import store
 
-    run = tmp_path / "run"
-    sets = {"train.steps": 10, "checkpoint.interval": 10, "train.precision": "fp16"}
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    sets = {"train.steps": 10, "checkpoint.interval": 5, "train.precision": "fp16"}
     ds = ["parallel.engine=deepspeed", "parallel.zero_stage=2", f"optim.initial_loss_scale={2**24}"]
     done = train_job("configs/demo.yaml", run, 1, tiny_overrides(corpus, run, **sets) + ds)
     if not get_accelerator().is_fp16_supported():  # a CPU without oneDNN fp16 (AVX512-FP16 or AMX): one line
@@ -118,6 +119,11 @@ def test_fp16_overflow_steps_are_skipped_by_deepspeed_and_counted(tmp_path, corp
     assert skipped[0] == 1 and 0 < skipped[-1] < 10, skipped  # it overflows at first, then steps
     meta = store.read_meta(store.find_step_dir(run))
     assert meta["optimizer_steps"] == 10 - skipped[-1], (meta, skipped)
+    resume_from(run, "step_0000005", resumed)
+    done = train_job("configs/demo.yaml", resumed, 1, tiny_overrides(corpus, resumed, **sets) + ds)
+    assert done.returncode == 0, done.stderr[-3000:]
+    numbers = [(m["step"], m["loss"], m["nonfinite_skipped"]) for m in read_metrics(run)]
+    assert [(m["step"], m["loss"], m["nonfinite_skipped"]) for m in read_metrics(resumed)] == numbers[5:]
 
 
 BUCKET_MB = 0.125

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronlite.checkpoint.planner import PieceLoadPlanner, PieceSavePlanner
 from megatronlite.checkpoint.views import GlobalPiece
@@ -96,10 +98,13 @@ def commit(root: Path, step: int, meta: dict, config_yaml: str, keep: int, keep_
     (tmp / "config.yaml").write_text(config_yaml)
     _fsync_tree(tmp)
     final = root / step_name(step)
-    if final.exists():  # re-saving a step (a resumed run that reached it again)
-        shutil.rmtree(final)
+    replaced = root / f".old-{final.name}"
+    if final.exists():  # re-saving a step (a resumed run that reached it again): set aside, deleted once replaced
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(tmp, final)
     _fsync_dir(root)
+    shutil.rmtree(replaced, ignore_errors=True)
     _write_atomic(root / LATEST, final.name)
     _apply_retention(root, keep, keep_every, final.name)
     return final
@@ -114,6 +119,14 @@ def _apply_retention(root: Path, keep: int, keep_every: int, newest: str) -> Non
             continue
         (p / META).unlink(missing_ok=True)  # the marker first: a kill mid-delete leaves no "complete" husk
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _latest_name(latest: Path) -> str | None:
+    try:
+        name = latest.read_bytes().decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if re.fullmatch(r"step_\d+", name) else None
 
 
 def find_step_dir(path: str | Path) -> Path:
@@ -134,12 +147,11 @@ def find_step_dir(path: str | Path) -> Path:
 
 
 def latest_complete(root: Path) -> Path | None:
-    """The step directory `latest` names, or else the newest complete one; None if there is none."""
-    latest = root / LATEST
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if is_complete(candidate):
-            return candidate
+    """The step directory `latest` names, or else the newest complete one; None if there is none. `latest` is
+    trusted only to name a step directory beside it: never a path elsewhere."""
+    named = _latest_name(root / LATEST)
+    if named is not None and is_complete(root / named):
+        return root / named
     for candidate in sorted(root.glob("step_*"), reverse=True):
         if is_complete(candidate):
             return candidate
@@ -176,8 +188,12 @@ def stored_shapes(step_dir: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
 
 
-def check_shapes(step_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise one error listing every tensor the config expects that the checkpoint lacks or shapes differently."""
+def check_shapes(
+    step_dir: Path, expected: dict[str, tuple[int, ...]], known: Container[str] | None = None, hint: str = ""
+) -> None:
+    """Raise one error listing every tensor the config expects that the checkpoint lacks or shapes differently, and
+    with `known` (every key the config's checkpoints hold) every stored tensor the config has no place for: a load
+    must not drop layers, an output layer or Adam's state without a word. `hint` ends the message."""
     stored = stored_shapes(step_dir)
     problems = []
     for key, shape in expected.items():
@@ -185,14 +201,30 @@ def check_shapes(step_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:
             problems.append(f"{key} missing")
         elif stored[key] != tuple(shape):
             problems.append(f"{key} is {list(stored[key])}, config needs {list(shape)}")
+    if known is not None:
+        problems += [f"{key} stored, config has no place for it" for key in sorted(stored) if _foreign(key, known)]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise UserError(f"checkpoint {step_dir} does not match the model config: {shown}")
+        raise UserError(f"checkpoint {step_dir} does not match the model config: {shown}{hint}")
+
+
+def _foreign(key: str, known: Container[str]) -> bool:
+    return not key.startswith("rng.") and key not in known
 
 
 def read_shards(
     step_dir: Path, tensors: dict[str, torch.Tensor], pieces: Sequence[GlobalPiece] = (), process_group=None
 ) -> None:
-    """Load stored tensors in place into the plain `tensors` (whole global tensors) and the global pieces' views."""
+    """Load stored tensors in place into the plain `tensors` (whole global tensors) and the global pieces' views.
+    A shard that does not hold what the metadata says it does is the checkpoint's fault: one line naming it."""
     reader = SafeReader(str(step_dir))
-    dcp.load(tensors, storage_reader=reader, planner=PieceLoadPlanner(pieces), process_group=process_group)
+    try:
+        dcp.load(tensors, storage_reader=reader, planner=PieceLoadPlanner(pieces), process_group=process_group)
+    except CheckpointException as e:
+        raise unreadable(step_dir, "its shards", e) from None
+
+
+def unreadable(step_dir: Path, what: str, error: CheckpointException) -> UserError:
+    """DCP's error of a failed read (one rank's first), as one line naming the checkpoint."""
+    cause = next(iter(error.failures.values()))[0]
+    return UserError(f"checkpoint {step_dir}: cannot read {what} ({type(cause).__name__}: {cause})")

@@ -20,6 +20,8 @@ from megatronlite.models.init import part_name
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.parallel.sharding import Sharding
 
+ADAM_STATES = ("exp_avg", "exp_avg_sq")  # a checkpoint's `optim.<state>.<global name>`
+
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape)
 
 

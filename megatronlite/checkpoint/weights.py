@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatronlite.checkpoint import store
-from megatronlite.checkpoint.views import model_pieces
+from megatronlite.checkpoint.views import ADAM_STATES, model_pieces
 from megatronlite.config import Config
 from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
@@ -35,10 +35,28 @@ from megatronlite.version import versions
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Global name (without `model.`) -> shape of every weight a checkpoint of `cfg` holds."""
+    return {p.key.removeprefix("model."): p.global_shape for p in _weight_pieces(_meta_model(cfg))}
+
+
+def expected_keys(cfg: Config, weights_only: bool) -> set[str]:
+    """Every tensor key a checkpoint of `cfg` holds over all its ranks, the RNG states aside: the weights (`model.*`),
+    and, but for a weights-only one, Adam's moments of each (`optim.*`) and the MoE layers' selection biases
+    (`state.*`)."""
+    model = _meta_model(cfg)
+    keys = {p.key for p in _weight_pieces(model)}
+    if weights_only:
+        return keys
+    keys |= {f"optim.{state}.{key.removeprefix('model.')}" for state in ADAM_STATES for key in keys}
+    return keys | {f"state.{name}" for name, _ in model.named_buffers() if name.endswith(".mlp.bias")}
+
+
+def _meta_model(cfg: Config) -> GPTModel:
     with torch.device("meta"):
-        model = GPTModel(cfg.model)
-    pieces = model_pieces(dict(model.named_parameters()), Mesh(), for_save=True)
-    return {p.key.removeprefix("model."): p.global_shape for p in pieces}
+        return GPTModel(cfg.model)
+
+
+def _weight_pieces(model: GPTModel) -> list:
+    return model_pieces(dict(model.named_parameters()), Mesh(), for_save=True)
 
 
 def read_tensors(step_dir: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -211,6 +229,5 @@ def read_chunk(
     try:
         dcp.load({}, storage_reader=reader, planner=_ChunkLoadPlanner(key, tuple(offsets), out), no_dist=True)
     except CheckpointException as e:
-        cause = next(iter(e.failures.values()))[0]
-        raise UserError(f"{directory}: cannot read tensor {key} ({type(cause).__name__}: {cause})") from None
+        raise store.unreadable(directory, f"tensor {key}", e) from None
     return out

@@ -57,6 +57,17 @@ def _parts(dataset: Dataset) -> list[GPTDataset]:
     return [dataset] if isinstance(dataset, GPTDataset) else []
 
 
+def _index_name(part: GPTDataset) -> str:
+    return part.cache_files[0].name.rsplit("-", 1)[0]
+
+
+def sample_order(dataset: Dataset) -> list[str]:
+    """What fixes the order of `dataset`'s samples, from the first: its sources' sample indexes (by cache name).
+    They change when a run asks a source for another number of epochs (train.steps or the global batch changed),
+    and so does the order of every sample, as in megatron-core; a blend's interleave depends on its weights alone."""
+    return [_index_name(part) for part in _parts(dataset)]
+
+
 def describe(data: RunData) -> list[str]:
     """What a run will read, and for each sample index whether it was built now or found in the cache."""
     lines = []
@@ -67,8 +78,7 @@ def describe(data: RunData) -> list[str]:
             tokens = int(part.indexed.sizes.sum(dtype="int64"))
             source = f"{part.indexed.prefix}.bin/.idx: {part.indexed.num_documents:,} documents, {tokens:,} tokens"
             lines.append(f"  {source}")
-            stem = part.cache_files[0].name.rsplit("-", 1)[0]
-            where = f"{part.cache_files[0].parent}/{stem}-{{doc,sample,shuffle}}.npy"
+            where = f"{part.cache_files[0].parent}/{_index_name(part)}-{{doc,sample,shuffle}}.npy"
             lines.append(f"    {len(part):,} samples, sample index {state}: {where}")
     return lines
 

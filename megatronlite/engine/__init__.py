@@ -60,6 +60,12 @@ class Engine(Protocol):
     def set_optimizer_steps(self, steps: int) -> None:
         """Adam's step count (its bias correction), after a load into the optimizer pieces."""
 
+    def state_values(self) -> dict:
+        """The engine's own small state for meta.json (DeepSpeed's fp16 loss scale), {} where it keeps none."""
+
+    def restore_values(self, meta: dict) -> None:
+        """Take back what `state_values` saved (from the whole meta.json)."""
+
 
 def build_engine(
     cfg: Config, mesh: Mesh, stages: list, late_sync: dict, num_micro: int, device: torch.device

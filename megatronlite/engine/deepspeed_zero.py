@@ -39,13 +39,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatronlite.checkpoint.views import GlobalPiece, slice_pieces, stored_name
+from megatronlite.checkpoint.views import ADAM_STATES, GlobalPiece, slice_pieces, stored_name
 from megatronlite.config import Config
 from megatronlite.errors import UserError
 from megatronlite.optim.adamw import build_adamw, param_groups
 from megatronlite.parallel.mesh import Group, Mesh
 
-ADAM = ("exp_avg", "exp_avg_sq")
+# DeepSpeed's DynamicLossScaler: the scale, its step count, the last overflow's, and the overflows left to allow
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 class _MeshMPU:
@@ -263,7 +264,7 @@ class DeepSpeedEngine:
 
     def optimizer_pieces(self, for_save: bool) -> list[GlobalPiece]:
         self._ensure_states()
-        return [piece for key in ADAM for piece in self._pieces(f"optim.{key}.", key, for_save)]
+        return [piece for key in ADAM_STATES for piece in self._pieces(f"optim.{key}.", key, for_save)]
 
     def weights_loaded(self) -> None:
         """The model's copy of the loaded fp32 master weights: ZeRO-3 each rank its partition, ZeRO-1/2 every rank's
@@ -282,6 +283,21 @@ class DeepSpeedEngine:
             if "step" in state:
                 step = state["step"]
                 state["step"] = step.fill_(float(steps)) if torch.is_tensor(step) else steps
+
+    def state_values(self) -> dict:
+        """fp16's dynamic loss scale, where DeepSpeed keeps it (its ZeRO optimizer's scaler): a resume goes on at
+        the scale and in the window it reached, not at `optim.initial_loss_scale` (a run of overflows)."""
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if not getattr(scaler, "dynamic", False):
+            return {}
+        return {"deepspeed_loss_scale": {name: getattr(scaler, name) for name in LOSS_SCALE_FIELDS}}
+
+    def restore_values(self, meta: dict) -> None:
+        saved = meta.get("deepspeed_loss_scale")
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if saved and getattr(scaler, "dynamic", False):
+            for name in LOSS_SCALE_FIELDS:
+                setattr(scaler, name, saved[name])
 
 
 def _require_half_precision(precision: str, device: torch.device) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatronlite.checkpoint.views import GlobalPiece, model_pieces, slice_pieces, stored_name
+from megatronlite.checkpoint.views import ADAM_STATES, GlobalPiece, model_pieces, slice_pieces, stored_name
 from megatronlite.config import Config
 from megatronlite.optim.adamw import build_adamw
 from megatronlite.optim.clip import clip_grads, global_grad_norm, owned_grads
@@ -89,7 +89,7 @@ class NativeEngine:
         ensure_optimizer_state(self.optimizer)
         out = []
         name_of = {id(p): n for n, p in self.params.items()}
-        for key in ("exp_avg", "exp_avg_sq"):  # parameters are fp32: their own master weights
+        for key in ADAM_STATES:  # parameters are fp32: their own master weights
             for owned in self.dp.owned_slices():
                 name = stored_name(name_of[id(owned.param)], owned.param.sharding, for_save)
                 if name is None:
@@ -107,6 +107,13 @@ class NativeEngine:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 self.optimizer.state[p]["step"].fill_(float(steps))
+
+    def state_values(self) -> dict:
+        """None of its own: fp16's loss scale is the trainer's (train/loss_scale.py)."""
+        return {}
+
+    def restore_values(self, meta: dict) -> None:
+        """Nothing saved, nothing to take back."""
 
 
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatronlite.checkpoint import store
+from megatronlite.checkpoint import store, weights
 from megatronlite.checkpoint.staging import PieceStager
 from megatronlite.checkpoint.views import GlobalPiece
 from megatronlite.config import Config
@@ -230,16 +230,17 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
 
 
 def resolve_load(cfg: Config, run_dir: Path) -> Path | None:
-    """The step directory a run in `run_dir` resumes from, per `checkpoint.load`: auto, null, or a path."""
+    """The step directory a run in `run_dir` resumes from, per `checkpoint.load`: auto, null, or a path.
+
+    A path is where a run starts (as torchtitan's initial_load_path): once the run directory holds a complete
+    checkpoint of its own, every start resumes from that instead, so a restart, a requeue or the same command
+    run again goes on from where the run got to, never back to the path."""
     load = cfg.checkpoint.load
-    if restart_count() > 0:  # an automatic restart goes on from where the failed attempt got to
-        latest = store.latest_complete(run_dir / "checkpoints")
-        if latest is not None:
-            return latest
     if load is None:
         return None
-    if load == "auto":
-        return store.latest_complete(run_dir / "checkpoints")
+    own = store.latest_complete(run_dir / "checkpoints")
+    if load == "auto" or own is not None:
+        return own
     return store.find_step_dir(load)  # the config checked that the path exists
 
 
@@ -249,16 +250,44 @@ def maybe_resume(trainer) -> None:
         load(trainer, step_dir)
 
 
+def model_changes(saved: dict, now: dict, prefix: str = "model.") -> list[str]:
+    """The model settings of a checkpoint's meta.json (`saved`) that differ from the config's (`now`), as
+    `model.KEY SAVED, here NOW`."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += model_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key} {old}, here {new}")
+    return out
+
+
+def verify(cfg: Config, step_dir: Path, meta: dict, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Refuse a checkpoint whose tensors do not fit `cfg`'s model: one it lacks or shapes differently (of
+    `expected`, the global shapes a rank loads), or one the model has no place for. A model config that differs
+    in settings no tensor shows (rope_theta, the router's scores) is the user's to change: a warning line, returned."""
+    changes = model_changes(meta.get("model") or {}, cfg.to_dict()["model"])
+    saved = f" (the checkpoint's model config differs: {'; '.join(changes)})" if changes else ""
+    store.check_shapes(step_dir, expected, weights.expected_keys(cfg, bool(meta.get("weights_only"))), saved)
+    if not changes:
+        return None
+    changed = "; ".join(changes)
+    return f"warning: checkpoint {step_dir} was saved with another model config: {changed}; training goes on with this"
+
+
 def load(trainer, step_dir: Path) -> None:
     """Put the trainer in the state a checkpoint holds (weights only, for a converted model)."""
     meta = store.read_meta(step_dir)
     if meta.get("weights_only"):
-        _load_weights_only(trainer, step_dir)
+        _load_weights_only(trainer, step_dir, meta)
         return
     parts = trainer.stateful_parts()
     pieces = all_pieces(parts, False)
-    store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
     mesh = trainer.mesh
+    warning = verify(trainer.cfg, step_dir, meta, {p.key: p.global_shape for p in pieces})
+    if warning and mesh.rank == 0:
+        print_line(warning)
     same_layout = meta.get("layout") == layout_of(trainer)
     rng = rng_states(trainer.device, mesh.rank)
     store.read_shards(step_dir, rng if same_layout else {}, pieces)
@@ -274,11 +303,13 @@ def load(trainer, step_dir: Path) -> None:
         print_line(f"resumed from {step_dir} at step {meta['step']}")
 
 
-def _load_weights_only(trainer, step_dir: Path) -> None:
+def _load_weights_only(trainer, step_dir: Path, meta: dict) -> None:
     """A converted or exported model: its weights, then training from step 0 with a fresh optimizer."""
     model = trainer.stateful_parts()["model"]
     pieces = model.pieces(False)
-    store.check_shapes(step_dir, {p.key: p.global_shape for p in pieces})
+    warning = verify(trainer.cfg, step_dir, meta, {p.key: p.global_shape for p in pieces})
+    if warning and trainer.mesh.rank == 0:
+        print_line(warning)
     store.read_shards(step_dir, {}, pieces)
     model.restore({})
     if trainer.mesh.rank == 0:

@@ -45,9 +45,10 @@ def checkpoint_line(cfg: Config, run_dir: Path, world_size: int, options: RunOpt
     if step_dir is None:
         return f"start: step 0 (checkpoint.load = {cfg.checkpoint.load}, no checkpoint to resume)"
     meta = store.read_meta(step_dir)
-    store.check_shapes(step_dir, model_shapes(cfg, world_size, options))
+    warning = checkpointing.verify(cfg, step_dir, meta, model_shapes(cfg, world_size, options))
     kind = "weights only" if meta.get("weights_only") else f"step {meta.get('step')}"
-    return f"start: {step_dir} ({kind}; its weights match the model)"
+    line = f"start: {step_dir} ({kind}; its weights match the model)"
+    return line + (f"\n{warning}" if warning else "")
 
 
 def dry_run(

@@ -1,6 +1,6 @@
-"""Automatic restarts (`launch --max-restarts N`, the Slurm templates' `with_restarts`): which attempt
-this is, and a record of each in `RUN_DIR/restarts.jsonl`. A restarted worker resumes from the run's
-last complete checkpoint, whatever `checkpoint.load` first named."""
+"""Automatic restarts (`launch --max-restarts N`, the Slurm templates' `with_restarts`, a Slurm requeue): which
+attempt this is, and a record of each in `RUN_DIR/restarts.jsonl`. A restarted worker resumes from the run's
+last complete checkpoint, whatever `checkpoint.load` first named (checkpointing.resolve_load)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import time
 from pathlib import Path
 
-COUNT_VARS = ("TORCHELASTIC_RESTART_COUNT", "MEGATRONLITE_RESTART_COUNT")  # torchrun's; launch's and with_restarts'
+# torchrun's; launch's and with_restarts'; Slurm's, in a requeued job
+COUNT_VARS = ("TORCHELASTIC_RESTART_COUNT", "MEGATRONLITE_RESTART_COUNT", "SLURM_RESTART_COUNT")
 LOG = "restarts.jsonl"
 
 

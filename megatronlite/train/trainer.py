@@ -21,7 +21,7 @@ from megatronlite.checkpoint.views import GlobalPiece, router_bias_pieces
 from megatronlite.config import Config
 from megatronlite.data.documents import document_ids, document_positions
 from megatronlite.data.loader import BatchLoader
-from megatronlite.data.run import build_run_data
+from megatronlite.data.run import build_run_data, sample_order
 from megatronlite.engine import build_engine
 from megatronlite.models.gpt import Packing, RunOptions
 from megatronlite.models.init import init_parameters
@@ -124,6 +124,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.nonfinite_skips = 0  # steps Adam did not take: train.on_nonfinite: skip, DeepSpeed's fp16 overflow
+        self.adam_skips = 0  # steps Adam did not take, for any reason (fp16 overflows too): its bias correction
         self.skips = SkipBudget(t.max_skipped_steps)
         self.spikes = SpikeDetector(t.loss_spike_factor)
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
@@ -288,6 +289,7 @@ class Trainer:
         checkpoint holds that state (train.on_nonfinite: skip needs the norm before the step: the native engine)."""
         if not applied:
             self.nonfinite_skips += 1
+            self.adam_skips += 1
         elif not math.isfinite(norm):
             raise TrainingStopped(
                 f"step {self.step + 1}: non-finite gradients (norm {norm}) found by the {self.cfg.parallel.engine} "
@@ -300,6 +302,7 @@ class Trainer:
         step = self.step + 1
         if self.scaler is not None:  # fp16: the scaler's rule (halve the scale and skip on overflow)
             if not self.scaler.update(norm):
+                self.adam_skips += 1
                 if self.scaler.scale <= self.scaler.min_scale:
                     self.skips.skipped(step, "fp16 overflow at the minimum loss scale")
                 return False
@@ -319,6 +322,7 @@ class Trainer:
                 "checkpoint holds this state; lower optim.lr, or set train.on_nonfinite: skip"
             )
         self.nonfinite_skips += 1
+        self.adam_skips += 1
         self.skips.skipped(step, f"non-finite {what}")
 
     def _not_a_spike(self, step: int, loss: float) -> bool:
@@ -349,34 +353,60 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
     def stateful_parts(self) -> dict[str, Stateful]:
         """The training state a checkpoint holds, by part (train/stateful.py). The LR schedule is a function of
-        the step; Adam's step count is fewer than `step` by the steps skipped."""
+        the step; Adam's step count is fewer than `step` by the steps skipped, counted, not derived from what
+        this run's precision skips (a run resumed in another precision keeps its count)."""
 
         def restore_progress(meta: dict) -> None:
             self.step, self.nonfinite_skips = meta["step"], meta.get("nonfinite_skips", 0)
+            self.adam_skips = meta["step"] - meta.get("optimizer_steps", meta["step"])
 
         def restore_data(meta: dict) -> None:
             self.consumed_samples = meta["consumed_samples"]
+            saved = meta.get("sample_order")
+            if saved is not None and saved != sample_order(self.train_ds) and self.mesh.rank == 0:
+                print_line(
+                    f"warning: the training data's sample order is not the checkpoint's (train.steps x "
+                    "global_batch_size asks a source for another number of epochs): from sample "
+                    f"{self.consumed_samples:,} on the run reads the new order, where samples it has seen may come "
+                    "again, as Megatron-LM's would"
+                )
 
         def restore_scale(meta: dict) -> None:
             if self.scaler and meta.get("loss_scale"):
                 self.scaler.load_state(meta["loss_scale"])
 
-        engine, skipped = self.engine, self.scaler.skipped if self.scaler else 0
+        def restore_guards(meta: dict) -> None:
+            guards = meta.get("guards") or {}
+            self.skips.in_row = guards.get("skipped_in_row", 0)
+            self.spikes.recent.clear()
+            self.spikes.recent.extend(guards.get("recent_losses", []))
+
+        engine = self.engine
         return {
             "model": Stateful(engine.weight_pieces, restore=lambda meta: engine.weights_loaded()),
             "optimizer": Stateful(
                 engine.optimizer_pieces,
-                lambda: {"optimizer_steps": self.step - skipped - self.nonfinite_skips},
+                lambda: {"optimizer_steps": self.step - self.adam_skips},
                 lambda meta: engine.set_optimizer_steps(meta.get("optimizer_steps", meta["step"])),
             ),
+            "engine": Stateful(values=engine.state_values, restore=engine.restore_values),
             "schedule": Stateful(
                 values=lambda: {"step": self.step, "nonfinite_skips": self.nonfinite_skips}, restore=restore_progress
             ),
-            "data": Stateful(values=lambda: {"consumed_samples": self.consumed_samples}, restore=restore_data),
+            "data": Stateful(
+                values=lambda: {"consumed_samples": self.consumed_samples, "sample_order": sample_order(self.train_ds)},
+                restore=restore_data,
+            ),
             "loss_scaler": Stateful(
                 values=lambda: {"loss_scale": self.scaler.state() if self.scaler else None}, restore=restore_scale
             ),
             "router_biases": Stateful(lambda for_save: router_bias_pieces(self.moe.layers)),
+            "guards": Stateful(  # a resumed run judges spikes against the same recent losses, counts skips on
+                values=lambda: {
+                    "guards": {"skipped_in_row": self.skips.in_row, "recent_losses": list(self.spikes.recent)}
+                },
+                restore=restore_guards,
+            ),
         }
 
     def state_tensors(self, for_save: bool) -> list[GlobalPiece]:
@@ -466,9 +496,10 @@ class Trainer:
         if step_dir is None:
             raise TrainingStopped(f"{spike}; no checkpoint to rewind to yet")
         self.skips.skipped(self.step + 1, "loss spikes")
-        resume_at = self.consumed_samples + self.cfg.train.global_batch_size
+        in_row, resume_at = self.skips.in_row, self.consumed_samples + self.cfg.train.global_batch_size
         self.engine.zero_grads()
         checkpointing.load(self, step_dir)
+        self.skips.in_row = in_row  # rewinds in a row count up to train.max_skipped_steps, whatever was saved
         skipped = resume_at - self.consumed_samples
         self.consumed_samples = resume_at
         self.spikes.reset()

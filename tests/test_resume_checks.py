@@ -1,0 +1,108 @@
+"""What a resume takes back beyond weights and Adam (tests/test_checkpoint_layouts.py): the checkpoint is checked
+against the model before anything is read, a run started from a path goes on from its own checkpoints, and the
+state of the guards, Adam's step count and the data's sample order survive it."""
+
+import json
+
+import pytest
+from helpers import error_of, read_metrics, resume_from, set_args, tiny_overrides, train
+
+from megatronlite.checkpoint import store
+from megatronlite.cli import main
+
+
+def train_args(run, overrides) -> list[str]:
+    return ["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(overrides)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, corpus):
+    """A 3-layer llama with an untied output layer, trained 8 steps (checkpoints step_0000004 and step_0000008)."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    train(run, tiny_overrides(corpus, run, **{"model.num_layers": 3, "model.tie_embeddings": "false"}))
+    return run
+
+
+@pytest.mark.parametrize(
+    "change, stored, differs",
+    [
+        ({"model.num_layers": 2}, "model.layers.2.attention.qkv.weight", "model.num_layers 3, here 2"),
+        ({"model.tie_embeddings": "true"}, "model.output.weight", "model.tie_embeddings False, here True"),
+    ],
+)
+def test_a_checkpoint_holding_what_the_model_lacks_is_refused(tmp_path, corpus, saved, capsys, change, stored, differs):
+    run = tmp_path / "run"
+    resume_from(saved, "step_0000004", run)
+    sets = tiny_overrides(corpus, run, **{"model.num_layers": 3, "model.tie_embeddings": "false", **change})
+    error = error_of(capsys, *train_args(run, sets))
+    assert f"{stored} stored, config has no place for it" in error, error
+    assert differs in error, error
+    assert store.latest_complete(run / "checkpoints").name == "step_0000004"  # nothing written over it
+
+
+def test_a_setting_no_tensor_shows_is_changed_with_a_warning(tmp_path, corpus, saved, capsys):
+    run = tmp_path / "run"
+    resume_from(saved, "step_0000004", run)
+    sets = {"model.num_layers": 3, "model.tie_embeddings": "false", "model.rope_theta": 500000.0, "train.steps": 5}
+    main(train_args(run, tiny_overrides(corpus, run, **sets)))
+    out = capsys.readouterr().out
+    assert "was saved with another model config: model.rope_theta 10000.0, here 500000.0" in out, out
+    assert read_metrics(run)[-1]["step"] == 5
+
+
+def test_a_run_started_from_a_path_goes_on_from_its_own_checkpoints(tmp_path, corpus, saved, capsys, monkeypatch):
+    """`checkpoint.load: PATH` starts a run; once the run has a checkpoint, a restart (a requeue, the same command
+    again) goes on from it, and the losses are the uninterrupted run's."""
+    sets = {"model.num_layers": 3, "model.tie_embeddings": "false", "checkpoint.load": str(saved)}
+    sets |= {"train.steps": 12, "checkpoint.interval": 2}
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    train(whole, tiny_overrides(corpus, whole, **sets))
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "step:11")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(run, tiny_overrides(corpus, run, **sets))
+    monkeypatch.delenv("MEGATRONLITE_FAULT")
+    capsys.readouterr()
+    train(run, tiny_overrides(corpus, run, **sets))
+    assert f"resumed from {run / 'checkpoints' / 'step_0000010'} at step 10" in capsys.readouterr().out
+    assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(whole)]
+
+
+def test_adams_step_count_survives_a_resume_in_another_precision(tmp_path, corpus):
+    """fp16 steps skipped on overflow are not Adam's; resumed in fp32, the count goes on from the checkpoint's."""
+    run = tmp_path / "run"
+    fp16 = {"train.steps": 4, "train.precision": "fp16", "optim.initial_loss_scale": 2.0**40, "train.device": "cpu"}
+    train(run, tiny_overrides(corpus, run, **fp16))
+    meta = store.read_meta(store.find_step_dir(run))
+    assert meta["optimizer_steps"] < 4, meta  # the first steps overflowed
+    train(run, tiny_overrides(corpus, run, **{"train.steps": 6, "checkpoint.interval": 6}))
+    after = store.read_meta(store.find_step_dir(run))
+    assert (after["step"], after["optimizer_steps"]) == (6, meta["optimizer_steps"] + 2), (meta, after)
+
+
+def test_the_spike_guard_judges_a_resumed_run_by_the_same_recent_losses(tmp_path, corpus, monkeypatch):
+    """A spike at step 9 stops the uninterrupted run; resumed from step 6 (two losses since: too few to judge by
+    without the saved ones) it stops there too."""
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "spike:9")
+    sets = {"train.steps": 12, "checkpoint.interval": 6, "train.loss_spike_factor": 3.0}
+    for run in (tmp_path / "whole", tmp_path / "resumed"):
+        if run.name == "resumed":
+            resume_from(tmp_path / "whole", "step_0000006", run)
+        with pytest.raises(SystemExit) as stopped:
+            main(train_args(run, tiny_overrides(corpus, run, **sets)))
+        assert stopped.value.code == 2
+        assert read_metrics(run)[-1]["step"] == 8, run
+
+
+def test_a_resume_that_reorders_the_data_says_so(tmp_path, corpus, capsys):
+    """A train split of one document holds ~78 samples: 8 steps of 4 fit one epoch, 24 need two, and with the
+    second epoch megatron-core's order changes from the first sample on: the resume warns; 9 steps do not."""
+    run = tmp_path / "run"
+    one_doc = {"data.split": "1,99"}
+    train(run, tiny_overrides(corpus, run, **one_doc))
+    warning = "the training data's sample order is not the checkpoint's"
+    for steps, warned in ((9, False), (24, True)):
+        capsys.readouterr()
+        train(run, tiny_overrides(corpus, run, **one_doc, **{"train.steps": steps, "checkpoint.interval": 100}))
+        assert (warning in capsys.readouterr().out) == warned, steps
+    meta = json.loads((store.find_step_dir(run) / "meta.json").read_text())
+    assert meta["sample_order"] and meta["consumed_samples"] == 24 * 4
