@@ -772,6 +772,11 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline} = {stages} stages), "
             f"or set parallel.pipeline_layers"
         )
+    if p.virtual_pipeline > 1 and p.pipeline == 1:
+        raise UserError(
+            f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline > 1: virtual stages are "
+            "chunks of each pipeline rank's layers (set parallel.virtual_pipeline: 1)"
+        )
     if p.virtual_pipeline > 1 and p.schedule not in ("interleaved", "zero_bubble"):
         raise UserError(
             f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline_schedule interleaved or "
@@ -793,6 +798,11 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         raise UserError(
             f"the interleaved schedule needs micro-batches per step ({n_micro}) divisible by parallel.pipeline "
             f"({p.pipeline}); change train.global_batch_size"
+        )
+    if p.schedule == "1f1b" and p.pipeline > 1 and n_micro < p.pipeline:
+        raise UserError(
+            f"the 1f1b schedule needs at least parallel.pipeline ({p.pipeline}) micro-batches per step, not {n_micro}: "
+            "raise train.global_batch_size or lower train.micro_batch_size (or use parallel.pipeline_schedule: gpipe)"
         )
     _check_batch(t, dp)
     return dp

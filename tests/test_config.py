@@ -109,6 +109,12 @@ def test_layout_validation():
     assert virtual.parallel.schedule == "interleaved" and _with(cfg, pipeline=2).parallel.schedule == "1f1b"
     with pytest.raises(UserError, match=r"virtual_pipeline = 2 needs .* not gpipe"):
         config.validate_layout(_with(virtual, pipeline_schedule="gpipe"), 2)
+    with pytest.raises(UserError, match=r"virtual_pipeline = 2 needs parallel.pipeline > 1"):
+        config.validate_layout(_with(cfg, virtual_pipeline=2), 1)
+    # torch's 1F1B runs no fewer micro-batches than stages: 8 samples in micro-batches of 4 are 2, for 4 stages
+    with pytest.raises(UserError, match=r"1f1b schedule needs at least parallel.pipeline \(4\) .* not 2"):
+        config.validate_layout(_with(cfg, pipeline=4), 4)
+    assert config.validate_layout(_with(cfg, pipeline=4, pipeline_schedule="gpipe"), 4) == 1
 
 
 def test_context_parallel_layout_validation():

@@ -253,3 +253,21 @@ def test_expert_groups_are_carved_out_of_dp_x_cp(world, sets, ep):
         assert len(expert) == ep and len(holders) == grad_size // ep
         assert expert <= grad and holders <= grad and expert & holders == {rank}
         assert sorted(expert) == list(range(min(expert), min(expert) + ep))  # consecutive, cp fastest
+
+
+@pytest.mark.parametrize(
+    "moe, sequence_ranks, dp, micro, warned",
+    [
+        ({"capacity_factor": 1.0}, 2, 1, 1, "capacity_factor: each of the 2 ranks sharing a sequence"),
+        ({"capacity_factor": 1.0}, 1, 4, 4, None),  # whole micro-batches per rank: one process's drops
+        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 1, 2, 2, "summed over the 2 data-parallel ranks"),
+        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 4, 2, 1, None),  # one micro-batch per rank
+        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 4, 1, 8, None),  # CP ranks sum one micro-batch
+        ({"aux_loss_coeff": 0.01}, 4, 2, 2, None),
+    ],
+)
+def test_the_settings_that_make_a_layout_train_another_model_are_named(moe, sequence_ranks, dp, micro, warned):
+    cfg = config.from_dict({"model": {"moe": {"num_experts": 4, **moe}}}).model
+    lines = moe_module.layout_warnings(cfg, sequence_ranks, dp, micro)
+    assert len(lines) == (warned is not None), lines
+    assert all(warned in line for line in lines), lines

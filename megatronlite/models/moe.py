@@ -321,6 +321,25 @@ class MoE(nn.Module):
             self.bias += self.cfg.moe.bias_update_rate * torch.sign(load.mean() - load)
 
 
+def layout_warnings(cfg: ModelConfig, sequence_ranks: int, dp: int, micro_batches: int) -> list[str]:
+    """The MoE settings under which a layout trains another model than one process does, as Megatron-LM's do
+    (`sequence_ranks`: the CP x sequence-parallel ranks sharing each sequence): one warning line each."""
+    moe, out = cfg.moe, []
+    if moe.num_experts and moe.capacity_factor is not None and sequence_ranks > 1:
+        out.append(
+            f"warning: model.moe.capacity_factor: each of the {sequence_ranks} ranks sharing a sequence (context and "
+            "sequence parallelism) drops assignments over its own tokens, as Megatron-LM's do, so which are dropped "
+            "depends on the layout (capacity_factor: null, dropless, does not)"
+        )
+    if moe.num_experts and moe.aux_loss_coeff and moe.aux_loss_scope == "global" and dp > 1 and micro_batches > 1:
+        out.append(
+            f"warning: model.moe.aux_loss_scope: global averages each micro-batch's expert shares, summed over the "
+            f"{dp} data-parallel ranks, with the step's earlier ones, as Megatron-LM's global_aux_loss does, so the "
+            "balance loss depends on the data-parallel size (one micro-batch per rank, or scope micro_batch, does not)"
+        )
+    return out
+
+
 def _summed(counts: torch.Tensor, groups: list) -> torch.Tensor:
     """`counts` summed over every rank of `groups` (a new tensor when there is any)."""
     if groups:
