@@ -7,11 +7,17 @@ import sys
 import pytest
 from helpers import launch_cmd, tiny_overrides
 
+from megatronlite.checkpoint import store
+
 
 @pytest.mark.slow
-def test_worker_failure_names_rank_and_stops_job(tmp_path, corpus):
+@pytest.mark.parametrize("saves", [{}, {"checkpoint.interval": 2, "checkpoint.async": "true"}])
+def test_worker_failure_names_rank_and_stops_job(tmp_path, corpus, saves):
+    """Also with an async save of step 2 still pending: the failing rank does not wait for the others to agree on
+    it (they are blocked in step 3's collectives)."""
     run = tmp_path / "run"
-    cmd = launch_cmd(run, 2, tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.timeout_minutes": 5}))
+    sets = tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.timeout_minutes": 5, **saves})
+    cmd = launch_cmd(run, 2, sets)
     # the deadline is far below the 5-minute collective timeout: nobody waits for it
     done = subprocess.run(
         cmd, capture_output=True, text=True, timeout=90, env={**os.environ, "MEGATRONLITE_FAULT": "step:3@1"}
@@ -60,3 +66,19 @@ def test_the_first_worker_to_fail_is_named_when_both_failed_within_one_second(tm
         os.utime(error_file, ns=(written_ns, written_ns))
         failures[rank] = SimpleNamespace(exitcode=1, timestamp=1000, error_file=str(error_file))
     assert _telling_failure(SimpleNamespace(failures=failures))[0] == 1
+
+
+@pytest.mark.slow
+def test_a_final_save_that_never_ends_is_caught_by_the_watchdog(tmp_path, corpus):
+    """The last step's async save hangs on rank 1 (a hung file system): the job ends within the timeout, naming
+    the phase, instead of waiting on the write for ever."""
+    run = tmp_path / "run"
+    sets = {"parallel.tensor": 2, "parallel.timeout_minutes": 0.25, "checkpoint.async": "true", "train.steps": 4}
+    sets["checkpoint.interval"] = 2
+    cmd = launch_cmd(run, 2, tiny_overrides(corpus, run, **sets))
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "MEGATRONLITE_FAULT": "stallsave:4@1"}
+    )
+    assert done.returncode != 0
+    assert "no progress for" in done.stderr and "final checkpoint save" in done.stderr, done.stderr[-2000:]
+    assert store.latest_complete(run / "checkpoints").name == "step_0000002"

@@ -112,6 +112,8 @@ class Checkpointer:
             try:
                 if fault_hook("slowsave", step, mesh.rank) and self.is_async:  # (tests) in flight while training
                     self.awaited.wait(HELD_SAVE_CAP_S)
+                if fault_hook("stallsave", step, mesh.rank):
+                    threading.Event().wait()
                 fault_hook("disk", step, mesh.rank)
                 store.write_shards(tmp, rng, pieces, self.group)
                 fault_hook("save", step, mesh.rank)
@@ -139,6 +141,15 @@ class Checkpointer:
         done, self.pending = self.pending, None
         self.awaited.set()
         self._settle(done.result())
+
+    def abandon(self) -> None:
+        """(A rank leaving on an error.) Let a background save run on without agreeing on it: the other ranks may
+        be blocked in a step this rank will not finish, and would never join the vote; the job ends on this
+        rank's error, and the last committed checkpoint stays `latest`."""
+        self.pending = None
+        self.awaited.set()
+        if self.writer is not None:
+            self.writer.shutdown(wait=False, cancel_futures=True)
 
     def _settle(self, failure: str | None) -> None:
         """(Every rank, in the training thread.) Agree whether a save failed; stop if checkpoints are required."""
@@ -210,6 +221,7 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
     `disk:N` fails that save as a full disk would (ENOSPC);
     `slowsave:N` returns True: an async writer then holds step N's save after staging, before writing,
     until training waits on it (the next save, or the run's end), so it is in flight while the next steps train;
+    `stallsave:N` returns True: the writer then never writes step N (a hung file system);
     `kill:N` SIGKILLs it as step N starts, on the first attempt only (an automatic restart goes on);
     `step:N` raises in step N; `nan:N` and `spike:N` return True, for the trainer to make step N's
     gradients NaN or its loss 100x. Without @RANK every rank is hit.
@@ -225,7 +237,7 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
             raise RuntimeError(f"injected fault at {where} {step} on rank {rank}")
         if where == "disk":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return where in ("nan", "spike", "slowsave")
+        return where in ("nan", "spike", "slowsave", "stallsave")
     return False
 
 

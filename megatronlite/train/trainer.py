@@ -487,9 +487,16 @@ class Trainer:
                         watch.clear()
                         what = f"saved step {self.step}" if save else f"at step {self.step} (checkpoint.save is off)"
                         raise Preempted(f"{what} and stopped on request")
+                self.beat("final checkpoint save")  # watched: a rank stalled in the last write ends the job too
+                saver.wait()
+        except Preempted:
+            saver.wait()  # every rank stops here alike: the save it made is committed
+            raise
+        except BaseException:
+            saver.abandon()  # this rank alone may be failing: no collective the others will not join
+            raise
         finally:
             self.beat = lambda phase: None
-            saver.wait()
             batches.close()
             log.close()
 
