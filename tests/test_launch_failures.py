@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import launch_cmd, tiny_overrides
+from helpers import error_of, launch_cmd, tiny_overrides
 
 from megatronlite.checkpoint import store
 
@@ -50,6 +50,19 @@ def test_launch_rejects_bad_layout_before_spawning(tmp_path):
         "(2 x 1 x 1); "
         "use a world size that is a multiple of 2"
     ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--node-rank", "3"], "--node-rank 3: valid node ranks are 0 to 1 (--nnodes)"),
+        (["--master-port", "99999"], "--master-port 99999: a TCP port, 1 to 65535"),
+        (["--master-port", "65535", "--max-restarts", "2"], "1 to 65533 (with --max-restarts 2)"),
+    ],
+)
+def test_launch_refuses_a_node_rank_or_port_torchrun_would_hang_or_fail_on(capsys, args, message):
+    error = error_of(capsys, "launch", "configs/demo.yaml", "--nproc-per-node", "1", "--nnodes", "2", *args)
+    assert error.startswith("megatronlite: error: ") and message in error, error
 
 
 def test_the_first_worker_to_fail_is_named_when_both_failed_within_one_second(tmp_path):

@@ -131,6 +131,12 @@ def test_bad_input_fails_before_submitting(capsys, flags, message):
     assert message in error_of(capsys, "submit", "configs/demo.yaml", *flags)
 
 
+def test_a_run_directory_that_cannot_be_made_is_one_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    error = error_of(capsys, "submit", "configs/demo.yaml", "--run-dir", str(tmp_path / "file" / "run"))
+    assert error.endswith("run: cannot make the directory (Not a directory)"), error
+
+
 def test_missing_sbatch_is_one_clear_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm tools on PATH
     assert error_of(capsys, "submit", "configs/demo.yaml", "--run-dir", str(tmp_path / "run")) == (

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatronlite import config
-from megatronlite.errors import UserError
+from megatronlite.errors import UserError, made_dir
 from megatronlite.launcher import slurmctl
 from megatronlite.launcher.template import render
 
@@ -187,8 +187,7 @@ def main(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(script, end="")
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "slurm_job.sbatch"
+    path = made_dir(run_dir, "--run-dir") / "slurm_job.sbatch"
     path.write_text(script)
     job_id = slurmctl.sbatch(path)
     log = run_dir / f"slurm-{job_id}.out"

@@ -81,6 +81,13 @@ def main(args: argparse.Namespace) -> None:
     """Check the config, then run the workers, again after a failure up to --max-restarts times."""
     if args.nproc_per_node < 1 or args.nnodes < 1 or args.max_restarts < 0:
         raise UserError("--nproc-per-node and --nnodes must be >= 1, --max-restarts >= 0")
+    if not 0 <= args.node_rank < args.nnodes:  # torchrun would wait for ever for the nodes below it
+        raise UserError(f"--node-rank {args.node_rank}: valid node ranks are 0 to {args.nnodes - 1} (--nnodes)")
+    if not 1 <= args.master_port <= 65535 - args.max_restarts:  # each restart takes the next port
+        raise UserError(
+            f"--master-port {args.master_port}: a TCP port, 1 to {65535 - args.max_restarts} "
+            f"(with --max-restarts {args.max_restarts})"
+        )
     cfg = config.load(args.config, args.set)
     config.validate_layout(cfg, args.nproc_per_node * args.nnodes)
     os.environ[LAUNCHER_PID] = str(os.getpid())
