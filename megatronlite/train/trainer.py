@@ -129,6 +129,7 @@ class Trainer:
         self.skips = SkipBudget(t.max_skipped_steps)
         self.spikes = SpikeDetector(t.loss_spike_factor)
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
+        self.working = 0  # the step being trained, evaluated or saved
         self.moe = MoESteps(cfg, mesh, self.stages, device)
         # a step's numbers read on the host only when needed: where nothing must be decided on the host first
         # (fp16's scaler, spike detection and MoE's bias update decide on each step's numbers)
@@ -416,14 +417,20 @@ class Trainer:
         return all_pieces(self.stateful_parts(), for_save)
 
     # --- the loop ---------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, dog: Watchdog | None = None) -> None:
         """Train to `train.steps`, evaluating, logging and checkpointing on the way.
 
         Raises `Preempted` after saving when a save-and-stop was requested (see preemption.py), and
         `TrainingStopped` when a guard stops the run (guards.py). A watchdog ends the job when this rank
-        makes no progress for `parallel.timeout_minutes` (watchdog.py).
+        makes no progress for `parallel.timeout_minutes` (watchdog.py): `dog`, the one `train` started
+        before the trainer was built (watching start-up), or else one of its own.
         """
         cfg, mesh = self.cfg, self.mesh
+        if dog is None:
+            with Watchdog(self.run_dir, mesh.rank, mesh.world_size, cfg.parallel.timeout_minutes * 60) as dog:
+                self.run(dog)
+            return
+        dog.beat(0, "start-up: reading the checkpoint")
         checkpointing.maybe_resume(self)
         if self.step >= cfg.train.steps:  # a finished run started again (a re-run, a reused run directory)
             if mesh.rank == 0:
@@ -452,43 +459,43 @@ class Trainer:
                 print_line(line)
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
         ckpt = cfg.checkpoint
-        dog = Watchdog(self.run_dir, mesh.rank, mesh.world_size, cfg.parallel.timeout_minutes * 60)
         try:
-            with dog:
-                self.beat = lambda phase: dog.beat(self.step + 1, phase)
-                while self.step < cfg.train.steps:
-                    checkpointing.fault_hook("step", self.step + 1, mesh.rank)
-                    checkpointing.fault_hook("kill", self.step + 1, mesh.rank)
-                    self.beat("data")
-                    try:
-                        self.train_step(next(batches))
-                    except LossSpike as spike:
-                        batches.close()
-                        self._rewind(spike, saver, log)
-                        batches = iter(self._loader(self.train_ds, self.consumed_samples))
-                        continue
-                    self.step += 1
-                    self.consumed_samples += cfg.train.global_batch_size
-                    eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
-                    eval_loss = self.evaluate() if eval_due else None
-                    self.beat("preemption check")
-                    stop = watch.requested()
-                    due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
-                    save, logged = ckpt.save and (due or stop), log.due(self.step, eval_loss)
-                    loss, norm = self.settle() if logged or save or stop else self.reading
-                    extra = self._skip_record()
-                    if logged:
-                        extra.update(self.moe.record())
-                    log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, extra)
-                    if save:
-                        self.beat("checkpoint save")
-                        saver.save()
-                    if stop and self.step < cfg.train.steps:
-                        watch.clear()
-                        what = f"saved step {self.step}" if save else f"at step {self.step} (checkpoint.save is off)"
-                        raise Preempted(f"{what} and stopped on request")
-                self.beat("final checkpoint save")  # watched: a rank stalled in the last write ends the job too
-                saver.wait()
+            dog.patient = False  # training: a rank without progress for the timeout is stalled
+            self.beat = lambda phase: dog.beat(self.working, phase)
+            while self.step < cfg.train.steps:
+                self.working = self.step + 1  # the step the phases below belong to, its evaluation and save too
+                checkpointing.fault_hook("step", self.step + 1, mesh.rank)
+                checkpointing.fault_hook("kill", self.step + 1, mesh.rank)
+                self.beat("data")
+                try:
+                    self.train_step(next(batches))
+                except LossSpike as spike:
+                    batches.close()
+                    self._rewind(spike, saver, log)
+                    batches = iter(self._loader(self.train_ds, self.consumed_samples))
+                    continue
+                self.step += 1
+                self.consumed_samples += cfg.train.global_batch_size
+                eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
+                eval_loss = self.evaluate() if eval_due else None
+                self.beat("preemption check")
+                stop = watch.requested()
+                due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
+                save, logged = ckpt.save and (due or stop), log.due(self.step, eval_loss)
+                loss, norm = self.settle() if logged or save or stop else self.reading
+                extra = self._skip_record()
+                if logged:
+                    extra.update(self.moe.record())
+                log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, extra)
+                if save:
+                    self.beat("checkpoint save")
+                    saver.save()
+                if stop and self.step < cfg.train.steps:
+                    watch.clear()
+                    what = f"saved step {self.step}" if save else f"at step {self.step} (checkpoint.save is off)"
+                    raise Preempted(f"{what} and stopped on request")
+            self.beat("final checkpoint save")  # watched: a rank stalled in the last write ends the job too
+            saver.wait()
         except Preempted:
             saver.wait()  # every rank stops here alike: the save it made is committed
             raise

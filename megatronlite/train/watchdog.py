@@ -13,6 +13,10 @@ this rank has made no progress for the timeout, the watchdog
    would otherwise wait for it), prints one line, records it for torchrun and exits.
 
 Every healthy rank does the same, so a job ends within about one timeout of the stall.
+
+Start-up (building or waiting for another rank to build the data's indexes, drawing the initial weights, reading
+a checkpoint) may take longer than a step for good reason: there the watchdog is `patient`, and ends the job
+only when a rank has stopped answering (a frozen or dead process), not when one is merely slow.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Watchdog:
         self.run_dir, self.rank, self.world_size, self.timeout_s = run_dir, rank, world_size, timeout_s
         self.interval = max(0.5, min(5.0, timeout_s / 10))
         self.beats, self.step, self.phase = 0, 0, "start-up"
+        self.patient = True  # until training starts: slowness is no stall, a stopped rank is
         self.last = time.monotonic()
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.store = _connect_store(max(2 * self.interval, 5.0))
@@ -101,8 +106,15 @@ class Watchdog:
     def _watch(self) -> None:
         while not self.stop.wait(self.interval):
             stalled_for = time.monotonic() - self.last
-            if stalled_for > self.timeout_s:
+            if stalled_for > self.timeout_s and not (self.patient and self._all_answer()):
                 self._fire(stalled_for)
+
+    def _all_answer(self) -> bool:
+        """Whether every other rank's process still publishes (or the store cannot tell: then wait on)."""
+        try:
+            return self.store is None or not self._unresponsive()
+        except (RuntimeError, OSError):
+            return True
 
     def _fire(self, stalled_for: float) -> None:
         where = f"step {self.step} ({self.phase}{_waiting_collective()})"
@@ -146,15 +158,23 @@ class Watchdog:
             return f"the job's store at {_store_address()} (rank 0's host) stopped answering: that host is lost"
         return "the other ranks' state is unknown (no store)"
 
-    def _blame(self) -> str:
+    def _unresponsive(self) -> list[int]:
+        """The other ranks whose processes stopped publishing that they are alive."""
         now, dead_after = time.time(), 3 * self.interval + 2
-        records, unresponsive = {}, []
+        out = []
         for r in range(self.world_size):
-            alive, progress = self._read("alive", r), self._read("progress", r)
+            alive = self._read("alive", r)
+            if r != self.rank and (alive is None or now - float(alive) > dead_after):
+                out.append(r)
+        return out
+
+    def _blame(self) -> str:
+        records = {}
+        for r in range(self.world_size):
+            progress = self._read("progress", r)
             if progress is not None:
                 records[r] = json.loads(progress)
-            if r != self.rank and (alive is None or now - float(alive) > dead_after):
-                unresponsive.append(r)
+        unresponsive = self._unresponsive()
         if unresponsive:
             self._kill_local(unresponsive, records)
             return "not responding: " + ", ".join(_describe(r, records.get(r)) for r in unresponsive)
