@@ -256,18 +256,17 @@ def test_expert_groups_are_carved_out_of_dp_x_cp(world, sets, ep):
 
 
 @pytest.mark.parametrize(
-    "moe, sequence_ranks, dp, micro, warned",
+    "moe, dp, micro, warned",
     [
-        ({"capacity_factor": 1.0}, 2, 1, 1, "capacity_factor: each of the 2 ranks sharing a sequence"),
-        ({"capacity_factor": 1.0}, 1, 4, 4, None),  # whole micro-batches per rank: one process's drops
-        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 1, 2, 2, "summed over the 2 data-parallel ranks"),
-        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 4, 2, 1, None),  # one micro-batch per rank
-        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 4, 1, 8, None),  # CP ranks sum one micro-batch
-        ({"aux_loss_coeff": 0.01}, 4, 2, 2, None),
+        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 2, 2, True),
+        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 2, 1, False),  # one micro-batch per rank
+        ({"aux_loss_coeff": 0.01, "aux_loss_scope": "global"}, 1, 8, False),  # one process's running mean
+        ({"aux_loss_coeff": 0.01}, 2, 2, False),
+        ({"capacity_factor": 1.0}, 4, 4, False),  # drops are decided over whole micro-batches in every layout
     ],
 )
-def test_the_settings_that_make_a_layout_train_another_model_are_named(moe, sequence_ranks, dp, micro, warned):
+def test_the_setting_that_makes_a_layout_train_another_model_is_named(moe, dp, micro, warned):
     cfg = config.from_dict({"model": {"moe": {"num_experts": 4, **moe}}}).model
-    lines = moe_module.layout_warnings(cfg, sequence_ranks, dp, micro)
-    assert len(lines) == (warned is not None), lines
-    assert all(warned in line for line in lines), lines
+    line = moe_module.layout_warning(cfg, dp, micro)
+    assert (line is not None) == warned, line
+    assert line is None or f"summed over the {dp} data-parallel ranks" in line

@@ -146,6 +146,9 @@ MODELS = {
             "model.moe.layer_freq": 2,
         },
     ),
+    # a capacity (each expert takes at most its fair share: some assignments dropped in every micro-batch): the
+    # ranks holding one micro-batch's tokens (CP, SP) drop what one process drops
+    "moe-capacity": ("llama", {"model.moe.num_experts": 4, "model.moe.capacity_factor": 1.0}),
 }
 # the layouts the features model runs in: each way a parameter or the sequence is split, recompute (packed
 # documents through a pipeline and full recompute of their masks), and mixed precision
@@ -241,6 +244,7 @@ DEEPSPEED_LAYOUTS = {
 MOE_CASES = {
     "moe-softmax": ("pp2", "dp2-distopt", "cp2", "ep2", "ep4", "ep2xdp2-distopt", "ep2xtp2-sp"),
     "moe-sigmoid": ("pp2xdp2", "cp2xpp2-gpipe-full-recompute", "ep2xpp2", "ep2-over-cp2", "tp2"),
+    "moe-capacity": ("cp2", "tp2-sp", "cp2xtp2-sp", "ep2-over-cp2", "cp2xpp2-gpipe-full-recompute"),
 }
 LAYOUT_CASES += [(model, layout) for model, layouts in MOE_CASES.items() for layout in layouts]
 LAYOUT_CASES += [("llama", layout) for layout in DEEPSPEED_LAYOUTS]

@@ -14,7 +14,9 @@ its sorted rows are already grouped by destination rank, so one all-to-all (afte
 delivers them; the receiver permutes what it got from all senders into per-expert blocks, runs its experts,
 permutes back, and a second all-to-all returns each output row to its token's rank, where it is weighted and added
 as above. With a capacity factor an expert takes at most ceil(factor x assignments / experts) assignments, the
-earliest tokens first; the rest are dropped (their weight is lost) and counted.
+earliest tokens first; the rest are dropped (their weight is lost) and counted. Under context or sequence
+parallelism a micro-batch's tokens are spread over ranks: they share their (token, expert) choices (a few integers
+per token) and decide over the whole micro-batch, in its token order, so every layout drops what one process drops.
 
 Losses. The load-balancing loss (Switch Transformer / GShard form, as Megatron computes it) is
 coeff x E x sum_e (mean router probability of e) x (share of assignments to e). Each rank's mean probabilities
@@ -45,6 +47,7 @@ from torch import nn
 
 from megatronlite.config import ModelConfig
 from megatronlite.models.precision import compute_dtype
+from megatronlite.parallel.context import local_positions
 from megatronlite.parallel.mappings import all_to_all
 from megatronlite.parallel.sharding import empty_param, expert_split, replicated
 
@@ -119,6 +122,20 @@ def capacity_keep(sorted_experts: torch.Tensor, counts: torch.Tensor, capacity: 
     return position < capacity
 
 
+def shared_capacity_keep(experts: torch.Tensor, token_index: torch.Tensor, groups: list, capacity: int) -> torch.Tensor:
+    """For this rank's assignments [T, k] in flat order: whether each is among its expert's first `capacity` of all
+    `groups`' ranks' assignments, ordered as one process orders them (token, then choice; `token_index`: each local
+    token's index among the micro-batch's tokens)."""
+    k = experts.shape[1]
+    keys = token_index.unsqueeze(1) * k + torch.arange(k, device=experts.device)  # place in one process's order
+    every_expert, every_key = _gathered(experts, groups), _gathered(keys, groups)
+    span = int(every_key.max()) + 1
+    ordered = (every_expert * span + every_key).flatten().sort().values
+    mine = experts * span + keys
+    earlier = torch.searchsorted(ordered, mine) - torch.searchsorted(ordered, experts * span)  # same expert, before
+    return earlier < capacity
+
+
 def has_grouped_mm(x: torch.Tensor) -> bool:
     """Whether the device has one grouped GEMM for x's dtype (CUDA, bf16)."""
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
@@ -173,7 +190,8 @@ class MoE(nn.Module):
         # the ranks holding one sequence's tokens: CP's, and under sequence parallelism TP's (without it every TP
         # rank routes the same tokens through the same experts: their gradients are whole on each)
         sp = sequence_parallel and mesh.tp > 1
-        self.sequence = [g for g in (mesh.role("context"), mesh.role("tensor") if sp else None) if g and g.size > 1]
+        self.context, self.sp = mesh.role("context"), mesh.role("tensor") if sp else None
+        self.sequence = [g for g in (self.context, self.sp) if g and g.size > 1]
         # the ranks of one micro-batch of the global batch: DP x CP's, and TP's under sequence parallelism
         self.batch = [g for g in (mesh.role("grad"), mesh.role("tensor") if sp else None) if g and g.size > 1]
         # global scope: the step's assignments so far, and the shares each counted forward used (for recompute)
@@ -224,8 +242,12 @@ class MoE(nn.Module):
         counts = routed = torch.bincount(flat, minlength=moe.num_experts)
         keep = None
         if moe.capacity_factor is not None:
-            capacity = math.ceil(moe.capacity_factor * flat.numel() / moe.num_experts)
-            keep = capacity_keep(sorted_experts, counts, capacity)
+            ranks = math.prod(g.size for g in self.sequence)
+            capacity = math.ceil(moe.capacity_factor * flat.numel() * ranks / moe.num_experts)
+            if self.sequence:
+                keep = shared_capacity_keep(experts, self._token_index(x), self.sequence, capacity).flatten()[order]
+            else:
+                keep = capacity_keep(sorted_experts, counts, capacity)
             order, sorted_experts = order[keep], sorted_experts[keep]
             counts = torch.bincount(sorted_experts, minlength=moe.num_experts)
         token_of = order // moe.top_k
@@ -237,6 +259,15 @@ class MoE(nn.Module):
             out = out + self.shared(x)
         aux = self._losses(logits, scores, routed, counts, keep) if torch.is_grad_enabled() else None
         return AuxLosses.apply(out, aux) if aux is not None else out
+
+    def _token_index(self, x: torch.Tensor) -> torch.Tensor:
+        """Each of this rank's tokens' index among its micro-batch's [b, s] tokens: rows of its CP chunks' positions
+        (context.local_positions), and under SP this TP rank's block of those (mappings.sequence_shard's)."""
+        b, sp_size = x.shape[0], self.sp.size if self.sp else 1
+        local_len = x.shape[:-1].numel() * sp_size // b  # the CP rank's sequence length
+        positions = local_positions(local_len, self.context.rank, self.context.size, x.device)
+        index = (torch.arange(b, device=x.device).unsqueeze(1) * (local_len * self.context.size) + positions).flatten()
+        return index.chunk(sp_size)[self.sp.rank] if self.sp else index
 
     def _exchanged(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert parallelism: rows sorted by (global) expert go to the EP rank holding their expert, all-to-all
@@ -321,23 +352,26 @@ class MoE(nn.Module):
             self.bias += self.cfg.moe.bias_update_rate * torch.sign(load.mean() - load)
 
 
-def layout_warnings(cfg: ModelConfig, sequence_ranks: int, dp: int, micro_batches: int) -> list[str]:
-    """The MoE settings under which a layout trains another model than one process does, as Megatron-LM's do
-    (`sequence_ranks`: the CP x sequence-parallel ranks sharing each sequence): one warning line each."""
-    moe, out = cfg.moe, []
-    if moe.num_experts and moe.capacity_factor is not None and sequence_ranks > 1:
-        out.append(
-            f"warning: model.moe.capacity_factor: each of the {sequence_ranks} ranks sharing a sequence (context and "
-            "sequence parallelism) drops assignments over its own tokens, as Megatron-LM's do, so which are dropped "
-            "depends on the layout (capacity_factor: null, dropless, does not)"
-        )
-    if moe.num_experts and moe.aux_loss_coeff and moe.aux_loss_scope == "global" and dp > 1 and micro_batches > 1:
-        out.append(
-            f"warning: model.moe.aux_loss_scope: global averages each micro-batch's expert shares, summed over the "
-            f"{dp} data-parallel ranks, with the step's earlier ones, as Megatron-LM's global_aux_loss does, so the "
-            "balance loss depends on the data-parallel size (one micro-batch per rank, or scope micro_batch, does not)"
-        )
-    return out
+def layout_warning(cfg: ModelConfig, dp: int, micro_batches: int) -> str | None:
+    """The one MoE setting under which a layout trains another model than one process does (as Megatron-LM's):
+    the global balance loss's running mean sums DP ranks' micro-batches at once. A warning line, or None."""
+    moe = cfg.moe
+    if not (moe.num_experts and moe.aux_loss_coeff and moe.aux_loss_scope == "global" and dp > 1 and micro_batches > 1):
+        return None
+    return (
+        f"warning: model.moe.aux_loss_scope: global averages each micro-batch's expert shares, summed over the {dp} "
+        "data-parallel ranks, with the step's earlier ones, as Megatron-LM's global_aux_loss does, so the balance loss "
+        "depends on the data-parallel size (one micro-batch per rank, or scope micro_batch, does not)"
+    )
+
+
+def _gathered(x: torch.Tensor, groups: list) -> torch.Tensor:
+    """Every rank's `x` of `groups`, stacked along dim 0 (in no order that matters to the caller)."""
+    for group in groups:
+        out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group.pg)
+        x = out
+    return x
 
 
 def _summed(counts: torch.Tensor, groups: list) -> torch.Tensor:

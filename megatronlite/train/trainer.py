@@ -25,7 +25,7 @@ from megatronlite.data.run import build_run_data, sample_order
 from megatronlite.engine import build_engine
 from megatronlite.models.gpt import Packing, RunOptions
 from megatronlite.models.init import init_parameters
-from megatronlite.models.moe import layout_warnings as moe_layout_warnings
+from megatronlite.models.moe import layout_warning as moe_layout_warning
 from megatronlite.optim.loss_scale import LossScaler
 from megatronlite.optim.schedules import lr_at
 from megatronlite.parallel.context import split_sequence
@@ -454,9 +454,9 @@ class Trainer:
                 f"optimizer {self.engine.description}, from step {self.step}"
             )
             print_line(kernels.summary(self.options.kernels, self.device))
-            sequence_ranks = mesh.cp * (mesh.tp if cfg.parallel.sequence_parallel else 1)
-            for line in moe_layout_warnings(cfg.model, sequence_ranks, mesh.dp, self.num_micro):
-                print_line(line)
+            warning = moe_layout_warning(cfg.model, mesh.dp, self.num_micro)
+            if warning:
+                print_line(warning)
         batches = iter(self._loader(self.train_ds, self.consumed_samples))
         ckpt = cfg.checkpoint
         try:
