@@ -318,8 +318,17 @@ class YamlLoader(yaml.SafeLoader):
     """`yaml.safe_load`'s loader, plus floats written without a dot or an exponent sign (`1e-4`, `3E-5`, `1e4`).
 
     PyYAML follows YAML 1.1, which reads those as strings, yet every Megatron user writes a learning rate so.
-    Nothing else changes: the safe loader builds plain Python values only, never arbitrary objects.
+    The safe loader builds plain Python values only, never arbitrary objects; and an alias may name a scalar
+    only: aliases of lists or mappings nest (a "billion laughs" file) into gigabytes from a few lines.
     """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if isinstance(self.anchors.get(event.anchor), yaml.SequenceNode | yaml.MappingNode):
+                problem = f"the alias *{event.anchor} names a list or mapping; aliases may name plain values only"
+                raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
+        return super().compose_node(parent, index)
 
 
 YamlLoader.add_implicit_resolver(
@@ -334,15 +343,30 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+def read_text(path: Path, what: str) -> str:
+    """A text file someone else made (`what` names it in the message): unreadable or not UTF-8 is one line."""
     try:
-        data = parse_yaml(path.read_text())
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror or type(e).__name__})") from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's values; a syntax error or refused alias is one line naming the file and line."""
+    try:
+        return parse_yaml(read_text(path, what))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,11 +19,13 @@ exports). A pickle names the callables it wants called; loading one runs them. S
 from __future__ import annotations
 
 import argparse
+import heapq
 import importlib
 import io
-import os
+import math
 import pickle
 import types
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,15 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadItemType
 
 from megatronlite.errors import UserError
@@ -81,16 +91,27 @@ class AllowListUnpickler(pickle.Unpickler):
 
 def unpickle(data: bytes, allowed: frozenset[tuple[str, str]]) -> Any:
     """Unpickle `data` resolving only `allowed` globals; any malformed or refused pickle raises UnpicklingError."""
+    return _load_pickle(AllowListUnpickler(io.BytesIO(data), allowed))
+
+
+def _load_pickle(unpickler: pickle.Unpickler) -> Any:
     try:
-        return AllowListUnpickler(io.BytesIO(data), allowed).load()
+        return unpickler.load()
     except pickle.UnpicklingError:
         raise
     except Exception as e:  # noqa: BLE001 - malformed input raises anything from EOFError to TypeError
         raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from None
 
 
+def plain_name(name: object, where: object, what: str = "file") -> str:
+    """`name` if it is a plain name inside a directory (no path, no NUL): a file from others names no other place."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or "\0" in name or name in ("", ".", ".."):
+        raise UserError(f"{where}: names {name!r}, not a {what} inside the directory (a plain name, no path)")
+    return name
+
+
 def read_dcp_metadata(directory: Path) -> Metadata:
-    """A DCP directory's `.metadata`, unpickled with the allow-list, every storage location checked."""
+    """A DCP directory's `.metadata`, unpickled with the allow-list, every tensor and storage location checked."""
     path = Path(directory) / ".metadata"
     try:
         md = unpickle(path.read_bytes(), DCP_METADATA_GLOBALS)
@@ -99,6 +120,8 @@ def read_dcp_metadata(directory: Path) -> Metadata:
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise UserError(f"checkpoint {directory}: .metadata does not hold DCP metadata ({type(md).__name__})")
     _check_storage(Path(directory), md.storage_data)
+    for key, entry in md.state_dict_metadata.items():
+        _check_entry(f"checkpoint {directory}: .metadata entry {key!r}", key, entry, md.storage_data)
     return md
 
 
@@ -108,11 +131,9 @@ def _check_storage(directory: Path, storage: Any) -> None:
         raise UserError(f"checkpoint {directory}: .metadata has no storage table")
     sizes: dict[str, int] = {}
     for item in storage.values():
-        where = getattr(item, "relative_path", None)
+        where = plain_name(getattr(item, "relative_path", None), f"checkpoint {directory}: .metadata storage")
         offset, length = getattr(item, "offset", None), getattr(item, "length", None)
-        if not isinstance(where, str) or os.path.basename(where) != where or where in ("", ".", ".."):
-            raise UserError(f"checkpoint {directory}: .metadata names a file outside the directory: {where!r}")
-        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+        if not (_is_count(offset) and _is_count(length)):
             raise UserError(f"checkpoint {directory}: .metadata has a bad offset/length for {where}")
         if where not in sizes:
             try:
@@ -124,6 +145,70 @@ def _check_storage(directory: Path, storage: Any) -> None:
                 f"checkpoint {directory}: {where} has {sizes[where]} bytes, the metadata needs {offset + length} "
                 "(a truncated or incomplete checkpoint)"
             )
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _counts(value: object, rank: int | None = None) -> tuple[int, ...] | None:
+    """`value` as a tuple of non-negative ints (of length `rank` when given), else None."""
+    if not isinstance(value, tuple | list) or not all(_is_count(v) for v in value):
+        return None
+    return tuple(value) if rank is None or len(value) == rank else None
+
+
+def _check_entry(where: str, key: object, entry: object, storage: dict) -> None:
+    """A tensor entry is a well-formed box tiled exactly by its chunks, each stored: no byte of it is left unread."""
+    if isinstance(entry, BytesStorageMetadata):
+        return
+    if not isinstance(key, str) or not isinstance(entry, TensorStorageMetadata):
+        raise UserError(f"{where}: expected a tensor or bytes entry, got {type(entry).__name__}")
+    size = _counts(entry.size)
+    if size is None:
+        raise UserError(f"{where}: size {entry.size!r} is not a list of non-negative ints")
+    if not isinstance(entry.properties, TensorProperties) or not isinstance(entry.properties.dtype, torch.dtype):
+        raise UserError(f"{where}: properties {entry.properties!r} is not a TensorProperties with a torch dtype")
+    if not isinstance(entry.chunks, list):
+        raise UserError(f"{where}: chunks {entry.chunks!r} is not a list of chunks")
+    boxes = [_chunk_box(where, chunk, size) for chunk in entry.chunks]
+    for offsets, _ in boxes:
+        if MetadataIndex(key, offsets) not in storage:
+            raise UserError(f"{where}: chunk at {list(offsets)} has no storage entry (an incomplete checkpoint)")
+    covered = sum(math.prod(sizes) for _, sizes in boxes)
+    if covered != math.prod(size):
+        raise UserError(f"{where}: chunks hold {covered} values, the tensor {list(size)} has {math.prod(size)}")
+    _check_disjoint(where, boxes)
+
+
+def _chunk_box(where: str, chunk: object, size: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A chunk's (offsets, sizes), checked to lie inside the tensor."""
+    offsets = _counts(getattr(chunk, "offsets", None), len(size))
+    sizes = _counts(getattr(chunk, "sizes", None), len(size))
+    if not isinstance(chunk, ChunkStorageMetadata) or offsets is None or sizes is None:
+        raise UserError(f"{where}: a chunk needs {len(size)} non-negative offsets and sizes, got {chunk!r}")
+    if any(o + n > s for o, n, s in zip(offsets, sizes, size)):
+        raise UserError(f"{where}: chunk at {list(offsets)} of size {list(sizes)} lies outside {list(size)}")
+    return offsets, sizes
+
+
+def _check_disjoint(where: str, boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """No two chunks share a value. A sweep along the dim with the most distinct offsets: each chunk is compared
+    only with the chunks still open along it, so thousands of chunks (ZeRO's several per rank) stay fast."""
+    boxes = [b for b in boxes if all(b[1])]  # an empty chunk holds nothing
+    if len(boxes) < 2:
+        return
+    dim = max(range(len(boxes[0][0])), key=lambda d: len({offsets[d] for offsets, _ in boxes}))
+    open_boxes: list[tuple[int, int]] = []  # (end along dim, index into boxes)
+    for i in sorted(range(len(boxes)), key=lambda i: boxes[i][0][dim]):
+        offsets, sizes = boxes[i]
+        while open_boxes and open_boxes[0][0] <= offsets[dim]:
+            heapq.heappop(open_boxes)
+        for _, j in open_boxes:
+            other, other_sizes = boxes[j]
+            if all(o < p + m and p < o + n for o, n, p, m in zip(offsets, sizes, other, other_sizes)):
+                raise UserError(f"{where}: chunks at {list(other)} and {list(offsets)} overlap")
+        heapq.heappush(open_boxes, (offsets[dim] + sizes[dim], i))
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -150,6 +235,15 @@ class Placeholder:
         pass
 
     def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # items and elements a container subclass is built from
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
         pass
 
 
@@ -179,12 +273,75 @@ def _load_torch(source: Callable[[], Any], where: str, only: frozenset[str] | No
         refused = sorted(set(names) - only) if only is not None else []
         if refused:
             raise UserError(f"{where}: refusing to unpickle {refused[0]} (not a class this format holds)")
+        _check_records(source(), where)
         allowed = [REBUILT[n] if n in REBUILT else (Placeholder, n) for n in names]
         with torch.serialization.safe_globals(allowed):
             return torch.load(source(), map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{where}: not a readable torch file ({first})") from None
+
+
+def _storage_itemsizes() -> dict[str, int]:
+    """Storage class name (as torch.save pickles it) -> bytes per element."""
+    with warnings.catch_warnings():  # the typed storage classes are deprecated; their dtypes are what we need
+        warnings.simplefilter("ignore")
+        typed = {n: getattr(getattr(torch, n), "dtype", None) for n in dir(torch) if n.endswith("Storage")}
+    return {n: d.itemsize for n, d in typed.items() if isinstance(d, torch.dtype)} | {"UntypedStorage": 1}
+
+
+_STORAGE_ITEMSIZE = _storage_itemsizes()
+
+
+class _StorageType(int):
+    """A storage class named in data.pkl, as its bytes per element."""
+
+
+class _Dict(dict):
+    """OrderedDict's stand-in: a state dict pickles attributes (`_metadata`) after its items."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _RecordScanner(pickle.Unpickler):
+    """Reads data.pkl for its storage records alone: every global but a storage class is the inert Placeholder,
+    so nothing of the file's choosing is built. `records`: record key -> bytes its storage needs."""
+
+    def __init__(self, file: io.BufferedIOBase) -> None:
+        super().__init__(file)
+        self.records: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch", "torch.storage") and name in _STORAGE_ITEMSIZE:
+            return _StorageType(_STORAGE_ITEMSIZE[name])
+        return _Dict if (module, name) == ("collections", "OrderedDict") else Placeholder
+
+    def persistent_load(self, pid: Any) -> Any:
+        _, kind, key, _, numel = pid if isinstance(pid, tuple) and len(pid) == 5 else (None,) * 5
+        if not (isinstance(kind, _StorageType) and isinstance(key, str) and type(numel) is int and numel >= 0):
+            raise pickle.UnpicklingError(f"malformed storage record {pid!r}")
+        self.records[key] = numel * kind
+        return Placeholder()
+
+
+def _check_records(file: Any, where: str) -> None:
+    """Every storage record of a torch zip file holds exactly the bytes its storage needs, uncompressed: torch's
+    memory-mapped load reads them unchecked, so a cut record would load the next one's bytes as weights."""
+    if not zipfile.is_zipfile(file):
+        return  # the legacy format (bytes only): torch reads each storage's size from the stream
+    with zipfile.ZipFile(file) as z:
+        prefix = z.namelist()[0].split("/")[0] if z.namelist() else ""
+        scanner = _RecordScanner(io.BytesIO(z.read(f"{prefix}/data.pkl")))
+        _load_pickle(scanner)
+        for key, nbytes in scanner.records.items():
+            info = z.getinfo(f"{prefix}/data/{key}")
+            if info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
+                raise UserError(
+                    f"{where}: storage record data/{key} holds {info.file_size} bytes"
+                    f"{'' if info.compress_type == zipfile.ZIP_STORED else ' compressed'}, its tensor needs "
+                    f"{nbytes} uncompressed (a truncated or altered file)"
+                )
 
 
 def read_dcp_bytes(directory: Path, key: str) -> bytes | None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
 from megatronlite.convert.model_state import run_config
+from megatronlite.errors import UserError
 from megatronlite.untrusted import DCP_METADATA_GLOBALS, read_dcp_metadata, unpickle
 
 MODEL = conversion_model("llama", vocab_size=257)
@@ -271,7 +272,7 @@ def _rewrite_storage(step_dir, change) -> None:
 @pytest.mark.parametrize(
     "change,expected",
     [
-        (lambda info: setattr(info, "relative_path", "../../etc/passwd"), "outside the directory"),
+        (lambda info: setattr(info, "relative_path", "../../etc/passwd"), "(a plain name, no path)"),
         (lambda info: setattr(info, "length", info.length + 10**9), "truncated or incomplete"),
         (lambda info: setattr(info, "offset", -5), "bad offset"),
     ],
@@ -298,3 +299,122 @@ def test_a_checkpoint_missing_shards_is_not_complete(native):
     assert store.latest_complete(root) == first
     shard.unlink()
     assert store.latest_complete(root) == first
+
+
+# --- DCP metadata: every tensor is tiled exactly by stored chunks -------------------------------
+
+
+def _dcp_dir(tmp_path, size, chunks, stored=None, path="f.distcp", properties="default"):
+    """A DCP directory of one tensor `w` of `size`, split into `chunks` ((offsets, sizes) pairs); `stored`: the
+    offsets with a storage entry (default: every chunk's)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    (tmp_path / "f.distcp").write_bytes(b"")
+    stored = [o for o, _ in chunks] if stored is None else stored
+    boxes = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks]
+    props = TensorProperties(dtype=torch.float32) if properties == "default" else properties
+    entry = TensorStorageMetadata(props, torch.Size(size), boxes)
+    storage = {MetadataIndex("w", o): _StorageInfo(path, 0, 0) for o in stored}
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata({"w": entry}, storage_data=storage)))
+    return tmp_path
+
+
+ROWS = [((0, 0), (2, 4)), ((2, 0), (2, 4))]
+
+
+@pytest.mark.parametrize(
+    "size,chunks,extra,expected",
+    [
+        ((4, 4), [], {}, "chunks hold 0 values, the tensor [4, 4] has 16"),
+        ((4, 4), ROWS[:1], {}, "chunks hold 8 values"),
+        ((4, 4), [((0, 0), (3, 4)), ((1, 0), (1, 4))], {}, "overlap"),
+        ((4, 4), [((0, 0), (2, 4)), ((3, 0), (2, 4))], {}, "lies outside [4, 4]"),
+        ((4, 4), [((0,), (4,))], {}, "a chunk needs 2 non-negative offsets and sizes"),
+        ((4, 4), [((-1, 0), (4, 4))], {}, "a chunk needs 2 non-negative offsets and sizes"),
+        ((-4, 4), ROWS, {}, "size torch.Size([-4, 4]) is not a list of non-negative ints"),
+        ((4, 4), ROWS, {"stored": [(0, 0)]}, "chunk at [2, 0] has no storage entry"),
+        ((4, 4), ROWS, {"properties": None}, "properties None is not a TensorProperties"),
+        ((4, 4), ROWS, {"path": "f.distcp\0x"}, "(a plain name, no path)"),
+    ],
+    ids=["no-chunks", "part", "overlap", "outside", "rank", "negative", "size", "unstored", "properties", "nul"],
+)
+def test_dcp_metadata_must_tile_each_tensor_exactly(tmp_path, size, chunks, extra, expected):
+    directory = _dcp_dir(tmp_path, size, chunks, **extra)
+    with pytest.raises(UserError) as error:
+        read_dcp_metadata(directory)
+    assert expected in str(error.value) and str(directory) in str(error.value)
+
+
+def test_a_checkpoint_missing_chunks_is_refused_by_the_cli(native, capsys):
+    step_dir = store.find_step_dir(native)
+    md = read_dcp_metadata(step_dir)
+    md.state_dict_metadata["model.embedding.word.weight"].chunks = []
+    (step_dir / ".metadata").write_bytes(pickle.dumps(md, protocol=4))
+    line = error_of(capsys, "convert", "--from", "mlite", "--to", "torch", str(native), str(native.parent / "o.pt"))
+    assert "model.embedding.word.weight" in line and "chunks hold 0 values" in line
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_thousands_of_chunks_are_checked_quickly(tmp_path, dim):
+    """ZeRO shards an optimizer state into several boxes per rank: 4000 chunks along either dim, checked in a
+    sweep (an all-pairs loop would take seconds); the last one overlapping is still found."""
+    import time
+
+    n = 4000
+    size = (n, 4) if dim == 0 else (4, n)
+    chunks = [((i, 0), (1, 4)) if dim == 0 else ((0, i), (4, 1)) for i in range(n)]
+    start = time.perf_counter()
+    read_dcp_metadata(_dcp_dir(tmp_path, size, chunks))
+    assert time.perf_counter() - start < 2.0
+    overlapping = chunks[:-2] + [((n - 3, 0), (2, 4)) if dim == 0 else ((0, n - 3), (4, 2))]  # n - 1 left out
+    with pytest.raises(UserError, match="overlap"):
+        read_dcp_metadata(_dcp_dir(tmp_path, size, overlapping))
+
+
+# --- torch files: every storage record holds the bytes its tensor needs -----------------------
+
+
+def _rewrite_zip(path, change) -> None:
+    """Rewrite the zip `path`, each member's (info, bytes) passed through `change`."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in members:
+            info, data = change(info, data)
+            z.writestr(info, data)
+
+
+def _deflated(info, data):
+    import zipfile
+
+    info.compress_type = zipfile.ZIP_DEFLATED if info.filename.endswith("data/0") else zipfile.ZIP_STORED
+    return info, data
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda info, data: (info, data[:8] if info.filename.endswith("data/0") else data), "holds 8 bytes"),
+        (lambda info, data: (info, data + b"\0" * 4 if info.filename.endswith("data/0") else data), "holds 1028"),
+        (_deflated, "holds 1024 bytes compressed"),
+    ],
+    ids=["truncated", "longer", "compressed"],
+)
+def test_a_torch_file_whose_record_does_not_fit_is_refused(tmp_path, change, expected):
+    from megatronlite.untrusted import load_torch_file
+
+    path = tmp_path / "t.pt"
+    torch.save({"w": torch.arange(256.0), "b": torch.ones(3)}, path)
+    assert load_torch_file(path)["w"].sum() == torch.arange(256.0).sum()
+    _rewrite_zip(path, change)
+    with pytest.raises(UserError, match=rf"t.pt: storage record data/0 {expected}"):
+        load_torch_file(path)

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from megatronlite.config import read_text
 from megatronlite.convert import hf
+from megatronlite.convert.fields import COUNT, COUNTS, TEXT_MAP, Kind, check
 from megatronlite.convert.mapping import Get
 from megatronlite.convert.model_state import (
     Checkpoint,
@@ -43,7 +45,7 @@ from megatronlite.convert.model_state import (
 )
 from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
-from megatronlite.untrusted import load_torch_file
+from megatronlite.untrusted import load_torch_file, plain_name
 
 # the only foreign classes DeepSpeed's files pickle (read from 0.19.8's files; none of their values is used)
 ALLOWED = frozenset(
@@ -86,10 +88,8 @@ def _field(obj: dict, key: str, kind: type | tuple[type, ...], where: Path) -> o
 def tag_dir(path: Path) -> Path:
     """The `global_stepN` directory a run directory's `latest` names, or `path` itself."""
     if (path / LATEST).is_file():
-        tag = (path / LATEST).read_text().strip()
-        if Path(tag).name != tag or tag in ("", ".", ".."):  # a plain directory name, never a path
-            raise UserError(f"{path / LATEST}: names {tag!r}, not a checkpoint directory inside {path}")
-        path = path / tag
+        tag = read_text(path / LATEST, "DeepSpeed tag file").strip()
+        path = path / plain_name(tag, path / LATEST, "checkpoint directory")
     if not path.is_dir() or not any(path.glob("*model_states.pt")):
         raise UserError(f"{path}: no DeepSpeed checkpoint (a run directory with `latest`, or a global_stepN directory)")
     others = sorted(p.name for p in path.glob("*model_states.pt") if "mp_rank_00" not in p.name)
@@ -130,21 +130,21 @@ class _Flat:
         if all(isinstance(a, dict) and all(isinstance(a.get(g), dict) for g in groups) for a in adam):
             for kind in MOMENTS:
                 self.vectors[kind] = [[a[g].get(kind) for g in groups] for a in adam]
-            self.optimizer_steps = int(adam[0][0].get("step", 0))
+            self.optimizer_steps = _step(adam[0][0].get("step", 0), files[0])
         for kind, per_rank in self.vectors.items():
             for rank, vectors in enumerate(per_rank):
                 if [getattr(v, "shape", None) for v in vectors] != [v.shape for v in self.vectors["fp32"][rank]]:
                     raise UserError(f"{files[rank]}: {kind} does not match the fp32 partitions' shapes")
-        paddings = states[0].get("param_alignment_paddings")
+        paddings = _paddings(states[0].get("param_alignment_paddings"), param_shapes, files[0])
         self.places = self._zero3(param_shapes) if self.zero3 else self._zero12(param_shapes, paddings)
 
-    def _zero12(self, param_shapes: list, paddings: list | None) -> dict:
+    def _zero12(self, param_shapes: list, paddings: list[list[int]]) -> dict:
         places = {}
         for g, shapes in enumerate(param_shapes):
             offset = 0
-            for i, (name, shape) in enumerate(shapes.items()):
+            for (name, shape), padding in zip(shapes.items(), paddings[g]):
                 places[name] = ([(g, offset, math.prod(shape))], tuple(shape))
-                offset += math.prod(shape) + (paddings[g][i] if paddings else 0)
+                offset += math.prod(shape) + padding
             held = sum(ranks[g].numel() for ranks in self.vectors["fp32"])
             align = 2 * len(self.vectors["fp32"])  # DeepSpeed pads each group to a multiple of 2 x DP
             if -(-offset // align) != -(-held // align):
@@ -172,6 +172,32 @@ class _Flat:
             segments = [ranks[index] for ranks in per_rank] if not self.zero3 else per_rank[index]
             pieces += _span(segments, start, length)
         return torch.cat(pieces)[: math.prod(shape)].view(shape).float()
+
+
+PARAM_SHAPES = Kind(
+    "a list of {name: shape} per param group, each shape a list of integers >= 0",
+    lambda v: (
+        isinstance(v, list)
+        and all(isinstance(g, dict) and all(isinstance(n, str) and COUNTS.test(s) for n, s in g.items()) for g in v)
+    ),
+)
+
+
+def _paddings(value: object, param_shapes: list, where: Path) -> list[list[int]]:
+    """ZeRO 1/2's padding after each parameter: integers >= 0, one per parameter (none given: no padding)."""
+    counts = [len(shapes) for shapes in param_shapes]
+    if value is None:
+        return [[0] * n for n in counts]
+    what = f"a list per param group of one integer >= 0 per parameter ({counts} of them)"
+    ok = isinstance(value, list) and [len(g) if isinstance(g, list) else None for g in value] == counts
+    return check(value, Kind(what, lambda v: ok and all(COUNTS.test(g) for g in v)), where, "param_alignment_paddings")
+
+
+def _step(value: object, where: Path) -> int:
+    """Adam's step count: an integer >= 0, or a tensor holding one (torch's optimizers keep it as a tensor)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and float(value).is_integer():
+        value = int(value)
+    return check(value, COUNT, where, "the Adam state's step")
 
 
 def _tensors(state: dict, key: str, where: Path) -> list[torch.Tensor]:
@@ -206,14 +232,17 @@ class DeepSpeedStore:
         model_file = zero3[0] if zero3 else step_dir / MODEL_STATES
         model = _load(model_file)
         self.module = _field(model, "module", dict, model_file)
+        for name, value in self.module.items():
+            if not isinstance(value, torch.Tensor):
+                raise UserError(f"{model_file}: module entry {name!r} is a {type(value).__name__}; expected a tensor")
         self.step = model.get("global_steps") if isinstance(model.get("global_steps"), int) else 0
         if model.get("frozen_param_shapes"):
             raise UserError(f"{model_file}: frozen parameters are not supported (convert a model trained whole)")
-        shared = model.get("shared_params") or {}
+        shared = check(model.get("shared_params") or {}, TEXT_MAP, model_file, "shared_params")
         optim = sorted(step_dir.glob(OPTIM_STATES), key=lambda p: [int(n) for n in re.findall(r"\d+", p.name)])
         self.flat: _Flat | None = None
         if optim:
-            param_shapes = _field(model, "param_shapes", list, model_file)
+            param_shapes = check(model.get("param_shapes"), PARAM_SHAPES, model_file, "param_shapes")
             self.flat = _Flat(optim, param_shapes, step_dir)
             names = [*self.flat.places, *_field(model, "buffer_names", list, model_file)]
             self.aliases = {alias: source for alias, source in shared.items() if source in self.flat.places}

@@ -12,6 +12,7 @@ import torch
 from megatronlite.checkpoint.weights import expected_shapes
 from megatronlite.config import ModelConfig
 from megatronlite.convert import byte_tokenizer, hf_gpt2, hf_llama, safetensors_io
+from megatronlite.convert.fields import OBJECT, TEXTS, check, read_json, require
 from megatronlite.convert.hf_features import HFFamily
 from megatronlite.convert.model_state import (
     Checkpoint,
@@ -35,11 +36,8 @@ def read_config(directory: Path) -> tuple[dict, HFFamily]:
     path = directory / "config.json"
     if not path.is_file():
         raise UserError(f"{path}: file not found (an HF model directory holds config.json and {safetensors_io.SINGLE})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    archs = raw.get("architectures") or [None]
+    raw = check(read_json(path, "HF config"), OBJECT, path, "config.json")
+    archs = require(raw, "architectures", path, TEXTS, default=[]) or [None]
     family = BY_ARCHITECTURE.get(archs[0])
     if family is None:
         raise UserError(f"{path}: architecture {archs[0]!r} is not supported; supported: {', '.join(BY_ARCHITECTURE)}")

@@ -8,6 +8,7 @@ rows as it transposes. The output layer is the word embedding (tied) unless the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 
 from megatronlite.config import ModelConfig
 from megatronlite.convert import hf_features
+from megatronlite.convert.fields import NUMBER, POSITIVE, require
 from megatronlite.convert.mapping import Mapping, Rule, group_qkv, rename, split_qkv, transposed
-from megatronlite.convert.model_state import refuse, require
+from megatronlite.convert.model_state import refuse
 
 ARCHITECTURE = "GPT2LMHeadModel"
 PRESET = "gpt2"
@@ -46,19 +48,20 @@ def model_config(raw: dict, where: Path) -> ModelConfig:
         refuse(where, "attention scaling other than 1/sqrt(head_dim)", "gpt2 with scale_attn_weights only")
     if raw.get("add_cross_attention"):
         refuse(where, "add_cross_attention: true", "decoder-only gpt2")
-    hidden, heads = require(raw, "n_embd", where), require(raw, "n_head", where)
+    size = functools.partial(require, raw, where=where, kind=POSITIVE)
+    hidden, heads = size("n_embd"), size("n_head")
     return ModelConfig(
         arch=PRESET,
-        num_layers=require(raw, "n_layer", where),
+        num_layers=size("n_layer"),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=None,  # hidden / heads
-        ffn_hidden_size=raw.get("n_inner") or 4 * hidden,
-        vocab_size=require(raw, "vocab_size", where),
-        max_seq_len=require(raw, "n_positions", where),
+        ffn_hidden_size=size("n_inner", default=4 * hidden),
+        vocab_size=size("vocab_size"),
+        max_seq_len=size("n_positions"),
         norm="layernorm",
-        norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=float(require(raw, "layer_norm_epsilon", where, NUMBER, default=1e-5)),
         activation="gelu",
         position="learned",
         bias=True,
@@ -66,7 +69,7 @@ def model_config(raw: dict, where: Path) -> ModelConfig:
         qk_norm=False,
         sliding_window=None,
         tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        init_std=float(raw.get("initializer_range", 0.02)),
+        init_std=float(require(raw, "initializer_range", where, NUMBER, default=0.02)),
     )
 
 

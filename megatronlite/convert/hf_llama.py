@@ -27,8 +27,9 @@ import torch
 
 from megatronlite.config import ROPE_SCALING, ModelConfig, MoEConfig
 from megatronlite.convert import hf_features, hf_moe
+from megatronlite.convert.fields import require
 from megatronlite.convert.mapping import Mapping, Rule, gated_mlp, group_qkv, rename, split_qkv
-from megatronlite.convert.model_state import refuse, require
+from megatronlite.convert.model_state import refuse
 
 Biases = dict[tuple[bool, bool], dict[str, bool]]  # (qkv_bias, bias) -> the HF keys that say so
 # LlamaConfig's defaults for absent keys; a family's own differ where `Family.defaults` says

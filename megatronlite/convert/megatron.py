@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from megatronlite import config as config_mod
-from megatronlite.config import Config, ModelConfig, MoEConfig
+from megatronlite.config import Config, ModelConfig, MoEConfig, read_text
 from megatronlite.convert import megatron_dist, megatron_legacy
+from megatronlite.convert.fields import NUMBER, POSITIVE, require
 from megatronlite.convert.megatron_names import expert_biases, ignored, mapping
 from megatronlite.convert.model_state import (
     Checkpoint,
@@ -46,12 +47,12 @@ from megatronlite.convert.model_state import (
     from_store,
     output_dtype,
     refuse,
-    require,
     run_config,
 )
 from megatronlite.convert.presets import closest_arch
 from megatronlite.errors import UserError
 from megatronlite.models.rope import scaling_parameters
+from megatronlite.untrusted import plain_name
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -124,8 +125,9 @@ def iteration_dir(path: Path) -> Path:
         return path
     tracker = path / TRACKER
     if tracker.is_file():
-        text = tracker.read_text().strip()
-        found = path / (RELEASE if text == RELEASE else f"iter_{int(text):07d}" if text.isdigit() else text)
+        text = read_text(tracker, "tracker file").strip()
+        name = f"iter_{int(text):07d}" if text.isdigit() else plain_name(text, tracker, "checkpoint directory")
+        found = path / name
         if not found.is_dir():
             raise UserError(f"{tracker} names {text!r} but {found} does not exist")
         return found
@@ -147,7 +149,10 @@ def _window(window_size: object, where: Path) -> int | None:
         return None
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and window_size[1] == 0):
         refuse(where, f"args.window_size={window_size!r} (not a causal (left, 0) window)", SUPPORTED)
-    return None if window_size[0] == -1 else int(window_size[0]) + 1
+    left = window_size[0]
+    if not (isinstance(left, int) and not isinstance(left, bool) and left >= -1):
+        raise UserError(f"{where}: args.window_size={window_size!r}; its left size must be an integer >= -1")
+    return None if left == -1 else left + 1
 
 
 def features(values: dict, where: Path) -> dict:
@@ -161,13 +166,13 @@ def features(values: dict, where: Path) -> dict:
     if values["qk_layernorm"] and norm != "rmsnorm":
         refuse(where, f"args.qk_layernorm with args.normalization={values['normalization']!r}", SUPPORTED)
     position = _lookup(values, "position_embedding_type", POSITIONS, where)
-    llama3 = {"type": "llama3", "factor": float(values["rope_scaling_factor"]), **LLAMA3_FIXED}
+    llama3 = {"type": "llama3", "factor": float(require(values, "rope_scaling_factor", where, NUMBER)), **LLAMA3_FIXED}
     return dict(
         norm=norm,
-        norm_eps=float(values["norm_epsilon"]),
+        norm_eps=float(require(values, "norm_epsilon", where, NUMBER)),
         activation="swiglu" if values["swiglu"] else "gelu",
         position=position,
-        rope_theta=float(values["rotary_base"]),
+        rope_theta=float(require(values, "rotary_base", where, NUMBER)),
         rope_scaling=llama3 if position == "rope" and values["use_rope_scaling"] else None,
         bias=bool(values["add_bias_linear"]),
         qkv_bias=bool(values["add_bias_linear"] or values["add_qkv_bias"]),  # Megatron's linear_qkv: either arg
@@ -193,7 +198,7 @@ def moe_config(args: dict, where: Path) -> MoEConfig:
     if "sinkhorn" in (balance if isinstance(balance, list) else [balance]):
         refuse(where, f"args.moe_router_load_balancing_type={balance!r} (Sinkhorn routing)", SUPPORTED_MOE)
     mapper = Mapper(Args(args), {}, str(where), None)
-    found = mapper.moe(require(args, "num_layers", where))
+    found = mapper.moe(require(args, "num_layers", where, POSITIVE))
     for dest in sorted(mapper.flagged - MOE_TRAINING):
         refuse(where, f"args.{dest}={args.get(dest)!r}", SUPPORTED_MOE)
     return MoEConfig(**found)
@@ -203,23 +208,23 @@ def model_config(args: dict, where: Path, vocab_size: int | None) -> tuple[Model
     """The megatronlite model of Megatron-LM args, and the padded vocabulary size the tensors have."""
     values = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
     found = features(values, where)
-    hidden, heads = require(args, "hidden_size", where), require(args, "num_attention_heads", where)
-    kv_channels = args.get("kv_channels")
-    padded = require(args, "padded_vocab_size", where)
-    vocab = vocab_size or args.get("vocab_size") or padded
+    size = functools.partial(require, args, where=where, kind=POSITIVE)
+    hidden, heads, padded = size("hidden_size"), size("num_attention_heads"), size("padded_vocab_size")
+    kv_channels = size("kv_channels", default=None)
+    vocab = vocab_size or size("vocab_size", default=padded)
     if vocab > padded:
         raise UserError(f"{where}: vocabulary size {vocab} exceeds the checkpoint's padded vocabulary ({padded})")
     model = ModelConfig(
         arch=closest_arch(found),
-        num_layers=require(args, "num_layers", where),
+        num_layers=size("num_layers"),
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=args.get("num_query_groups") if args.get("group_query_attention") else heads,
+        num_kv_heads=size("num_query_groups") if args.get("group_query_attention") else heads,
         head_dim=None if kv_channels in (None, hidden // heads) else kv_channels,
-        ffn_hidden_size=require(args, "ffn_hidden_size", where),
+        ffn_hidden_size=size("ffn_hidden_size"),
         vocab_size=vocab,
-        max_seq_len=args.get("max_position_embeddings") or require(args, "seq_length", where),
-        init_std=float(values["init_method_std"]),
+        max_seq_len=size("max_position_embeddings", default=None) or size("seq_length"),
+        init_std=float(require(values, "init_method_std", where, NUMBER)),
         moe=moe_config(args, where),
         **found,
     )

@@ -28,13 +28,16 @@ defaults to TP; another one is refused). A rank holds them in its expert module'
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megatronlite.convert.fields import COUNT, POSITIVE, require
 from megatronlite.convert.mapping import Mapping, Rule, stacked
 from megatronlite.convert.megatron_names import LAYER, expert_biases
 from megatronlite.convert.model_state import Checkpoint, refuse
@@ -165,27 +168,61 @@ def load_args(directory: Path) -> dict:
     return vars(args)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the rank files split the model, from the args, checked against the rank directories present."""
+
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    experts: int
+    per_stage: int  # layers per virtual pipeline stage
+
+
+def layout(directory: Path, args: dict) -> Layout:
+    """The args' parallel layout, each size an integer >= 1 and the rank directories it names all there (and no
+    others): checked before anything is allocated per rank."""
+    where = f"{_first_file(directory)}: args"
+    size = functools.partial(require, args, where=where, kind=POSITIVE, default=1)
+    tp, pp, vpp = (
+        size("tensor_model_parallel_size"),
+        size("pipeline_model_parallel_size"),
+        size("virtual_pipeline_model_parallel_size"),
+    )
+    experts = require(args, "num_experts", where, COUNT, default=0)
+    ep = size("expert_model_parallel_size") if experts else 1
+    for key in UNEVEN:
+        if args.get(key):
+            refuse(directory, f"an uneven pipeline split (args.{key})", "even pipeline stages")
+    layers = require(args, "num_layers", where, POSITIVE)
+    if layers % (pp * vpp):
+        refuse(directory, f"{layers} layers over {pp * vpp} pipeline stages", "even pipeline stages")
+    if experts % ep:
+        refuse(directory, f"{experts} experts over {ep} expert-parallel ranks", "experts split evenly over EP ranks")
+    expert_tp = size("expert_tensor_parallel_size", default=tp)
+    if experts and expert_tp != tp:
+        refuse(
+            directory,
+            f"args.expert_tensor_parallel_size={expert_tp} with args.tensor_model_parallel_size={tp}",
+            f"legacy MoE files whose experts are split as the dense layers are (expert TP = TP); {TO_TORCH_DIST}",
+        )
+    present = {p.name for p in directory.glob("mp_rank_*")}
+    ranks = (rank_dir(t, p, pp, e, ep) for e, p, t in itertools.product(range(ep), range(pp), range(tp)))
+    missing = next((name for name in ranks if name not in present), None)  # stops within len(present) + 1
+    if missing is not None:
+        raise UserError(
+            f"{directory / missing / FILE}: file not found (args: TP {tp} x PP {pp} x EP {ep} rank files; "
+            f"{len(present)} mp_rank_* directories are here)"
+        )
+    return Layout(tp, pp, vpp, ep, experts, layers // (pp * vpp))
+
+
 class LegacyStore:
     def __init__(self, directory: Path, args: dict) -> None:
         self.where = directory
-        tp = args.get("tensor_model_parallel_size") or 1
-        pp = args.get("pipeline_model_parallel_size") or 1
-        vpp = args.get("virtual_pipeline_model_parallel_size") or 1
-        for key in UNEVEN:
-            if args.get(key):
-                refuse(directory, f"an uneven pipeline split (args.{key})", "even pipeline stages")
-        per_stage, leftover = divmod(args["num_layers"], pp * vpp)
-        if leftover:
-            refuse(directory, f"{args['num_layers']} layers over {pp * vpp} pipeline stages", "even pipeline stages")
-        experts = args.get("num_experts") or 0
-        ep = (args.get("expert_model_parallel_size") or 1) if experts else 1
-        expert_tp = args.get("expert_tensor_parallel_size") or tp
-        if experts and expert_tp != tp:
-            refuse(
-                directory,
-                f"args.expert_tensor_parallel_size={expert_tp} with args.tensor_model_parallel_size={tp}",
-                f"legacy MoE files whose experts are split as the dense layers are (expert TP = TP); {TO_TORCH_DIST}",
-            )
+        lay = layout(directory, args)
+        tp, pp, vpp, ep, experts, per_stage = lay.tp, lay.pp, lay.vpp, lay.ep, lay.experts, lay.per_stage
         self.glu = bool(args.get("swiglu"))
         self.shards: dict[str, list[torch.Tensor | None]] = defaultdict(lambda: [None] * tp)
         self.optimizer_file: Path | None = None  # the first rank file holding optimizer state

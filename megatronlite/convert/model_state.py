@@ -138,13 +138,6 @@ def run_config(model: ModelConfig, name: str, tokenizer: str = "byte") -> Config
     return config_mod.from_dict(raw)
 
 
-def require(fields: dict, key: str, where: Path | str) -> object:
-    """A config field a conversion cannot guess."""
-    if fields.get(key) is None:
-        raise UserError(f"{where}: {key} is missing; it is needed to convert the model")
-    return fields[key]
-
-
 def refuse(where: Path | str, setting: str, supported: str) -> None:
     raise UserError(f"{where}: {setting} is not supported; megatronlite converts {supported}")
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from megatronlite.convert.fields import OBJECT, TEXT_MAP, check, read_json, require
 from megatronlite.errors import UserError
-from megatronlite.extras import require
+from megatronlite.extras import require as require_extra
+from megatronlite.untrusted import plain_name
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -42,7 +44,7 @@ class SafetensorsStore:
     """The tensors of an HF model directory: one `model.safetensors`, or shards named by the index."""
 
     def __init__(self, directory: Path) -> None:
-        safe_open = require("safetensors", "hf", "convert --from hf").safe_open
+        safe_open = require_extra("safetensors", "hf", "convert --from hf").safe_open
         self.where = directory
         if (directory / INDEX).is_file():
             files = self._read_index(directory / INDEX)
@@ -67,11 +69,9 @@ class SafetensorsStore:
                 self._file[name] = path
 
     def _read_index(self, index: Path) -> dict[str, Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a safetensors index (needs a weight_map: {e})") from None
-        return {f: index.parent / f for f in set(weight_map.values())}
+        raw = check(read_json(index, "safetensors index"), OBJECT, index, INDEX)
+        weight_map = require(raw, "weight_map", index, TEXT_MAP)
+        return {f: index.parent / plain_name(f, f"{index}: weight_map") for f in set(weight_map.values())}
 
     def keys(self) -> list[str]:
         return list(self._file)

@@ -37,6 +37,7 @@ from megatronlite.errors import UserError
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "random", "trials", "seed")
 RANGE_KEYS = ("low", "high", "log")
+MAX_TRIALS = 10_000  # grid combinations x random trials: each is a config checked now and a run later
 
 
 def _yaml_value(value: Any) -> str:
@@ -101,11 +102,30 @@ def _trial_id(params: dict[str, Any]) -> str:
     return "t" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _plain(value: Any) -> bool:
+    """A value --set can carry: YAML's plain scalars, lists of them, mappings with string keys."""
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, bool | int | float | str)
+
+
 def expand(grid: dict, rand: dict, trials: int, seed: int, where: str) -> list[Trial]:
     """The grid's combinations, each with `trials` random draws; duplicates appear once."""
+    for section, values_of in (("grid", grid), ("random", rand)):
+        for key, values in values_of.items():
+            if not isinstance(key, str) or not _plain(values):
+                raise UserError(
+                    f"{where} {section}.{key}: {values!r} is not a plain YAML value (numbers, strings, booleans, "
+                    "null, lists, mappings with string keys)"
+                )
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where} grid.{key}: expected a non-empty list of values, got {values!r}")
+    total = math.prod(len(values) for values in grid.values()) * (trials if rand else 1)
+    if total > MAX_TRIALS:
+        raise UserError(f"{where}: the sweep has {total} trials (grid x trials); at most {MAX_TRIALS} are allowed")
     rng = random.Random(seed)
     out: dict[str, Trial] = {}
     for combo in itertools.product(*grid.values()):
@@ -122,10 +142,7 @@ def load(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
-    try:
-        raw = config.parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = config.read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with keys {', '.join(SWEEP_KEYS)}")
     for key in raw:
@@ -159,7 +176,7 @@ def resolve_config(sweep: Sweep, trial: Trial) -> config.Config:
     sets = sweep.overrides + trial.overrides() + [f"name={sweep.name}-{trial.id}"]
     try:
         raw = config.apply_overrides(config.load_raw(sweep.base), sets)
-        if raw.get("logging", {}).get("wandb"):
+        if isinstance(raw.get("logging"), dict) and raw["logging"].get("wandb"):
             raw = config.apply_overrides(raw, [f"logging.wandb.group={sweep.name}"])
         cfg = config.from_dict(raw)
         config.check_inputs(cfg)  # before any trial is launched
