@@ -29,7 +29,7 @@ def refusal(capsys, run_dir, sets, *extra) -> str:
 
 def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    sets = tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.pipeline": 2})
+    sets = tiny_overrides(corpus, run, **{"parallel.tensor": 2, "parallel.pipeline": 2, "train.global_batch_size": 8})
     dry_run(run, sets, "--workers", "8")
     out = capsys.readouterr().out
     assert not run.exists()
