@@ -2,15 +2,18 @@
 a silent wrong weight, or memory without bound."""
 
 import json
+import pickle
 
 import pytest
 import torch
 import yaml
 from helpers import conversion_model, error_of
 from test_convert_megatron import GPT2, _legacy_args
-from test_sweep import write_sweep
+from test_sweep import REPO, write_sweep
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
-from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint
+from megatronlite.checkpoint import store
+from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint, write_checkpoint_lazily
 from megatronlite.config import load_raw
 from megatronlite.convert import Options, convert
 from megatronlite.convert.model_state import run_config
@@ -224,3 +227,136 @@ def test_sweep_base_with_a_bad_section_is_one_line(tmp_path):
     path = write_sweep(tmp_path, {}, base_text=yaml.safe_dump({"logging": 5}))
     with pytest.raises(UserError, match="logging: expected a mapping"):
         sweep_spec.load(path)
+
+
+def test_sweep_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"grid": {"optim.lr": [1e-3]}})
+    (tmp_path / "taken").write_text("")
+    line = error_of(capsys, "sweep", str(path), "--out", str(tmp_path / "taken"))
+    assert f"sweep --out {tmp_path / 'taken'}: cannot make the directory" in line
+
+
+def test_launch_template_that_is_not_utf8_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    template = tmp_path / "mine.sbatch"
+    template.write_bytes(b"#!/bin/bash\n{{run}} \xff\n")
+    line = error_of(capsys, "submit", "configs/demo.yaml", "--template", str(template), "--dry-run")
+    assert "mine.sbatch: the launch template is not UTF-8 text" in line
+
+
+# --- torch exports and torch_dist: entries of the wrong kind ----------------------------------------
+
+
+def test_torch_file_entry_that_is_not_a_tensor_is_named(tmp_path, capsys):
+    convert("mlite", "torch", _native(tmp_path), tmp_path / "g.pt", Options())
+    _edit(tmp_path / "g.pt", lambda s: s["model"].update({"embedding.position.weight": 5}))
+    line = _convert_error(capsys, "torch", tmp_path / "g.pt", tmp_path)
+    assert "g.pt: model entry 'embedding.position.weight' is a int; expected a tensor" in line
+
+
+def test_megatron_stacked_tensor_without_dims_is_named(tmp_path, capsys):
+    """A torch_dist entry of size [] is well-formed DCP (one value, one chunk), but no stack of layers."""
+    convert("mlite", "megatron", _native(tmp_path), tmp_path / "meg", Options())
+    path = tmp_path / "meg" / "release" / ".metadata"
+    md = pickle.loads(path.read_bytes())
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    entry, empty = md.state_dict_metadata[key], torch.Size([])
+    md.storage_data[MetadataIndex(key, empty)] = md.storage_data[MetadataIndex(key, (0,) * len(entry.size))]
+    entry.size, entry.chunks = empty, [ChunkStorageMetadata(empty, empty)]
+    path.write_bytes(pickle.dumps(md))
+    line = _convert_error(capsys, "megatron", tmp_path / "meg", tmp_path)
+    assert f"stacked tensor {key} has size []; its first dim must be args.num_layers" in line
+
+
+# --- native checkpoints: the config and meta.json a step directory holds ---------------------------
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda p: p.unlink(), "config.yaml: cannot read the checkpoint config"),
+        (lambda p: p.write_text("model: [1,\n"), "config.yaml line 2: not valid YAML"),
+        (lambda p: p.write_text(p.read_text().replace("name:", "nmae:", 1)), "config.yaml: unknown config key 'nmae'"),
+    ],
+    ids=["missing", "not-yaml", "unknown-key"],
+)
+def test_checkpoint_config_is_named(tmp_path, capsys, change, expected):
+    change(store.find_step_dir(_native(tmp_path)) / "config.yaml")
+    line = error_of(capsys, "generate", str(tmp_path / "src"), "--prompt", "a", "--max-new-tokens", "1")
+    assert expected in line
+
+
+def test_a_meta_json_that_is_not_an_object_is_one_line(tmp_path, capsys):
+    step_dir = store.find_step_dir(_native(tmp_path))
+    (step_dir / "meta.json").write_text("[1]")
+    line = error_of(capsys, "generate", str(tmp_path / "src"), "--prompt", "a", "--max-new-tokens", "1")
+    assert "meta.json holds list, not a JSON object" in line, line
+
+
+def test_prompt_outside_the_vocabulary_is_one_line(tmp_path, capsys):
+    """The byte tokenizer maps "~" to 126; the model has 77 rows."""
+    line = error_of(capsys, "generate", str(_native(tmp_path)), "--prompt", "a~", "--max-new-tokens", "1")
+    assert "token id 126 is outside the vocabulary 0..76 (the model's vocab_size is 77)" in line
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda m: m.pop("step"), "step is missing"),
+        (lambda m: m.update(step="x"), "step is 'x'; expected an integer >= 0"),
+        (lambda m: m.update(optimizer_steps=-1), "optimizer_steps is -1; expected an integer >= 0"),
+        (lambda m: m.update(consumed_samples=1.5), "consumed_samples is 1.5; expected an integer >= 0"),
+    ],
+    ids=["no-step", "step-str", "optimizer-steps", "consumed"],
+)
+def test_training_checkpoint_meta_is_checked(tmp_path, capsys, change, expected):
+    cfg = run_config(conversion_model("gpt2"), "src")
+    shapes = expected_shapes(cfg)
+    moments = {"exp_avg": lambda n: torch.zeros(shapes[n]), "exp_avg_sq": lambda n: torch.zeros(shapes[n])}
+    step_dir = write_checkpoint_lazily(tmp_path / "src", cfg, lambda n: torch.randn(shapes[n]), 3, moments, 3, 24)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    change(meta)
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    assert f"{step_dir / 'meta.json'}: {expected}" in _convert_error(capsys, "mlite", tmp_path / "src", tmp_path)
+
+
+# --- config from-megatron: the args it computes with ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"window_size": 5}, "--window-size is 5; expected a (left, right) pair of integers"),
+        ({"num_attention_heads": 0}, "--num-attention-heads is 0; expected an integer >= 1"),
+        ({"train_iters": "x"}, "--train-iters is 'x'; expected an integer >= 1"),
+        ({"hidden_size": "8"}, "--hidden-size is '8'; expected an integer >= 1"),
+        ({"normalization": ["RMSNorm"]}, "--normalization is ['RMSNorm']; expected a string"),
+        ({"virtual_pipeline_model_parallel_size": "2"}, "args.virtual_pipeline_model_parallel_size is '2'"),
+    ],
+    ids=["window", "heads-0", "iters-str", "hidden-str", "norm-list", "vpp-str"],
+)
+def test_megatron_checkpoint_args_are_checked_for_config(tmp_path, capsys, changes, expected):
+    meg = _legacy_args(tmp_path, GPT2, **changes)
+    assert expected in error_of(capsys, "config", "from-megatron", str(meg))
+
+
+SCRIPT = (
+    "python pretrain_gpt.py --num-layers 2 --hidden-size 8 --num-attention-heads 2 --seq-length 8 "
+    "--micro-batch-size 1 --lr 1e-3 --vocab-size 16 "
+)
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ("--train-iters 4 --num-attention-heads 0", "--num-attention-heads is 0; expected an integer >= 1"),
+        ("--train-iters 4 --window-size 5", "--window-size is (5,); expected a (left, right) pair of integers"),
+        ("--train-samples 4 --global-batch-size 8", "--train-samples 4 is less than one global batch (8)"),
+    ],
+    ids=["heads-0", "window", "no-step"],
+)
+def test_megatron_script_values_are_checked(tmp_path, capsys, flags, expected):
+    script = tmp_path / "train.sh"
+    script.write_text(SCRIPT + flags + "\n")
+    line = error_of(capsys, "config", "from-megatron", str(script))
+    assert line.startswith(f"megatronlite: error: {script}: ") and expected in line, line

@@ -11,6 +11,7 @@ from megatronlite import config as config_mod
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.views import model_pieces, router_bias_pieces
 from megatronlite.config import Config
+from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
 from megatronlite.parallel.mesh import Mesh
 from megatronlite.train.moe_steps import moe_layers
@@ -19,8 +20,18 @@ TokenIds = torch.Tensor | list
 
 
 def load_config(step_dir: Path) -> Config:
-    raw = config_mod.parse_yaml((step_dir / "config.yaml").read_text())
-    return config_mod.from_dict(raw)
+    """The run config a checkpoint was saved with; a missing, unreadable or invalid one is one line naming it."""
+    path = step_dir / "config.yaml"
+    raw = config_mod.read_yaml(path, "checkpoint config")
+    try:
+        return config_mod.from_dict(raw)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+class TokenIdError(UserError, ValueError):
+    """A token id the model has no row for: a ValueError to Python callers, one line and exit 2 from the CLI
+    (`generate` with a prompt the run's tokenizer maps past a smaller model's vocabulary)."""
 
 
 def as_token_ids(ids: TokenIds, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -35,8 +46,9 @@ def as_token_ids(ids: TokenIds, vocab_size: int, device: torch.device) -> torch.
         raise ValueError(f"input_ids: expected [seq] or [batch, seq] token ids, got shape {tuple(ids.shape)}")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"input_ids: token id {low if low < 0 else high} is outside the vocabulary 0..{vocab_size - 1}"
+        raise TokenIdError(
+            f"input_ids: token id {low if low < 0 else high} is outside the vocabulary 0..{vocab_size - 1} "
+            f"(the model's vocab_size is {vocab_size})"
         )
     return ids
 

@@ -172,8 +172,10 @@ def is_complete(step_dir: Path) -> bool:
 def read_meta(step_dir: Path) -> dict:
     try:
         meta = json.loads((step_dir / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint {step_dir}: {META} is missing or corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {step_dir}: {META} holds {type(meta).__name__}, not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"checkpoint {step_dir}: format version {meta.get('format_version')!r}, this megatronlite reads "

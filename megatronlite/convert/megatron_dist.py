@@ -124,8 +124,11 @@ def open_store(directory: Path, args: dict, prefix: str = "") -> DcpStore:
         if key_in_model == rest or rest.split(".")[0].isdigit():  # not stacked (or saved per layer)
             boxes[key_in_model] = whole(key, shape, dtype)
             continue
-        if shape[0] != layers:
-            raise UserError(f"{directory}: tensor {key} stacks {shape[0]} layers; args.num_layers is {layers}")
+        if not shape or shape[0] != layers:
+            raise UserError(
+                f"{directory}: stacked tensor {key} has size {list(shape)}; its first dim must be args.num_layers, "
+                f"{layers}"
+            )
         for i in range(layers):
             boxes[f"{STACKED}{i}.{rest}"] = Box(key, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]), dtype, True)
     return DcpStore(directory, boxes)

@@ -22,6 +22,7 @@ from megatronlite.checkpoint import store
 from megatronlite.checkpoint.model_loader import load_config
 from megatronlite.checkpoint.weights import expected_shapes, write_checkpoint_lazily
 from megatronlite.convert.dcp_store import DcpStore, stored_tensors, whole
+from megatronlite.convert.fields import COUNT, require
 from megatronlite.convert.mapping import Get, Mapping, rename
 from megatronlite.convert.model_state import Checkpoint, Options, TrainingState, from_store, side_files
 from megatronlite.convert.parking import Staging
@@ -63,9 +64,11 @@ def read(path: Path, options: Options) -> Checkpoint:
     if meta.get("weights_only") or options.weights_only:
         return ckpt
     moments = {k: from_store(cfg, _store(step_dir, tensors, f"optim.{k}."), mapping, no_extras).get for k in MOMENTS}
-    step = meta["step"]
-    steps = meta.get("optimizer_steps", step)
-    ckpt.training = TrainingState(moments, step, steps, meta.get("consumed_samples", 0), "meta.json")
+    where = step_dir / store.META
+    step = require(meta, "step", where, COUNT)
+    steps = require(meta, "optimizer_steps", where, COUNT, step)
+    consumed = require(meta, "consumed_samples", where, COUNT, 0)
+    ckpt.training = TrainingState(moments, step, steps, consumed, "meta.json")
     return ckpt
 
 

@@ -44,6 +44,9 @@ def read(path: Path, options: Options) -> Checkpoint:
     obj = load_torch_file(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not all(isinstance(obj.get(k), dict) for k in KEYS):
         raise UserError(f"{path}: not a megatronlite global state dict (a dict with format {FORMAT!r}, config, model)")
+    for name, value in obj["model"].items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: model entry {name!r} is a {type(value).__name__}; expected a tensor")
     cfg = config_mod.from_dict(obj["config"])
     mapping = Mapping([rename(n, n) for n in expected_shapes(cfg)])
     return from_store(cfg, _DictStore(path, obj["model"]), mapping, lambda name: False)

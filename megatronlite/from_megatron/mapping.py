@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megatronlite.config import ModelConfig
+from megatronlite.convert.fields import COUNT, NUMBER, POSITIVE, TEXT, Kind, check
 from megatronlite.convert.presets import closest_arch
 from megatronlite.errors import UserError
 from megatronlite.from_megatron.flags import BY_DEST, DERIVED, lookup_dest
@@ -23,6 +24,37 @@ from megatronlite.from_megatron.flags import BY_DEST, DERIVED, lookup_dest
 GPT2_VOCAB = 50257  # GPT2BPETokenizer's vocabulary (GPT-2's vocab.json)
 LEGACY_SPLIT = "969,30,1"  # Megatron-LM's split when --data-path is given without --split
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
+PAIR = Kind(
+    "a (left, right) pair of integers",
+    lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(type(x) is int for x in v),
+)
+# what Megatron-LM accepts for each arg the mapping computes with: a script's or a checkpoint's value is checked
+# before use (an arg not given holds Megatron's default)
+ARG_KINDS: dict[str, Kind] = {
+    **dict.fromkeys(
+        """num_layers hidden_size num_attention_heads num_query_groups kv_channels ffn_hidden_size seq_length
+        max_position_embeddings vocab_size padded_vocab_size make_vocab_size_divisible_by moe_router_topk
+        tensor_model_parallel_size pipeline_model_parallel_size context_parallel_size expert_model_parallel_size
+        virtual_pipeline_model_parallel_size num_layers_per_virtual_pipeline_stage num_virtual_stages_per_pipeline_rank
+        micro_batch_size global_batch_size train_iters train_samples""".split(),
+        POSITIVE,
+    ),
+    **dict.fromkeys(
+        """num_experts decoder_first_pipeline_num_layers decoder_last_pipeline_num_layers recompute_num_layers
+        lr_decay_iters lr_decay_samples lr_warmup_iters lr_warmup_samples lr_wsd_decay_iters lr_wsd_decay_samples
+        eval_interval eval_iters save_interval log_interval""".split(),
+        COUNT,
+    ),
+    **dict.fromkeys(
+        """lr min_lr lr_warmup_fraction weight_decay adam_beta1 adam_beta2 adam_eps clip_grad init_method_std
+        attention_dropout hidden_dropout initial_loss_scale moe_aux_loss_coeff""".split(),
+        NUMBER,
+    ),
+    **dict.fromkeys(
+        "normalization position_embedding_type lr_decay_style split tokenizer_type tokenizer_model".split(), TEXT
+    ),
+    "window_size": PAIR,
+}
 
 
 @dataclass
@@ -123,6 +155,13 @@ def _flag_name(dest: str) -> str:
     return "--" + (flag.name if flag else dest.replace("_", "-"))
 
 
+def _check_args(values: dict[str, Any], where: str) -> None:
+    """Every arg the mapping computes with is of the kind Megatron-LM accepts: one line naming it, not a crash."""
+    for dest, kind in ARG_KINDS.items():
+        if values.get(dest) is not None:
+            check(values[dest], kind, where, _flag_name(dest) if lookup_dest(dest) else f"args.{dest}")
+
+
 def _number(value: float) -> int | float:
     """A float that is a whole number as an int (for steps), else as it is."""
     return int(value) if float(value).is_integer() else value
@@ -132,6 +171,7 @@ class Mapper:
     """Builds the config sections from `Args`; what cannot be mapped exactly goes to the report."""
 
     def __init__(self, args: Args, given: dict[str, str], where: str, world_size: int | None) -> None:
+        _check_args(args.values, where)
         self.a, self.given, self.where, self.world_size = args, given, where, world_size
         self.report = Report()
         self.flagged: set[str] = set()
@@ -434,6 +474,11 @@ class Mapper:
             )
         if a["train_samples"] is not None:
             steps = a["train_samples"] // gbs
+            if not steps:
+                raise UserError(
+                    f"{self.where}: --train-samples {a['train_samples']} is less than one global batch ({gbs}): "
+                    "Megatron-LM would run no step"
+                )
             a.touch("train_iters")  # a checkpoint records the steps Megatron derived from the samples: the same
             if a["train_samples"] % gbs:
                 exact = a["train_samples"] / gbs

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from megatronlite import config, curves
-from megatronlite.errors import UserError
+from megatronlite.errors import UserError, made_dir
 from megatronlite.launcher import slurm, slurmctl, sweep_report, sweep_spec
 from megatronlite.launcher.sweep_spec import Sweep, Trial
 
@@ -113,8 +113,9 @@ def main(args: argparse.Namespace) -> None:
             print(_array_script(args, sweep, todo, out)[0], end="")
         return
     curves.pyplot(sweep_report.PLOT)  # the report at the end plots: refuse now, not after the trials have trained
+    made_dir(out, "sweep --out")
     for t in todo:
-        (out / t.id).mkdir(parents=True, exist_ok=True)
+        made_dir(out / t.id, "sweep trial directory")
         config.save(configs[t.id], out / t.id / "config.yaml")
     if args.executor == "slurm" and todo:
         script, log = _array_script(args, sweep, todo, out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from megatronlite import config
 from megatronlite.errors import UserError
 
 FIELD = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -15,7 +16,7 @@ def render(template: Path, values: dict[str, str]) -> str:
     """The template's text with every field replaced; a field without a value is a UserError."""
     if not template.is_file():
         raise UserError(f"launch template not found: {template}")
-    text = template.read_text()
+    text = config.read_text(template, "launch template")
     unknown = sorted({m.group(1) for m in FIELD.finditer(text)} - values.keys())
     if unknown:
         raise UserError(
