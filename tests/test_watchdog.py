@@ -27,13 +27,15 @@ def watched(tmp_path, monkeypatch, patient: bool, peer_alive_at: float) -> threa
 
 
 @pytest.mark.parametrize(
-    "patient, peer, fires",
+    "patient, peer, patience, fires",
     [
-        (False, "answering", True),  # training: no progress for the timeout is a stall
-        (True, "answering", False),  # start-up: a slow peer (an index build) is waited for
-        (True, "stopped", True),  # start-up: a frozen or dead one ends the job
+        (False, "answering", 6, True),  # training: no progress for the timeout is a stall
+        (True, "answering", 6, False),  # start-up: a slow peer (an index build) is waited for
+        (True, "stopped", 6, True),  # start-up: a frozen or dead one ends the job
+        (True, "answering", 2, True),  # ... and nothing is waited for past the patience (a stale build lock)
     ],
 )
-def test_start_up_waits_for_slow_ranks_and_not_for_stopped_ones(tmp_path, monkeypatch, patient, peer, fires):
+def test_start_up_waits_for_slow_ranks_and_not_for_stopped_ones(tmp_path, monkeypatch, patient, peer, patience, fires):
+    monkeypatch.setattr(watchdog_mod, "PATIENCE", patience)
     alive_at = time.time() + 3600 if peer == "answering" else time.time() - 3600
     assert watched(tmp_path, monkeypatch, patient, alive_at).is_set() == fires

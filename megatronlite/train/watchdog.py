@@ -16,7 +16,8 @@ Every healthy rank does the same, so a job ends within about one timeout of the 
 
 Start-up (building or waiting for another rank to build the data's indexes, drawing the initial weights, reading
 a checkpoint) may take longer than a step for good reason: there the watchdog is `patient`, and ends the job
-only when a rank has stopped answering (a frozen or dead process), not when one is merely slow.
+when a rank has stopped answering (a frozen or dead process), not when one is merely slow, up to `PATIENCE`
+timeouts (a wait nothing will end, such as a build lock a killed process left behind).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 EXIT_CODE = 4  # the watchdog ended the job
+PATIENCE = 6  # timeouts without progress at start-up while every rank still answers (an hour by default)
 PREFIX = "megatronlite/watchdog"
 
 
@@ -106,7 +108,8 @@ class Watchdog:
     def _watch(self) -> None:
         while not self.stop.wait(self.interval):
             stalled_for = time.monotonic() - self.last
-            if stalled_for > self.timeout_s and not (self.patient and self._all_answer()):
+            waiting = self.patient and stalled_for < PATIENCE * self.timeout_s and self._all_answer()
+            if stalled_for > self.timeout_s and not waiting:
                 self._fire(stalled_for)
 
     def _all_answer(self) -> bool:
