@@ -295,8 +295,8 @@ def test_a_meta_json_that_is_not_an_object_is_one_line(tmp_path, capsys):
 
 def test_prompt_outside_the_vocabulary_is_one_line(tmp_path, capsys):
     """The byte tokenizer maps "~" to 126; the model has 77 rows."""
-    line = error_of(capsys, "generate", str(_native(tmp_path)), "--prompt", "a~", "--max-new-tokens", "1")
-    assert "token id 126 is outside the vocabulary 0..76 (the model's vocab_size is 77)" in line
+    line = error_of(capsys, "generate", str(_native(tmp_path)), "--prompt", "~", "--max-new-tokens", "1")
+    assert "generate: the prompt's '~' is token 126; the model's vocabulary has 77 tokens" in line, line
 
 
 @pytest.mark.parametrize(
