@@ -29,11 +29,6 @@ def load_config(step_dir: Path) -> Config:
         raise UserError(f"{path}: {e}") from None
 
 
-class TokenIdError(UserError, ValueError):
-    """A token id the model has no row for: a ValueError to Python callers, one line and exit 2 from the CLI
-    (`generate` with a prompt the run's tokenizer maps past a smaller model's vocabulary)."""
-
-
 def as_token_ids(ids: TokenIds, vocab_size: int, device: torch.device) -> torch.Tensor:
     """`ids` (a list, a list of lists, an integer tensor) as a LongTensor on `device`, checked against the vocabulary.
 
@@ -46,9 +41,8 @@ def as_token_ids(ids: TokenIds, vocab_size: int, device: torch.device) -> torch.
         raise ValueError(f"input_ids: expected [seq] or [batch, seq] token ids, got shape {tuple(ids.shape)}")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
-        raise TokenIdError(
-            f"input_ids: token id {low if low < 0 else high} is outside the vocabulary 0..{vocab_size - 1} "
-            f"(the model's vocab_size is {vocab_size})"
+        raise ValueError(
+            f"input_ids: token id {low if low < 0 else high} is outside the vocabulary 0..{vocab_size - 1}"
         )
     return ids
 

@@ -32,7 +32,7 @@ import torch
 
 from megatronlite.config import read_text
 from megatronlite.convert import hf
-from megatronlite.convert.fields import COUNT, COUNTS, TEXT_MAP, Kind, check
+from megatronlite.convert.fields import COUNT, COUNTS, OBJECT, TEXT_MAP, TEXTS, Kind, check, require
 from megatronlite.convert.mapping import Get
 from megatronlite.convert.model_state import (
     Checkpoint,
@@ -42,6 +42,7 @@ from megatronlite.convert.model_state import (
     output_dtype,
     run_config,
     side_files,
+    tensors_only,
 )
 from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
@@ -78,13 +79,6 @@ def _load(path: Path) -> dict:
     return obj
 
 
-def _field(obj: dict, key: str, kind: type | tuple[type, ...], where: Path) -> object:
-    value = obj.get(key)
-    if not isinstance(value, kind):
-        raise UserError(f"{where}: {key} is missing or malformed; not a DeepSpeed checkpoint this reader knows")
-    return value
-
-
 def tag_dir(path: Path) -> Path:
     """The `global_stepN` directory a run directory's `latest` names, or `path` itself."""
     if (path / LATEST).is_file():
@@ -112,7 +106,7 @@ class _Flat:
 
     def __init__(self, files: list[Path], param_shapes: list, where: Path) -> None:
         self.where = where
-        states = [_field(_load(f), "optimizer_state_dict", dict, f) for f in files]
+        states = [require(_load(f), "optimizer_state_dict", f, OBJECT) for f in files]
         count = states[0].get("partition_count")
         count = max(count) if isinstance(count, list) else count
         if count != len(files):
@@ -231,10 +225,7 @@ class DeepSpeedStore:
         zero3 = sorted(step_dir.glob(ZERO3_MODEL_STATES))
         model_file = zero3[0] if zero3 else step_dir / MODEL_STATES
         model = _load(model_file)
-        self.module = _field(model, "module", dict, model_file)
-        for name, value in self.module.items():
-            if not isinstance(value, torch.Tensor):
-                raise UserError(f"{model_file}: module entry {name!r} is a {type(value).__name__}; expected a tensor")
+        self.module = tensors_only(require(model, "module", model_file, OBJECT), model_file, "module")
         self.step = model.get("global_steps") if isinstance(model.get("global_steps"), int) else 0
         if model.get("frozen_param_shapes"):
             raise UserError(f"{model_file}: frozen parameters are not supported (convert a model trained whole)")
@@ -244,7 +235,7 @@ class DeepSpeedStore:
         if optim:
             param_shapes = check(model.get("param_shapes"), PARAM_SHAPES, model_file, "param_shapes")
             self.flat = _Flat(optim, param_shapes, step_dir)
-            names = [*self.flat.places, *_field(model, "buffer_names", list, model_file)]
+            names = [*self.flat.places, *require(model, "buffer_names", model_file, TEXTS)]
             self.aliases = {alias: source for alias, source in shared.items() if source in self.flat.places}
             self.names = names + list(self.aliases)
         elif zero3:

@@ -142,6 +142,15 @@ def refuse(where: Path | str, setting: str, supported: str) -> None:
     raise UserError(f"{where}: {setting} is not supported; megatronlite converts {supported}")
 
 
+def tensors_only(entries: dict, where: Path | str, what: str) -> dict[str, torch.Tensor]:
+    """`entries` (a state dict read from someone's file) if every value is a tensor, else one line naming the first
+    that is not: a converter reads their shapes and bytes."""
+    for name, value in entries.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{where}: {what} entry {name!r} is a {type(value).__name__}; expected a tensor")
+    return entries
+
+
 def side_files(directory: Path) -> dict[str, Path]:
     return {f: directory / f for f in SIDE_FILES if (directory / f).is_file()}
 

@@ -17,7 +17,7 @@ import torch
 from megatronlite import config as config_mod
 from megatronlite.checkpoint.weights import expected_shapes
 from megatronlite.convert.mapping import Mapping, rename
-from megatronlite.convert.model_state import Checkpoint, Options, from_store, output_dtype
+from megatronlite.convert.model_state import Checkpoint, Options, from_store, output_dtype, tensors_only
 from megatronlite.convert.parking import Staging
 from megatronlite.errors import UserError
 from megatronlite.untrusted import load_torch_file
@@ -44,12 +44,9 @@ def read(path: Path, options: Options) -> Checkpoint:
     obj = load_torch_file(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not all(isinstance(obj.get(k), dict) for k in KEYS):
         raise UserError(f"{path}: not a megatronlite global state dict (a dict with format {FORMAT!r}, config, model)")
-    for name, value in obj["model"].items():
-        if not isinstance(value, torch.Tensor):
-            raise UserError(f"{path}: model entry {name!r} is a {type(value).__name__}; expected a tensor")
     cfg = config_mod.from_dict(obj["config"])
     mapping = Mapping([rename(n, n) for n in expected_shapes(cfg)])
-    return from_store(cfg, _DictStore(path, obj["model"]), mapping, lambda name: False)
+    return from_store(cfg, _DictStore(path, tensors_only(obj["model"], path, "model")), mapping, lambda name: False)
 
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:

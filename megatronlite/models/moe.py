@@ -122,14 +122,16 @@ def capacity_keep(sorted_experts: torch.Tensor, counts: torch.Tensor, capacity: 
     return position < capacity
 
 
-def shared_capacity_keep(experts: torch.Tensor, token_index: torch.Tensor, groups: list, capacity: int) -> torch.Tensor:
+def shared_capacity_keep(
+    experts: torch.Tensor, token_index: torch.Tensor, tokens: int, groups: list, capacity: int
+) -> torch.Tensor:
     """For this rank's assignments [T, k] in flat order: whether each is among its expert's first `capacity` of all
     `groups`' ranks' assignments, ordered as one process orders them (token, then choice; `token_index`: each local
-    token's index among the micro-batch's tokens)."""
+    token's index among the micro-batch's `tokens`). No host sync: all on the device."""
     k = experts.shape[1]
     keys = token_index.unsqueeze(1) * k + torch.arange(k, device=experts.device)  # place in one process's order
     every_expert, every_key = _gathered(experts, groups), _gathered(keys, groups)
-    span = int(every_key.max()) + 1
+    span = tokens * k  # more than every key: (expert, key) pairs sort by expert, then key
     ordered = (every_expert * span + every_key).flatten().sort().values
     mine = experts * span + keys
     earlier = torch.searchsorted(ordered, mine) - torch.searchsorted(ordered, experts * span)  # same expert, before
@@ -242,10 +244,11 @@ class MoE(nn.Module):
         counts = routed = torch.bincount(flat, minlength=moe.num_experts)
         keep = None
         if moe.capacity_factor is not None:
-            ranks = math.prod(g.size for g in self.sequence)
-            capacity = math.ceil(moe.capacity_factor * flat.numel() * ranks / moe.num_experts)
+            batch_tokens = experts.shape[0] * math.prod(g.size for g in self.sequence)  # over the ranks sharing it
+            capacity = math.ceil(moe.capacity_factor * (batch_tokens * moe.top_k) / moe.num_experts)
             if self.sequence:
-                keep = shared_capacity_keep(experts, self._token_index(x), self.sequence, capacity).flatten()[order]
+                index = self._token_index(x)
+                keep = shared_capacity_keep(experts, index, batch_tokens, self.sequence, capacity).flatten()[order]
             else:
                 keep = capacity_keep(sorted_experts, counts, capacity)
             order, sorted_experts = order[keep], sorted_experts[keep]

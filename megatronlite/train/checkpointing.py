@@ -279,13 +279,19 @@ def verify(cfg: Config, step_dir: Path, meta: dict, expected: dict[str, tuple[in
     """Refuse a checkpoint whose tensors do not fit `cfg`'s model: one it lacks or shapes differently (of
     `expected`, the global shapes a rank loads), or one the model has no place for. A model config that differs
     in settings no tensor shows (rope_theta, the router's scores) is the user's to change: a warning line, returned."""
-    changes = model_changes(meta.get("model") or {}, cfg.to_dict()["model"])
-    saved = f" (the checkpoint's model config differs: {'; '.join(changes)})" if changes else ""
-    store.check_shapes(step_dir, expected, weights.expected_keys(cfg, bool(meta.get("weights_only"))), saved)
-    if not changes:
+    changed = "; ".join(model_changes(meta.get("model") or {}, cfg.to_dict()["model"]))
+    hint = f" (the checkpoint's model config differs: {changed})" if changed else ""
+    store.check_shapes(step_dir, expected, weights.expected_keys(cfg, bool(meta.get("weights_only"))), hint)
+    if not changed:
         return None
-    changed = "; ".join(changes)
     return f"warning: checkpoint {step_dir} was saved with another model config: {changed}; training goes on with this"
+
+
+def _verify_for(trainer, step_dir: Path, meta: dict, pieces: list[GlobalPiece]) -> None:
+    """`verify` against the pieces this rank will read into; rank 0 prints its warning."""
+    warning = verify(trainer.cfg, step_dir, meta, {p.key: p.global_shape for p in pieces})
+    if warning and trainer.mesh.rank == 0:
+        print_line(warning)
 
 
 def load(trainer, step_dir: Path) -> None:
@@ -297,9 +303,7 @@ def load(trainer, step_dir: Path) -> None:
     parts = trainer.stateful_parts()
     pieces = all_pieces(parts, False)
     mesh = trainer.mesh
-    warning = verify(trainer.cfg, step_dir, meta, {p.key: p.global_shape for p in pieces})
-    if warning and mesh.rank == 0:
-        print_line(warning)
+    _verify_for(trainer, step_dir, meta, pieces)
     same_layout = meta.get("layout") == layout_of(trainer)
     rng = rng_states(trainer.device, mesh.rank)
     store.read_shards(step_dir, rng if same_layout else {}, pieces)
@@ -319,9 +323,7 @@ def _load_weights_only(trainer, step_dir: Path, meta: dict) -> None:
     """A converted or exported model: its weights, then training from step 0 with a fresh optimizer."""
     model = trainer.stateful_parts()["model"]
     pieces = model.pieces(False)
-    warning = verify(trainer.cfg, step_dir, meta, {p.key: p.global_shape for p in pieces})
-    if warning and trainer.mesh.rank == 0:
-        print_line(warning)
+    _verify_for(trainer, step_dir, meta, pieces)
     store.read_shards(step_dir, {}, pieces)
     model.restore({})
     if trainer.mesh.rank == 0:

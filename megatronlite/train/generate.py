@@ -64,8 +64,8 @@ def generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     if not ids:
         raise UserError("generate: the prompt is empty; give at least one token")
-    outside = next((i for i in ids if not 0 <= i < model.cfg.vocab_size), None)
-    if outside is not None and isinstance(prompt, str):  # (ids are checked as ids, by generate_ids)
+    outside = next((i for i in ids if not 0 <= i < model.cfg.vocab_size), None) if isinstance(prompt, str) else None
+    if outside is not None:  # a text prompt's token the model has no row for (ids are checked by generate_ids)
         raise UserError(
             f"generate: the prompt's {tokenizer.decode([outside])!r} is token {outside}; the model's vocabulary has "
             f"{model.cfg.vocab_size} tokens (a model trained with another tokenizer?)"
