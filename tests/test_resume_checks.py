@@ -3,6 +3,7 @@ against the model before anything is read, a run started from a path goes on fro
 state of the guards, Adam's step count and the data's sample order survive it."""
 
 import json
+import shutil
 
 import pytest
 from helpers import error_of, read_metrics, resume_from, set_args, tiny_overrides, train
@@ -106,3 +107,40 @@ def test_a_resume_that_reorders_the_data_says_so(tmp_path, corpus, capsys):
         assert (warning in capsys.readouterr().out) == warned, steps
     meta = json.loads((store.find_step_dir(run) / "meta.json").read_text())
     assert meta["sample_order"] and meta["consumed_samples"] == 24 * 4
+
+
+def _committed(root, *steps):
+    for step in steps:
+        (root / store.step_name(step)).mkdir(parents=True)
+        (root / store.step_name(step) / store.META).write_text("{}")
+
+
+def test_going_back_keeps_the_abandoned_steps_out_of_the_retention(tmp_path):
+    """A user who went back to step 10 (by `latest`) saves step 15: the kept steps are this history's, and the
+    abandoned 20 and 30 stay (not counted, not deleted) until the run saves those steps again."""
+    root = tmp_path / "checkpoints"
+    _committed(root, 5, 10, 20, 30)
+    store.temp_dir(root, 15).mkdir()
+    store.commit(root, 15, {}, "", keep=2, keep_every=0)
+    assert [p.name for p in store.step_dirs(root)] == [store.step_name(s) for s in (10, 15, 20, 30)]
+    assert (root / store.LATEST).read_text() == store.step_name(15)
+
+
+def test_steps_past_seven_digits_sort_by_number(tmp_path):
+    root = tmp_path / "checkpoints"
+    _committed(root, 9_999_999, 10_000_000)
+    assert [store.step_of(p) for p in store.step_dirs(root)] == [9_999_999, 10_000_000]
+    store.temp_dir(root, 10_000_001).mkdir()
+    store.commit(root, 10_000_001, {}, "", keep=2, keep_every=0)
+    assert [store.step_of(p) for p in store.step_dirs(root)] == [10_000_000, 10_000_001]
+
+
+def test_going_back_by_latest_replays_the_steps_after_it(tmp_path, corpus, saved, capsys):
+    """The README's way back: `latest` names an earlier step; the run goes on from it as the first run did."""
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    (run / "checkpoints" / store.LATEST).write_text("step_0000004")
+    capsys.readouterr()
+    train(run, tiny_overrides(corpus, run, **{"model.num_layers": 3, "model.tie_embeddings": "false"}))
+    assert f"resumed from {run / 'checkpoints' / 'step_0000004'} at step 4" in capsys.readouterr().out
+    assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(saved)]

@@ -106,16 +106,28 @@ def commit(root: Path, step: int, meta: dict, config_yaml: str, keep: int, keep_
     _fsync_dir(root)
     shutil.rmtree(replaced, ignore_errors=True)
     _write_atomic(root / LATEST, final.name)
-    _apply_retention(root, keep, keep_every, final.name)
+    _apply_retention(root, keep, keep_every, final)
     return final
 
 
-def _apply_retention(root: Path, keep: int, keep_every: int, newest: str) -> None:
-    complete = sorted(p for p in root.glob("step_*") if (p / META).is_file())
-    recent = {p.name for p in complete[-keep:]} if keep > 0 else {p.name for p in complete}
-    for p in complete:
-        step = int(p.name.split("_")[1])
-        if p.name in recent or p.name == newest or (keep_every and step % keep_every == 0):
+def step_dirs(root: Path) -> list[Path]:
+    """The `step_N` directories in `root`, oldest step first (by number: a name past 7 digits sorts right)."""
+    named = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+    return sorted(named, key=step_of)
+
+
+def step_of(step_dir: Path) -> int:
+    return int(step_dir.name.removeprefix("step_"))
+
+
+def _apply_retention(root: Path, keep: int, keep_every: int, newest: Path) -> None:
+    """Keep the `keep` newest steps up to `newest` (and every `keep_every`-th). Steps after `newest` are an
+    abandoned history (the run went back to an earlier step): they take no place among the kept, and stay
+    until this run saves those steps again, as a user who went back may still want them."""
+    history = [p for p in step_dirs(root) if (p / META).is_file() and step_of(p) <= step_of(newest)]
+    recent = history[-keep:] if keep > 0 else history
+    for p in history:
+        if p in recent or p == newest or (keep_every and step_of(p) % keep_every == 0):
             continue
         (p / META).unlink(missing_ok=True)  # the marker first: a kill mid-delete leaves no "complete" husk
         shutil.rmtree(p, ignore_errors=True)
@@ -139,7 +151,7 @@ def find_step_dir(path: str | Path) -> Path:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = latest_complete(root)
     if found is None:
-        committed = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+        committed = [p for p in step_dirs(root) if (p / META).is_file()]
         if committed:  # say why the newest is not usable
             read_dcp_metadata(committed[-1])
         raise UserError(f"no complete checkpoint in {path} (expected step_*/meta.json or checkpoints/latest)")
@@ -152,7 +164,7 @@ def latest_complete(root: Path) -> Path | None:
     named = _latest_name(root / LATEST)
     if named is not None and is_complete(root / named):
         return root / named
-    for candidate in sorted(root.glob("step_*"), reverse=True):
+    for candidate in reversed(step_dirs(root)):
         if is_complete(candidate):
             return candidate
     return None
