@@ -244,9 +244,16 @@ def test_a_loss_spike_stops_or_rewinds(tmp_path, corpus, capsys, monkeypatch):
     metrics = train(run, tiny_overrides(corpus, run, **spike, **{"train.on_loss_spike": "rewind"}))
     out = capsys.readouterr().out
     assert "step 7: loss spike" in out and "rewound to step_0000004, skipping the next 12 samples" in out, out
+    assert "from the start of the order again" not in out, out
     assert [m["step"] for m in metrics] == list(range(1, 11))  # the steps redone after the rewind appear once
     # after the rewind the data goes on past the spike's batch: step 5 reads what step 8 would have
     assert metrics[4]["consumed_samples"] == 8 * 4 and metrics[-1]["consumed_samples"] == 13 * 4
+
+    run = tmp_path / "blend"  # a blend holds the planned 40 samples, no more: the rewound run's last 12 wrap
+    blend = {"train.on_loss_spike": "rewind", "data.sources": f"[{{path: {corpus}}}, {{path: {corpus}}}]"}
+    train(run, tiny_overrides(corpus, run, **spike, **blend))
+    out = capsys.readouterr().out
+    assert "the run now needs 52 samples, past the 40 its data holds" in out, out
 
 
 # --- a full disk ------------------------------------------------------------------------------

@@ -523,7 +523,14 @@ class Trainer:
         self.spikes.reset()
         log.rewind(self.step)
         if self.mesh.rank == 0:
-            print_line(f"{spike}: rewound to {step_dir.name}, skipping the next {skipped} samples of data")
+            needed = resume_at + (self.cfg.train.steps - self.step) * self.cfg.train.global_batch_size
+            wraps = (
+                f"; the run now needs {needed} samples, past the {len(self.train_ds)} its data holds: the last steps "
+                "read samples from the start of the order again"
+                if needed > len(self.train_ds)
+                else ""
+            )
+            print_line(f"{spike}: rewound to {step_dir.name}, skipping the next {skipped} samples of data{wraps}")
 
     def _skip_record(self) -> dict:
         """The metrics of skipped steps: fp16's loss scale and overflows, or the non-finite steps skipped."""
