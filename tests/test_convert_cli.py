@@ -67,6 +67,22 @@ def test_verify_prints_the_comparison(tmp_path, capsys):
     assert "largest |logit difference| 0 " in out and "agrees (2/2 prompts identical)" in out
 
 
+def test_verify_fails_on_logits_that_differ_with_the_same_greedy_tokens(tmp_path, capsys):
+    """A converted model off by a norm scaled 1% still decodes the same tokens: the logits' tolerance fails it."""
+    from megatronlite.convert.verify import verify
+
+    src, tensors = native(tmp_path)
+    dst = tmp_path / "m.pt"
+    run_cli("--from", "mlite", "--to", "torch", src, dst)
+    state = torch.load(dst)
+    state["model"]["final_norm.weight"] *= 1.01
+    torch.save(state, dst)
+    report = verify(("mlite", src), ("torch", dst), MODELS["llama"], Options(), narrowed=False)
+    assert report.greedy_agrees == report.prompts and not report.passed, report.lines()
+    assert "OVER the tolerance 0.0001" in report.lines()[1], report.lines()
+    assert verify(("mlite", src), ("torch", dst), MODELS["llama"], Options(), narrowed=True).passed
+
+
 def test_verify_runs_transformers_for_hf(tmp_path, capsys):
     pytest.importorskip("transformers")
     src, _ = native(tmp_path, "gpt2")

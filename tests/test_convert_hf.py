@@ -173,3 +173,23 @@ def test_gpt2_checkpoint_without_base_prefix(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (load_model(tmp_path / "ml")(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama-mha-untied", "gpt2-untied"])
+def test_a_tied_config_beside_a_trained_head_is_read_as_transformers_reads_it(tmp_path, kind):
+    """A config that ties the head (`tie_word_embeddings: true`, or GPT-2's default when the key is absent) beside
+    files holding a head of their own: transformers keeps that head, and so does the conversion, with a note."""
+    path = save_hf(hf_model(kind), tmp_path / "hf")
+    raw = json.loads((path / "config.json").read_text())
+    if kind.startswith("gpt2"):
+        del raw["tie_word_embeddings"]
+    else:
+        raw["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(raw))
+    reference = getattr(transformers, raw["architectures"][0]).from_pretrained(path).eval()
+    assert reference.lm_head.weight.data_ptr() != reference.get_input_embeddings().weight.data_ptr()
+    ckpt = convert("hf", "mlite", path, tmp_path / "ml", Options())
+    assert any("read untied, as transformers reads it" in note for note in ckpt.notes), ckpt.notes
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "ml")(ids) - reference(ids).logits).abs().max().item() < 1e-4

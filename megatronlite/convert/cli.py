@@ -95,9 +95,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    import torch
+
     from megatronlite.convert.deepspeed import DeepSpeedOptions
     from megatronlite.convert.formats import convert
-    from megatronlite.convert.model_state import OUTPUT_DTYPES
+    from megatronlite.convert.model_state import OUTPUT_DTYPES, output_dtype
 
     options = DeepSpeedOptions(
         hf_config=Path(args.hf_config) if args.hf_config else None,
@@ -138,7 +140,8 @@ def main(args: argparse.Namespace) -> None:
     if args.verify:
         from megatronlite.convert.verify import verify
 
-        report = verify((args.src_format, src), (args.dst_format, dst), m, options)
+        narrowed = torch.finfo(output_dtype(ckpt, options)).bits < torch.finfo(ckpt.dtype).bits
+        report = verify((args.src_format, src), (args.dst_format, dst), m, options, narrowed)
         print("\n".join(report.lines()))
-        if report.greedy_agrees != report.prompts:
-            raise UserError("verify: greedy decoding of the converted model differs from the source's")
+        if not report.passed:
+            raise UserError("verify: the converted model computes other logits than the source (see above)")

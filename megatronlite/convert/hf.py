@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -14,6 +15,7 @@ from megatronlite.config import ModelConfig
 from megatronlite.convert import byte_tokenizer, hf_gpt2, hf_llama, safetensors_io
 from megatronlite.convert.fields import OBJECT, TEXTS, check, read_json, require
 from megatronlite.convert.hf_features import HFFamily
+from megatronlite.convert.mapping import Mapping
 from megatronlite.convert.model_state import (
     Checkpoint,
     Options,
@@ -28,6 +30,7 @@ from megatronlite.errors import UserError
 
 FAMILIES: tuple[HFFamily, ...] = (*hf_llama.FAMILIES, hf_gpt2)  # export's order of preference
 BY_ARCHITECTURE = {f.ARCHITECTURE: f for f in FAMILIES}
+HEAD, EMBEDDING = "lm_head.weight", "embedding.word.weight"  # the output layer (theirs), the embedding (ours)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -81,9 +84,26 @@ def read(path: Path, options: Options) -> Checkpoint:
     store: TensorStore = safetensors_io.SafetensorsStore(path)
     if not any(k.startswith(family.BASE_PREFIX) for k in store.keys()):
         store = _Prefixed(store, family.BASE_PREFIX)
+    notes = []
+    if model.tied and HEAD in store.keys() and _own_head(store, family.mapping(model)):
+        model = dataclasses.replace(model, tie_embeddings=False)
+        notes.append(
+            f"{path / 'config.json'} ties the output layer to the embedding, but the files hold another "
+            f"{HEAD}: read untied, as transformers reads it (set tie_word_embeddings: false to say so)"
+        )
     ignored = functools.partial(family.ignored, model)
     mapping = family.mapping(model, set(store.keys()))  # the layout the files hold (fused experts or not)
-    return from_store(run_config(model, path.name), store, mapping, ignored, side_files(path))
+    ckpt = from_store(run_config(model, path.name), store, mapping, ignored, side_files(path))
+    ckpt.notes += notes
+    return ckpt
+
+
+def _own_head(store: TensorStore, tied: Mapping) -> bool:
+    """Whether the files' `lm_head.weight` differs from their embedding (transformers ties the two only when it
+    does not: a tied config beside a trained head gives an untied model)."""
+    (embedding,) = tied.sources(EMBEDDING)
+    head, word = store.meta(HEAD), store.meta(embedding)
+    return head.shape != word.shape or not torch.equal(store.get(HEAD), store.get(embedding))
 
 
 def write(ckpt: Checkpoint, dst: Path, options: Options) -> None:

@@ -42,6 +42,10 @@ class Mapping:
         self._by_ours = {n: r for r in rules for n in r.ours}
         self._by_theirs = {n: r for r in rules for n in r.theirs}
 
+    def sources(self, name: str) -> tuple[str, ...]:
+        """The format's tensors our tensor `name` is made from."""
+        return self._by_ours[name].theirs
+
     def ours(self, name: str, get_theirs: Get) -> torch.Tensor:
         """Our tensor `name`, made from the format's tensors (one rule's inputs in memory)."""
         rule = self._by_ours[name]

@@ -88,6 +88,14 @@ ABSENT = {
     "multi_latent_attention": False,
     "window_attn_skip_freq": None,
     "softmax_type": "vanilla",
+    # none of these leaves a trace in the tensors: each changes what the same weights compute
+    "no_rope_freq": None,  # layers without RoPE
+    "qk_l2_norm": False,  # a weightless L2 norm of queries and keys
+    "glu_linear_offset": 0.0,
+    "activation_func_clamp_value": None,
+    "apply_residual_connection_post_layernorm": False,
+    "heterogeneous_layers_config_path": None,
+    "heterogeneous_layers_config_encoded_json": None,
 }
 # megatron-core MoE features megatronlite does not have: the arg and the value that means "off"
 MOE_ABSENT = {

@@ -1,5 +1,7 @@
 """`convert --verify`: run the source and the converted model on the same fixed tokens, in one process
-on the CPU in fp32, and report the largest logit difference and whether greedy decoding agrees.
+on the CPU in fp32, and report the largest logit difference and whether greedy decoding agrees. It passes
+when greedy decoding agrees and the logits differ by no more than arithmetic (or, where the conversion
+narrowed the weights to 16 bits, their rounding) explains: a relative difference of `tolerance`.
 
 An HF directory runs in transformers, so a conversion to or from `hf` is checked against an
 independent implementation; the other formats run in megatronlite's model after being read back
@@ -22,6 +24,7 @@ from megatronlite.extras import require
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # token ids [batch, seq] -> logits [batch, seq, vocab]
 SEQUENCES, LENGTH, PROMPT, NEW_TOKENS = 4, 32, 8, 16
+SAME_WEIGHTS, NARROWED = 1e-4, 5e-2  # relative logit tolerances: weights as stored, or rounded to 16 bits
 
 
 @dataclass(frozen=True)
@@ -29,15 +32,23 @@ class Report:
     source: str
     converted: str
     max_logit_diff: float
+    relative_diff: float  # max_logit_diff over the source's largest |logit|
+    tolerance: float
     greedy_agrees: int  # prompts whose greedy continuations are identical
     prompts: int
     new_tokens: int
 
+    @property
+    def passed(self) -> bool:
+        return self.greedy_agrees == self.prompts and self.relative_diff <= self.tolerance
+
     def lines(self) -> list[str]:
         verdict = "agrees" if self.greedy_agrees == self.prompts else "DIFFERS"
+        within = "within" if self.relative_diff <= self.tolerance else "OVER"
         return [
             f"verify: source {self.source}; converted {self.converted}",
-            f"verify: largest |logit difference| {self.max_logit_diff:.3g} on {SEQUENCES} fixed sequences",
+            f"verify: largest |logit difference| {self.max_logit_diff:.3g} on {SEQUENCES} fixed sequences "
+            f"(relative {self.relative_diff:.2g}, {within} the tolerance {self.tolerance:g})",
             f"verify: greedy decoding of {self.new_tokens} tokens {verdict} "
             f"({self.greedy_agrees}/{self.prompts} prompts identical)",
         ]
@@ -66,14 +77,20 @@ def _greedy(run: Run, prompt: torch.Tensor, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def verify(src: tuple[str, Path], dst: tuple[str, Path], model: ModelConfig, options: Options) -> Report:
+def verify(
+    src: tuple[str, Path], dst: tuple[str, Path], model: ModelConfig, options: Options, narrowed: bool
+) -> Report:
+    """`narrowed`: the conversion rounded the weights to fewer bits than the source holds."""
     run_a, name_a = _runner(*src, options)
     run_b, name_b = _runner(*dst, options)
     length = min(LENGTH, model.max_seq_len)
     tokens = torch.randint(0, model.vocab_size, (SEQUENCES, length), generator=torch.Generator().manual_seed(0))
-    diff = (run_a(tokens).float() - run_b(tokens).float()).abs().max().item()
+    reference = run_a(tokens).float()
+    diff = (reference - run_b(tokens).float()).abs().max().item()
+    relative = diff / max(reference.abs().max().item(), torch.finfo(torch.float32).tiny)
     prompt = min(PROMPT, length - 1)
     steps = min(NEW_TOKENS, model.max_seq_len - prompt)
     prompts = tokens[:2, :prompt]
     agree = sum(_greedy(run_a, p, steps) == _greedy(run_b, p, steps) for p in prompts)
-    return Report(name_a, name_b, diff, agree, len(prompts), steps)
+    tolerance = NARROWED if narrowed else SAME_WEIGHTS
+    return Report(name_a, name_b, diff, relative, tolerance, agree, len(prompts), steps)
