@@ -333,7 +333,7 @@ def main() -> None:
         tps.update(got_tps)
         memory.update(got_memory)
         skipped.update(got_skipped)
-    peak = peak_flops(device)
+    peak = peak_flops(device, args.precision)
     fpt = flops_per_token(cfg.model, t.seq_len)
     m = cfg.model
     base_name = next(iter(builders))

@@ -249,6 +249,19 @@ def test_a_loss_spike_stops_or_rewinds(tmp_path, corpus, capsys, monkeypatch):
     # after the rewind the data goes on past the spike's batch: step 5 reads what step 8 would have
     assert metrics[4]["consumed_samples"] == 8 * 4 and metrics[-1]["consumed_samples"] == 13 * 4
 
+    run = tmp_path / "again"  # the redone step 7 spikes again, judged against the checkpoint's recent losses
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "spike:7,spike:7,spike:7")
+    again = {"train.on_loss_spike": "rewind", "train.max_skipped_steps": 2}
+    line = error_of(
+        capsys,
+        "train",
+        "configs/demo.yaml",
+        "--run-dir",
+        str(run),
+        *set_args(tiny_overrides(corpus, run, **spike, **again)),
+    )
+    assert "step 7: loss spike" in line and "3 rewinds without getting past step 7" in line, line
+
     run = tmp_path / "blend"  # a blend holds the planned 40 samples, no more: the rewound run's last 12 wrap
     blend = {"train.on_loss_spike": "rewind", "data.sources": f"[{{path: {corpus}}}, {{path: {corpus}}}]"}
     train(run, tiny_overrides(corpus, run, **spike, **blend))

@@ -52,7 +52,7 @@ def test_flops_formula():
     cfg = ModelConfig(
         arch="llama", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, ffn_hidden_size=16, vocab_size=10
     )
-    assert flops_per_token(cfg, seq_len=5) == 6 * (2 * (128 + 64 + 384) + 80) + 12 * 2 * 5 * 8
+    assert flops_per_token(cfg, seq_len=5) == 6 * (2 * (128 + 64 + 384) + 80) + 12 * 2 * 3 * 8  # (5 + 1) / 2 keys
 
 
 @pytest.mark.parametrize("arch,kv", [("llama", 2), ("llama", 4), ("gpt2", None)])

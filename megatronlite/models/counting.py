@@ -2,16 +2,20 @@
 
 FLOPs per token of one training step (forward + backward = 3x forward):
 
-    6 * N_matmul  +  12 * L * s * (heads * head_size)
+    6 * N_matmul  +  12 * L * keys * (heads * head_size)
 
 N_matmul counts the weights of every matrix multiply: QKV, attention output, MLP and the output
 layer (V x h, counted even when tied, since the product is computed); embedding lookups and norms
 are not multiplies. The second term is attention itself: per layer and token, QK^T and AV are each
-2 * s * heads * head_size FLOPs forward (h when head_size = h / heads), over the full s x s score
-matrix (causal masking is not discounted, as in Megatron-LM and PaLM, so MFU figures are comparable
-with theirs). With a sliding window a query attends to at most `window` keys, so s becomes
-min(s, window). In a mixture-of-experts layer the MLP term counts the *active* weights: the top-k experts a
-token goes to, the shared expert and the router (so MFU is of the compute a token really gets).
+2 * keys * heads * head_size FLOPs forward (h when head_size = h / heads), where `keys` is the mean
+number of keys a query sees: the causal mask's non-zero entries over its s rows, (s + 1) / 2 (a sliding
+window of w keys: (w (w + 1) / 2 + (s - w) w) / s). Megatron-LM counts the same since March 2025 (its
+`num_floating_point_operations`: "causal mask (only half of the mask is non-zero)", s / 2, the diagonal
+aside); PaLM's appendix and Megatron before then count the whole s x s matrix, so their MFU figures are
+higher by that term. Packed documents (`data.document_mask`) are counted as one sequence: their attention
+is less (Megatron's packed path counts sum(L_i^2) / 2), so MFU reads high there by up to that difference.
+In a mixture-of-experts layer the MLP term counts the *active* weights: the top-k experts a token goes to,
+the shared expert and the router (so MFU is of the compute a token really gets).
 """
 
 from __future__ import annotations
@@ -59,9 +63,16 @@ def parameter_count(cfg: ModelConfig) -> int:
     return embedding + layers + norm + output
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def attended_keys(seq_len: int, window: int | None) -> float:
+    """The mean number of keys a query sees under the causal mask (itself and those before it, at most `window`):
+    the mask's non-zero entries over its rows, (s + 1) / 2 without a window."""
+    w = min(seq_len, window or seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (see the module docstring for the formula)."""
     n_matmul = sum(layer_matmul_params(cfg, experts) for experts in cfg.moe.layers(cfg.num_layers))
     n_matmul += cfg.vocab_size * cfg.hidden_size
-    keys = min(seq_len, cfg.sliding_window or seq_len)  # the keys a query attends to, at most
+    keys = attended_keys(seq_len, cfg.sliding_window)
     return 6 * n_matmul + 12 * cfg.num_layers * keys * cfg.num_heads * cfg.head_size

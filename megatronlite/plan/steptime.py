@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from megatronlite.config import Config, micro_batches
-from megatronlite.models.counting import flops_per_token
+from megatronlite.models.counting import attended_keys, flops_per_token
 from megatronlite.plan.hardware import GPU
 from megatronlite.plan.memory import FP32, compute_bytes
 
@@ -46,10 +46,12 @@ def hardware_flops_per_token(cfg: Config) -> float:
     """Model FLOPs per token plus what recompute runs again (full: a forward, selective: attention's core)."""
     m, seq = cfg.model, cfg.train.seq_len
     model = flops_per_token(m, seq)
-    if cfg.train.recompute == "full":
-        return model * 4 / 3
+    if cfg.train.recompute == "full":  # the layers' forward again (train.recompute_layers of each stage's)
+        stage_layers = m.num_layers / cfg.parallel.pipeline
+        share = min(1.0, cfg.train.recompute_layers / stage_layers) if cfg.train.recompute_layers else 1.0
+        return model + share * (model - 6 * m.vocab_size * m.hidden_size) / 3  # the output layer is not redone
     if cfg.train.recompute == "selective":
-        return model + 4 * m.num_layers * min(seq, m.sliding_window or seq) * m.num_heads * m.head_size
+        return model + 4 * m.num_layers * attended_keys(seq, m.sliding_window) * m.num_heads * m.head_size
     return model
 
 

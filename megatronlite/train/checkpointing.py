@@ -214,6 +214,14 @@ def _gb(n: int) -> str:
 HELD_SAVE_CAP_S = 120.0  # a held save that nothing waits on still ends
 
 
+_FIRED: set[tuple[int, str]] = set()  # the faults of MEGATRONLITE_FAULT that fire once, once fired in this run
+
+
+def new_run_of_faults() -> None:
+    """(A trainer starting.) Faults that fire once fire again in a new run of this process (tests train often)."""
+    _FIRED.clear()
+
+
 def fault_hook(where: str, step: int, rank: int) -> bool:
     """Fault injection for tests: MEGATRONLITE_FAULT=WHERE:STEP[@RANK][,WHERE:STEP...].
 
@@ -224,12 +232,15 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
     `stallsave:N` returns True: the writer then never writes step N (a hung file system);
     `kill:N` SIGKILLs it as step N starts, on the first attempt only (an automatic restart goes on);
     `step:N` raises in step N; `nan:N` and `spike:N` return True, for the trainer to make step N's
-    gradients NaN or its loss 100x. Without @RANK every rank is hit.
+    gradients NaN or its loss 100x; a `spike` once (a bad batch, which a rewind skips): list it again to make
+    the redone step spike again. Without @RANK every rank is hit.
     """
-    for fault in filter(None, os.environ.get("MEGATRONLITE_FAULT", "").split(",")):
+    for index, fault in enumerate(filter(None, os.environ.get("MEGATRONLITE_FAULT", "").split(","))):
         target, _, only_rank = fault.partition("@")
-        if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank):
+        if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank) or (index, fault) in _FIRED:
             continue
+        if where == "spike":
+            _FIRED.add((index, fault))
         if where == "save" or (where == "kill" and restart_count() == 0):
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -81,6 +81,23 @@ class SkipBudget:
         self.in_row = 0
 
 
+class RewindBudget:
+    """Counts loss-spike rewinds until the run gets past the furthest step a spike sent it back from; past the limit
+    the run stops (a spike that skipping the data does not cure would send it back for ever)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count, self.furthest = limit, 0, 0
+
+    def rewound(self, step: int, spike: str) -> None:
+        self.count = self.count + 1 if step <= self.furthest else 1
+        self.furthest = max(self.furthest, step)
+        if self.count > self.limit:
+            raise TrainingStopped(
+                f"{spike}; {self.count} rewinds without getting past step {self.furthest}; stopping "
+                f"(train.max_skipped_steps = {self.limit}); lower optim.lr or set optim.clip_grad"
+            )
+
+
 class SpikeDetector:
     """A loss above `factor` x the mean of the recent finite losses is a spike (factor 0: never)."""
 
@@ -98,6 +115,3 @@ class SpikeDetector:
 
     def reference(self) -> float:
         return sum(self.recent) / max(1, len(self.recent))
-
-    def reset(self) -> None:
-        self.recent.clear()

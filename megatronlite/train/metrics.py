@@ -1,9 +1,10 @@
-"""Throughput, MFU against a table of peak bf16 FLOP/s, and the run's metrics.jsonl and console line.
+"""Throughput, MFU against a table of peak FLOP/s, and the run's metrics.jsonl and console line.
 
 MFU = achieved model FLOP/s / peak FLOP/s, where achieved = tokens/s x flops_per_token (see
-megatronlite.models.counting) per GPU. Peaks are dense (no sparsity) bf16 tensor-core numbers
-from the vendors' datasheets. A device not in the table gets MFU null and one warning: a
-guessed peak would make the number meaningless.
+megatronlite.models.counting) per GPU. Peaks are dense (no sparsity) tensor-core numbers from the
+vendors' datasheets, of the precision the matmuls run in: bf16 and fp16 the table's, fp32 in TF32
+half of it (every GPU with TF32 has half its bf16 rate). fp32 without TF32, or a device not in the
+table, gets MFU null and one warning: a guessed peak would make the number meaningless.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
+    ("H800 PCIe", 756e12),
     ("H800", 989e12),
+    ("GB200", 2500e12),
     ("B200", 2250e12),
     ("B100", 1750e12),
     ("A100", 312e12),
@@ -35,19 +38,25 @@ PEAK_BF16_FLOPS = (
     ("L4", 121e12),
     ("A10G", 70e12),
     ("A6000", 155e12),
-    ("V100", 125e12),  # fp16: V100 has no bf16
+    ("V100", 125e12),  # fp16: V100 has no bf16 (nor TF32)
 )
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The peak bf16 FLOP/s of `device`, or None (with one warning) when it is not in the table."""
+def peak_flops(device: torch.device, precision: str = "bf16", tf32: bool = True) -> float | None:
+    """The peak FLOP/s of `device` for matmuls in `precision` (fp32: in TF32 when `tf32`), or None (with one
+    warning) when the table has none."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_FLOPS:
-        if key in name:
-            return peak
-    warnings.warn(f"MFU is reported as null: no peak FLOP/s known for GPU {name!r}", stacklevel=2)
+    peak = next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    if peak is None:
+        warnings.warn(f"MFU is reported as null: no peak FLOP/s known for GPU {name!r}", stacklevel=2)
+        return None
+    if precision != "fp32":
+        return peak
+    if tf32 and torch.cuda.get_device_capability(device)[0] >= 8:
+        return peak / 2
+    warnings.warn(f"MFU is reported as null: no fp32 peak without TF32 in the table for GPU {name!r}", stacklevel=2)
     return None
 
 

@@ -32,7 +32,7 @@ class RunLog:
         self.writer = _open_metrics(self.path, start_step) if mesh.is_logging_rank else None
         self.wandb = open_wandb(cfg.logging.wandb, cfg.to_dict(), run_dir, cfg.name) if self.writer else None
         self.tensorboard = TensorBoardLogger(run_dir) if self.writer and cfg.logging.tensorboard else None
-        self.peak = peak_flops(device)
+        self.peak = peak_flops(device, cfg.train.precision, cfg.train.tf32)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.start = self.last = time.perf_counter()

@@ -34,6 +34,7 @@ from megatronlite.parallel.stages import build_stages, stage_layers
 from megatronlite.train import checkpointing
 from megatronlite.train.guards import (
     LossSpike,
+    RewindBudget,
     SkipBudget,
     SpikeDetector,
     TrainingStopped,
@@ -128,6 +129,8 @@ class Trainer:
         self.adam_skips = 0  # steps Adam did not take, for any reason (fp16 overflows too): its bias correction
         self.skips = SkipBudget(t.max_skipped_steps)
         self.spikes = SpikeDetector(t.loss_spike_factor)
+        self.rewinds = RewindBudget(t.max_skipped_steps)
+        checkpointing.new_run_of_faults()
         self.beat = lambda phase: None  # the watchdog's, while `run` trains
         self.working = 0  # the step being trained, evaluated or saved
         self.moe = MoESteps(cfg, mesh, self.stages, device)
@@ -513,14 +516,12 @@ class Trainer:
         step_dir = store.latest_complete(self.run_dir / "checkpoints")
         if step_dir is None:
             raise TrainingStopped(f"{spike}; no checkpoint to rewind to yet")
-        self.skips.skipped(self.step + 1, "loss spikes")
-        in_row, resume_at = self.skips.in_row, self.consumed_samples + self.cfg.train.global_batch_size
+        self.rewinds.rewound(self.step + 1, str(spike))
+        resume_at = self.consumed_samples + self.cfg.train.global_batch_size
         self.engine.zero_grads()
-        checkpointing.load(self, step_dir)
-        self.skips.in_row = in_row  # rewinds in a row count up to train.max_skipped_steps, whatever was saved
+        checkpointing.load(self, step_dir)  # the guards too: spikes are judged against the same recent losses
         skipped = resume_at - self.consumed_samples
         self.consumed_samples = resume_at
-        self.spikes.reset()
         log.rewind(self.step)
         if self.mesh.rank == 0:
             needed = resume_at + (self.cfg.train.steps - self.step) * self.cfg.train.global_batch_size
