@@ -15,6 +15,7 @@ from helpers import error_of, launch, set_args, tiny_overrides
 
 from megatronlite.config import Config, LoggingConfig
 from megatronlite.errors import UserError
+from megatronlite.train import run_log
 from megatronlite.train.run_lock import LOCK_FILE, RunLock
 from megatronlite.train.run_log import RunLog
 
@@ -147,3 +148,29 @@ def test_run_log_without_a_start_step_or_off_the_logging_rank_keeps_every_record
 def test_fresh_run_log_starts_a_metrics_file(tmp_path):
     _run_log(tmp_path, start_step=0).close()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_evaluation_and_saves_are_left_out_of_tokens_per_sec(tmp_path, monkeypatch):
+    """An interval of two 1-second steps, one with a 4-second evaluation, one followed by a 3-second save: the
+    record says 2 seconds of training, and the save stays out of the next interval too."""
+    now = [0.0]
+    monkeypatch.setattr(run_log, "clock", lambda: now[0])
+    log = _run_log(tmp_path, start_step=0)
+    log.cfg.logging.interval = 2
+    now[0] += 1.0
+    with log.paused():
+        now[0] += 4.0
+    log.step_done(1, 0.5, 1.0, 8, None, {})
+    now[0] += 1.0
+    log.step_done(2, 0.5, 1.0, 16, None, {})
+    with log.paused():
+        now[0] += 3.0
+    now[0] += 1.0
+    log.step_done(3, 0.5, 1.0, 24, None, {})
+    now[0] += 1.0
+    log.step_done(4, 0.5, 1.0, 32, None, {})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tokens = 2 * log.tokens_per_step
+    assert [r["tokens_per_sec"] for r in records] == [tokens / 2.0, tokens / 2.0]
+    assert [r["elapsed_s"] for r in records] == [6.0, 11.0]  # wall time, pauses included

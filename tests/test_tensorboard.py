@@ -33,6 +33,22 @@ def test_event_files_hold_the_metrics(tmp_path, corpus, monkeypatch):
     assert [s.step for s in events.Scalars("loss")] == [1, 2, 3, 4]
 
 
+def test_a_rewind_hides_the_abandoned_steps(tmp_path, corpus, monkeypatch):
+    """A spike at step 7 rewinds to step 4: TensorBoard shows steps 5-7 once, the redone values, as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "spike:7")
+    run = tmp_path / "run"
+    spike = {"train.steps": 10, "train.loss_spike_factor": 3.0, "train.on_loss_spike": "rewind"}
+    sets = tiny_overrides(corpus, run, **spike, **{"logging.tensorboard": "true"})
+    main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)])
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    scalars = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("loss")
+    assert [(s.step, s.value) for s in scalars] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+
+
 def test_missing_tensorboard_warns_once_and_trains_on(tmp_path, corpus, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setitem(sys.modules, "tensorboard", None)

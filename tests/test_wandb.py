@@ -48,25 +48,47 @@ def train(run: Path, corpus: str, *extra: str) -> None:
     main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)])
 
 
-def test_offline_run_logs_metrics(tmp_path, corpus, monkeypatch):
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the run directory wins
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = tmp_path / "run"
-    train(run, corpus, "logging.wandb={mode: offline, project: t, group: g}")
+
+
+def logged_rows(run: Path, rows: int) -> list[dict]:
+    """The run's wandb history once it holds `rows` rows (wandb's service process may still be writing)."""
     [run_file] = (run / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
     deadline = time.monotonic() + 60
-    while len(history) < 4 and time.monotonic() < deadline:  # wandb's service process may still be writing
+    while len(history) < rows and time.monotonic() < deadline:
         time.sleep(0.2)
         history = wandb_history(run_file)
+    return history
+
+
+def test_offline_run_logs_metrics(tmp_path, corpus, offline):
+    run = tmp_path / "run"
+    train(run, corpus, "logging.wandb={mode: offline, project: t, group: g}")
+    history = logged_rows(run, 4)
     metrics = read_metrics(run)
     assert [h["step"] for h in history] == [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert [h["loss"] for h in history] == [m["loss"] for m in metrics]
     assert {"lr", "grad_norm", "tokens_per_sec", "consumed_samples"} <= set(history[-1])
+
+
+def test_a_rewind_logs_the_redone_steps(tmp_path, corpus, offline, monkeypatch):
+    """A spike at step 7 rewinds to step 4: the redone steps 5-7 reach wandb (its own step only goes up and
+    dropped rows logged at an earlier one), charted over `step`."""
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "spike:7")
+    run = tmp_path / "run"
+    spike = ["train.steps=10", "train.loss_spike_factor=3.0", "train.on_loss_spike=rewind"]
+    train(run, corpus, "logging.wandb={mode: offline, project: t}", *spike)
+    history = logged_rows(run, 12)  # steps 1-6, then (the spike rewound to step 4) 5-10
+    assert [h["step"] for h in history] == [*range(1, 7), *range(5, 11)]
+    assert [(h["step"], h["loss"]) for h in history[6:]] == [(m["step"], m["loss"]) for m in read_metrics(run)[4:]]
 
 
 def test_blocked_wandb_warns_once_and_trains_on(tmp_path, corpus, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ from megatronlite.parallel.mesh import Mesh
 from megatronlite.train.metrics import MetricsWriter, console_line, drop_records_after, mfu, peak_flops, print_line
 from megatronlite.train.tensorboard_logger import TensorBoardLogger
 from megatronlite.train.wandb_logger import open_wandb
+
+clock = time.perf_counter  # the run's stopwatch (a test's fake clock replaces it)
 
 
 def _open_metrics(path: Path, start_step: int | None) -> MetricsWriter:
@@ -31,11 +35,11 @@ class RunLog:
         self.cfg, self.mesh, self.path = cfg, mesh, run_dir / "metrics.jsonl"
         self.writer = _open_metrics(self.path, start_step) if mesh.is_logging_rank else None
         self.wandb = open_wandb(cfg.logging.wandb, cfg.to_dict(), run_dir, cfg.name) if self.writer else None
-        self.tensorboard = TensorBoardLogger(run_dir) if self.writer and cfg.logging.tensorboard else None
-        self.peak = peak_flops(device, cfg.train.precision, cfg.train.tf32)
+        self.tensorboard = TensorBoardLogger(run_dir, start_step) if self.writer and cfg.logging.tensorboard else None
+        self.device, self.peak = device, peak_flops(device, cfg.train.precision, cfg.train.tf32)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = clock()
         self.steps_since = 0
 
     def due(self, step: int, eval_loss: float | None) -> bool:
@@ -52,7 +56,7 @@ class RunLog:
         total = self.cfg.train.steps
         if not self.due(step, eval_loss):
             return
-        now = time.perf_counter()
+        now = clock()
         tps = self.steps_since * self.tokens_per_step / (now - self.last)
         rec = {
             "step": step,
@@ -77,12 +81,26 @@ class RunLog:
             self.tensorboard.log(rec)
         self.last, self.steps_since = now, 0
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave what runs inside (an evaluation, a checkpoint save) out of the interval's tokens/s and MFU, as
+        Megatron does; the device's queued training work is waited for first, so it stays in the interval."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = clock()
+        try:
+            yield
+        finally:
+            self.last += clock() - start
+
     def rewind(self, step: int) -> None:
         """Training went back to `step` (a loss-spike rewind): the records after it go, as on a resume."""
         if self.writer:
             self.writer.close()
             self.writer = _open_metrics(self.path, step)
-        self.last, self.steps_since = time.perf_counter(), 0
+        if self.tensorboard:
+            self.tensorboard.start(step)
+        self.last, self.steps_since = clock(), 0
 
     def close(self) -> None:
         if self.writer:

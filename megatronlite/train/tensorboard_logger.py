@@ -16,13 +16,22 @@ from megatronlite.extras import require
 
 
 class TensorBoardLogger:
-    def __init__(self, run_dir: Path) -> None:
-        self.writer = None
+    def __init__(self, run_dir: Path, start_step: int | None = None) -> None:
+        """`start_step`: the step the run starts from; the scalars of later steps (a run that got further, then
+        resumed from an earlier checkpoint) are purged, as metrics.jsonl drops their records."""
+        self.writer, self.log_dir = None, run_dir / "tensorboard"
+        self.start(start_step)
+
+    def start(self, step: int | None) -> None:
+        """(Re)open the event files from `step` on: TensorBoard hides every event of a later step."""
         try:
             require("tensorboard", "tensorboard", "logging.tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if self.writer is not None:
+                self.writer.close()
+            purge = None if step is None else step + 1
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
         except (UserError, OSError) as e:
             self._disable(e)
 

@@ -480,7 +480,10 @@ class Trainer:
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size
                 eval_due = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
-                eval_loss = self.evaluate() if eval_due else None
+                eval_loss = None
+                if eval_due:
+                    with log.paused():
+                        eval_loss = self.evaluate()
                 self.beat("preemption check")
                 stop = watch.requested()
                 due = (ckpt.interval and self.step % ckpt.interval == 0) or self.step == cfg.train.steps
@@ -492,7 +495,8 @@ class Trainer:
                 log.step_done(self.step, loss, norm, self.consumed_samples, eval_loss, extra)
                 if save:
                     self.beat("checkpoint save")
-                    saver.save()
+                    with log.paused():
+                        saver.save()
                 if stop and self.step < cfg.train.steps:
                     watch.clear()
                     what = f"saved step {self.step}" if save else f"at step {self.step} (checkpoint.save is off)"

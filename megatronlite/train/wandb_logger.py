@@ -27,6 +27,10 @@ class WandbLogger:
                 dir=str(run_dir),
                 config=config,
             )
+            # charts over the training step, which goes back on a spike rewind: wandb's own step only goes up
+            # (it drops a row logged at an earlier one), so it stays its counter and `step` is a field
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
         except Exception as e:  # noqa: BLE001 - wandb must never stop training
             self._disable(e)
 
@@ -38,7 +42,7 @@ class WandbLogger:
         if self.run is None:
             return
         try:
-            self.run.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+            self.run.log({k: v for k, v in record.items() if v is not None})
         except Exception as e:  # noqa: BLE001
             self._disable(e)
 
