@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> None:
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
     from megatronlite.train.preemption import Preempted
     from megatronlite.train.run_lock import lock_run_dir
-    from megatronlite.train.trainer import Trainer, resolve_precision, run_options, write_resolved_config
+    from megatronlite.train.trainer import Trainer, resolve_precision, run_options
     from megatronlite.train.watchdog import Watchdog
 
     die_with_launcher()
@@ -94,10 +94,7 @@ def _train(args: argparse.Namespace) -> None:
         # start-up too is watched: a rank that stops (say, while building the data index the others wait for)
         with Watchdog(run_dir, rank, world, cfg.parallel.timeout_minutes * 60) as dog:
             dog.beat(0, "start-up: data, model and optimizer")
-            trainer = Trainer(cfg, run_dir, mesh, device)
-            if rank == 0:  # only once nothing at start-up refused the run: a refused one leaves config.yaml as it was
-                write_resolved_config(cfg, run_dir)
-            trainer.run(dog)
+            Trainer(cfg, run_dir, mesh, device).run(dog)
     except Preempted as e:
         if rank == 0:
             print(f"megatronlite: {e}; resume with checkpoint.load: auto", file=sys.stderr)

@@ -39,6 +39,7 @@ def test_a_checkpoint_holding_what_the_model_lacks_is_refused(tmp_path, corpus, 
     assert f"{stored} stored, config has no place for it" in error, error
     assert differs in error, error
     assert store.latest_complete(run / "checkpoints").name == "step_0000004"  # nothing written over it
+    assert not (run / "config.yaml").exists()  # nor a config.yaml of a model its checkpoints do not hold
 
 
 def test_a_setting_no_tensor_shows_is_changed_with_a_warning(tmp_path, corpus, saved, capsys):

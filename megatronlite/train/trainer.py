@@ -442,6 +442,8 @@ class Trainer:
                     f"{cfg.train.steps} (raise train.steps to train further, or use another --run-dir)"
                 )
             return
+        if mesh.rank == 0:  # only once nothing at start-up refused the run: a refused one leaves config.yaml as it was
+            write_resolved_config(cfg, self.run_dir)
         if restart_count() and mesh.rank == 0:
             record_restart(self.run_dir, self.step)
             print_line(f"restart {restart_count()}: going on from step {self.step}")
