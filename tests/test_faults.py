@@ -311,3 +311,16 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, corpus, capsys, monkeyp
     root = run / "checkpoints"
     assert store.latest_complete(root).name == "step_0000004"
     assert not list(root.glob(".tmp-*"))  # the partial save is gone
+
+
+def test_a_save_one_rank_cannot_start_is_agreed_and_training_goes_on(tmp_path, corpus):
+    """Rank 1 fails before writing (its disk full as it starts): both ranks skip that save at once, rank 0 names
+    the rank in one line, the earlier checkpoint stays `latest` and training goes on to a later save."""
+    env = {**os.environ, "MEGATRONLITE_FAULT": "disk:4@1"}
+    run = tmp_path / "run"
+    done = train_job("configs/demo.yaml", run, 2, tiny_overrides(corpus, run, **{"checkpoint.interval": 2}), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if "could not be written" in x)
+    assert "checkpoint of step 4 could not be written" in line and "on rank 1" in line, line
+    assert "step_0000002 stays the latest" in line, line
+    assert store.latest_complete(run / "checkpoints").name == "step_0000008"

@@ -95,16 +95,15 @@ class Checkpointer:
         self.wait()
         self.awaited.clear()
         step = trainer.step
-        if mesh.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._warn_if_short_of_space(step)
-            store.prepare(self.root, step)
-        if self.group is not None:
-            dist.barrier(group=self.group)
+        tmp = store.temp_dir(self.root, step)
+        unready = [(rank, cause) for rank, cause in enumerate(self._gather(self._prepare(step))) if cause]
+        if unready:  # every rank knows, so none enters the write's collectives
+            rank, cause = unready[0]
+            self._stop_if_required(self._failed(step, tmp, f"{cause}, on rank {rank}") if mesh.rank == 0 else None)
+            return
         start = time.perf_counter()
         pieces = trainer.state_tensors(True)
         rng = rng_states(trainer.device, mesh.rank)
-        tmp = store.temp_dir(self.root, step)
         meta, config_yaml = _meta(trainer), trainer.resolved_config_yaml()
 
         def write(pieces: list[GlobalPiece]) -> str | None:
@@ -114,7 +113,6 @@ class Checkpointer:
                     self.awaited.wait(HELD_SAVE_CAP_S)
                 if fault_hook("stallsave", step, mesh.rank):
                     threading.Event().wait()
-                fault_hook("disk", step, mesh.rank)
                 store.write_shards(tmp, rng, pieces, self.group)
                 fault_hook("save", step, mesh.rank)
                 if mesh.rank == 0:
@@ -122,7 +120,7 @@ class Checkpointer:
                     how = "async, " if self.is_async else ""
                     print_line(f"saved checkpoint {final} ({how}written in {time.perf_counter() - start:.2f} s)")
             except (OSError, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-                return self._failed(step, tmp, e) if mesh.rank == 0 else "failed"
+                return self._failed(step, tmp, _root_cause(e)) if mesh.rank == 0 else "failed"
             return None
 
         if not self.is_async:
@@ -151,18 +149,43 @@ class Checkpointer:
         if self.writer is not None:
             self.writer.shutdown(wait=False, cancel_futures=True)
 
+    def _prepare(self, step: int) -> str | None:
+        """(Every rank.) Get ready to write step `step` (rank 0 makes its temporary directory); why not, or None."""
+        try:
+            fault_hook("disk", step, self.trainer.mesh.rank)
+            if self.trainer.mesh.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._warn_if_short_of_space(step)
+                store.prepare(self.root, step)
+        except OSError as e:
+            return _root_cause(e)
+        return None
+
+    def _gather(self, cause: str | None) -> list[str | None]:
+        """(Every rank.) Every rank's `cause`, in rank order; also the barrier before a write."""
+        if self.group is None:
+            return [cause]
+        causes: list[str | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(causes, cause, group=self.group)
+        return causes
+
     def _settle(self, failure: str | None) -> None:
         """(Every rank, in the training thread.) Agree whether a save failed; stop if checkpoints are required."""
         failed = torch.tensor([float(failure is not None)])  # on the host: the group is gloo
         if self.group is not None:
             dist.all_reduce(failed, group=self.group)  # also the barrier after a save
-        if failed.item() and self.trainer.cfg.checkpoint.required:
+        if failed.item():
+            self._stop_if_required(failure)
+
+    def _stop_if_required(self, failure: str | None) -> None:
+        """(Every rank, once all know a save failed; rank 0 holds the line.) Stop with `checkpoint.required`."""
+        if self.trainer.cfg.checkpoint.required:
             raise UserError(f"{failure or 'a checkpoint save failed on another rank'}; stopping: checkpoint.required")
 
-    def _failed(self, step: int, tmp: Path, error: BaseException) -> str:
+    def _failed(self, step: int, tmp: Path, cause: str) -> str:
         """(Rank 0.) Remove the partial checkpoint and report the failure once."""
         shutil.rmtree(tmp, ignore_errors=True)
-        cause, free = _root_cause(error), _free_bytes(self.root)
+        free = _free_bytes(self.root)
         if free < self.needed:  # torch.save reports a full disk as "unexpected pos"
             cause = "No space left on device"
         kept = store.latest_complete(self.root)
@@ -204,6 +227,9 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _free_bytes(path: Path) -> int:
+    """Free bytes where `path` is, or would be made (its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return shutil.disk_usage(path).free
 
 
