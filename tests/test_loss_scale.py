@@ -2,10 +2,12 @@
 
 import json
 import math
+from types import SimpleNamespace
 
+import pytest
 from helpers import resume_from, tiny_overrides, train
 
-from megatronlite.optim.loss_scale import LossScaler
+from megatronlite.optim.loss_scale import LossScaler, from_deepspeed
 
 
 def test_overflow_skips_and_halves_then_grows():
@@ -31,6 +33,27 @@ def test_state_round_trip():
     for _ in range(2):
         assert restored.update(1.0) == scaler.update(1.0)
     assert restored.scale == scaler.scale == 2.0**16
+
+
+def test_the_scale_moves_between_engines_with_the_good_steps_since_an_overflow():
+    """A checkpoint of the DeepSpeed engine resumed on the native one (and back) goes on at the scale it reached and
+    with the good steps since its last overflow, not at `optim.initial_loss_scale` (which overflows again)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from megatronlite.engine.deepspeed_zero import LOSS_SCALE_FIELDS, DeepSpeedEngine
+
+    theirs = DynamicLossScaler(2.0**10, 2.0, 4, 1.0, 2, False)
+    theirs.cur_iter, theirs.last_overflow_iter = 7, 4  # an overflow at its 5th step, then 2 good ones
+    ours = LossScaler(2.0**24, growth_interval=4)
+    ours.load_state(from_deepspeed({name: getattr(theirs, name) for name in LOSS_SCALE_FIELDS}, skipped=3))
+    assert ours.state() == {"scale": 2.0**10, "good_steps": 2, "skipped": 3}
+
+    back = DynamicLossScaler(2.0**24, 2.0, 4, 1.0, 2, False)  # a fresh DeepSpeed engine's scaler
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    engine.optimizer = SimpleNamespace(loss_scaler=back)
+    engine.restore_values({"loss_scale": ours.state(), "deepspeed_loss_scale": None})
+    assert back.cur_scale == 2.0**10 and back.cur_iter - back.last_overflow_iter - 1 == 2
 
 
 def test_fp16_run_backs_off_reports_and_resumes_exactly(tmp_path, corpus):

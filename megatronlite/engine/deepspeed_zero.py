@@ -293,11 +293,18 @@ class DeepSpeedEngine:
         return {"deepspeed_loss_scale": {name: getattr(scaler, name) for name in LOSS_SCALE_FIELDS}}
 
     def restore_values(self, meta: dict) -> None:
-        saved = meta.get("deepspeed_loss_scale")
+        """DeepSpeed's own scaler state, or the native engine's (`loss_scale`: its scale and the good steps since
+        its last overflow) mapped onto it, so a run moved between engines goes on at the scale it reached."""
+        saved, native = meta.get("deepspeed_loss_scale"), meta.get("loss_scale")
         scaler = getattr(self.optimizer, "loss_scaler", None)
-        if saved and getattr(scaler, "dynamic", False):
+        if not getattr(scaler, "dynamic", False):
+            return
+        if saved:
             for name in LOSS_SCALE_FIELDS:
                 setattr(scaler, name, saved[name])
+        elif native:
+            scaler.cur_scale = float(native["scale"])
+            scaler.last_overflow_iter = scaler.cur_iter - int(native["good_steps"]) - 1
 
 
 def _require_half_precision(precision: str, device: torch.device) -> None:

@@ -32,3 +32,10 @@ class LossScaler:
 
     def load_state(self, state: dict) -> None:
         self.scale, self.good_steps, self.skipped = state["scale"], state["good_steps"], state.get("skipped", 0)
+
+
+def from_deepspeed(fields: dict, skipped: int) -> dict:
+    """DeepSpeed's DynamicLossScaler state (`cur_scale`, `cur_iter`, `last_overflow_iter`) as this scaler's: a run
+    moved from the DeepSpeed engine to the native one goes on at the scale and in the growth window it reached."""
+    stable = int(fields["cur_iter"]) - int(fields["last_overflow_iter"]) - 1  # good steps since the last overflow
+    return {"scale": float(fields["cur_scale"]), "good_steps": max(0, stable), "skipped": skipped}

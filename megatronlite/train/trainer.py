@@ -26,7 +26,7 @@ from megatronlite.engine import build_engine
 from megatronlite.models.gpt import Packing, RunOptions
 from megatronlite.models.init import init_parameters
 from megatronlite.models.moe import layout_warning as moe_layout_warning
-from megatronlite.optim.loss_scale import LossScaler
+from megatronlite.optim.loss_scale import LossScaler, from_deepspeed
 from megatronlite.optim.schedules import lr_at
 from megatronlite.parallel.context import split_sequence
 from megatronlite.parallel.mesh import Mesh
@@ -379,6 +379,8 @@ class Trainer:
         def restore_scale(meta: dict) -> None:
             if self.scaler and meta.get("loss_scale"):
                 self.scaler.load_state(meta["loss_scale"])
+            elif self.scaler and meta.get("deepspeed_loss_scale"):  # saved by the DeepSpeed engine
+                self.scaler.load_state(from_deepspeed(meta["deepspeed_loss_scale"], meta.get("nonfinite_skips", 0)))
 
         def restore_guards(meta: dict) -> None:
             guards = meta.get("guards") or {}
