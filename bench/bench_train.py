@@ -2,10 +2,11 @@
 
 Peers: HF transformers' LlamaForCausalLM (sdpa attention) and, on CUDA, megatron-core's GPTModel
 (Transformer Engine layer spec when TE imports, else its local spec with unfused attention, named
-so in the table; RMSNorm, no dropout, like the others). All train the same random token batches
-with torch's AdamW (fused where the device has it), the same batch, sequence length and precision
-(bf16 = autocast over fp32 weights for all). `--compile both` adds megatronlite with each block
-under torch.compile (train.compile) as a row of its own.
+so in the table; no dropout, like the others) with every feature of megatronlite's model mapped as
+`convert --to megatron` maps it and as many parameters, else skipped saying why. All train the same
+random token batches with torch's AdamW (fused where the device has it), the same batch, sequence
+length and precision (bf16 = autocast over fp32 weights for all). `--compile both` adds megatronlite
+with each block under torch.compile (train.compile) as a row of its own.
 
 On CPU all peers stay resident and alternate in rounds (first one, then the other first) so
 machine load hits them alike; on CUDA one peer at a time is built, measured and freed, so a peer
@@ -127,14 +128,61 @@ def mcore_name() -> str:
     return f"megatron-core GPTModel ({spec})"
 
 
+def mcore_features(m) -> tuple[dict, dict]:
+    """megatron-core's TransformerConfig and GPTModel arguments for `m`'s features, from the Megatron-LM args
+    `convert --to megatron` writes (the mapping that makes the same model); what megatron-core cannot express
+    skips the peer, since its row would time another model against megatronlite's FLOPs."""
+    import torch.nn.functional as F
+
+    from megatronlite.convert.megatron import feature_args, moe_args
+    from megatronlite.errors import UserError
+
+    try:
+        a, moe = feature_args(m), moe_args(m)
+    except UserError as e:
+        raise PeerSkipped(f"not the same model in megatron-core: {e}") from None
+    moe = {"num_moe_experts" if k == "num_experts" else k: v for k, v in moe.items()}
+    transformer = dict(
+        normalization=a["normalization"],
+        layernorm_epsilon=a["norm_epsilon"],
+        gated_linear_unit=a["swiglu"],
+        # Megatron-LM's --openai-gelu: GELU's tanh approximation, here torch's one kernel of it
+        activation_func=F.silu if a["swiglu"] else functools.partial(F.gelu, approximate="tanh"),
+        add_bias_linear=a["add_bias_linear"],
+        add_qkv_bias=a["add_qkv_bias"],
+        qk_layernorm=a["qk_layernorm"],
+        window_size=a["window_size"],
+        **moe,
+    )
+    model = dict(
+        position_embedding_type=a["position_embedding_type"],
+        rotary_base=a["rotary_base"],
+        rope_scaling=a["use_rope_scaling"],
+        rope_scaling_factor=a.get("rope_scaling_factor", 8.0),
+        share_embeddings_and_output_weights=not a["untie_embeddings_and_output_weights"],
+    )
+    return transformer, model
+
+
+def megatronlite_parameter_count(m) -> int:
+    """Parameters of megatronlite's model of `m` as built (padded vocabulary, tied weights once), on meta."""
+    from megatronlite.models.gpt import GPTModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPTModel(m).parameters())
+
+
 def mcore_model(cfg, device):
-    """megatron-core's GPTModel of `cfg.model`, TP = PP = 1 in a one-process group, configured as the others:
-    RMSNorm, no dropout; fp32 weights (autocast casts them, as for the others)."""
+    """megatron-core's GPTModel of `cfg.model` (`mcore_features`, the vocabulary padded as megatronlite pads it),
+    TP = PP = 1 in a one-process group, no dropout; fp32 weights (autocast casts them, as for the others). Skipped
+    unless it has as many parameters as megatronlite's model: a feature left out would show there."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    m = cfg.model
+    transformer, model_args = mcore_features(m)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29599")
@@ -142,36 +190,27 @@ def mcore_model(cfg, device):
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    m = cfg.model
     tc = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_heads,
         num_query_groups=m.kv_heads,
+        kv_channels=m.head_size,
         ffn_hidden_size=m.ffn_size,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        layernorm_epsilon=m.norm_eps,
         bf16=cfg.train.precision == "bf16",
         params_dtype=torch.float32,
+        **transformer,
     )
-    if external.available("te"):
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    else:  # without normalization="RMSNorm" the local spec takes apex's LayerNorm-only kernel when apex is present
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    return GPTModel(
-        tc,
-        spec,
-        vocab_size=m.vocab_size,
-        max_sequence_length=m.max_seq_len,
-        position_embedding_type="rope",
-        rotary_base=int(m.rope_theta),
-        share_embeddings_and_output_weights=m.tied,
-    ).to(device)
+    # the normalization passed on: else the local spec takes apex's LayerNorm-only kernel when apex is present
+    spec = gpt_layer_specs.get_gpt_decoder_block_spec(tc, external.available("te"), normalization=tc.normalization)
+    model = GPTModel(tc, spec, vocab_size=m.padded_vocab_size(), max_sequence_length=m.max_seq_len, **model_args)
+    model.to(device)
+    theirs, ours = sum(p.numel() for p in model.parameters()), megatronlite_parameter_count(m)
+    if theirs != ours:
+        raise PeerSkipped(f"not the same model: {theirs:,} parameters against megatronlite's {ours:,}")
+    return model
 
 
 def mcore_loss(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -54,11 +54,30 @@ MCORE_TINY = [  # the presets' features (GQA, tied or untied embeddings) at a CP
     f"model.vocab_size={MCORE_VOCAB}",
     f"train.seq_len={MCORE_SEQ}",
 ]
+MODELS = REPO / "configs" / "models"
+# name -> (config, sets before MCORE_TINY, sets after it, the features a skip must name (any one))
+MCORE_CASES = {
+    "llama-1b": (MODELS / "llama-1b.yaml", [], [], ()),
+    "llama-125m": (MODELS / "llama-125m.yaml", [], [], ()),
+    "--family qwen3": (REPO / "configs" / "demo.yaml", "qwen3", [], ("head_dim", "qk_norm")),
+    "qwen3-0.6b": (MODELS / "qwen3-0.6b.yaml", [], [], ("head_dim", "qk_norm")),
+    # a window of 8 keys: after 2 layers the last of 32 positions no longer sees the first
+    "--family mistral": (REPO / "configs" / "demo.yaml", "mistral", ["model.sliding_window=8"], ("sliding_window",)),
+    # a vocabulary that pads (250 -> 256) on both sides
+    "gpt2-small": (MODELS / "gpt2-small.yaml", [], ["model.vocab_size=250"], ("gelu", "layernorm", "learned", "bias")),
+    "olmoe-1b-7b": (
+        MODELS / "olmoe-1b-7b.yaml",
+        [],
+        ["model.moe.num_experts=8", "model.moe.ffn_hidden_size=32"],
+        ("moe", "expert"),
+    ),
+}
 
 
 def _megatron_core_peer(out: str) -> None:
     """A worker (the shims patch torch and megatron-core for the process's life): bench_train's megatron-core
-    model of each GPU-check preset, its parameter count beside megatronlite's, one loss and backward."""
+    model of each case, its parameter count beside megatronlite's, one loss and backward, and whether the last
+    position's logits change with the first token (they must not under a sliding window); or why it is skipped."""
     import torch.distributed as dist
     from megatron.core import tensor_parallel
     from test_convert_megatron import _cpu_shims
@@ -73,34 +92,84 @@ def _megatron_core_peer(out: str) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed = lambda *a, **k: None  # seeds CUDA's RNG tracker
     dist.init_process_group("gloo")
     results = {}
-    for preset in ("llama-1b", "llama-125m"):
-        cfg = config.load(REPO / "configs" / "models" / f"{preset}.yaml", MCORE_TINY)
-        model = bench_train.mcore_model(cfg, torch.device("cpu"))
-        tokens = torch.randint(0, MCORE_VOCAB, (2, MCORE_SEQ + 1), generator=torch.Generator().manual_seed(0))
-        loss = bench_train.mcore_loss(model, tokens, torch.arange(MCORE_SEQ)[None])
+    for name, (path, family, after, _) in MCORE_CASES.items():
+        sets = (bench_train.FAMILY_SETS[family] if family else []) + MCORE_TINY + after
+        cfg = config.load(path, sets)
+        try:
+            model = bench_train.mcore_model(cfg, torch.device("cpu"))
+        except bench_train.PeerSkipped as e:
+            results[name] = {"skipped": str(e)}
+            continue
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, MCORE_SEQ + 1), generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(MCORE_SEQ)[None]
+        loss = bench_train.mcore_loss(model, tokens, positions)
         loss.backward()
+        with torch.no_grad():
+            ids = tokens[:, :-1]
+            other = ids.clone()
+            other[:, 0] = (ids[:, 0] + 1) % cfg.model.vocab_size
+            last = [model(x, positions.expand_as(x), None)[:, -1] for x in (ids, other)]
         with torch.device("meta"):
             ours = GPTModel(cfg.model)
-        results[preset] = {
+        results[name] = {
             "loss": loss.item(),
-            "params": {name: list(p.shape) for name, p in model.named_parameters()},
-            "no_grad": [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()],
+            "params": {n: list(p.shape) for n, p in model.named_parameters()},
+            "no_grad": [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()],
             "our_count": sum(p.numel() for p in ours.parameters()),
+            "last_sees_first": not torch.equal(*last),
         }
     Path(out).write_text(json.dumps(results))
 
 
-@pytest.mark.slow
-def test_megatron_core_peer_is_the_same_model_and_trains(tmp_path):
-    """bench_train's megatron-core row must time the model megatronlite's rows time: as many parameters (tied
-    embeddings in the 1B preset, GQA), a loss at init near ln(vocab), a gradient for every parameter."""
+@pytest.fixture(scope="module")
+def mcore_peers(tmp_path_factory) -> dict:
+    """`_megatron_core_peer`'s results, one worker for all cases."""
     pytest.importorskip("megatron.core")
-    workers(_megatron_core_peer, 1, str(tmp_path / "peer.json"))
-    results = json.loads((tmp_path / "peer.json").read_text())
-    for preset, r in results.items():
-        count = sum(math.prod(shape) for shape in r["params"].values())
-        assert count == r["our_count"], (preset, r["params"])
-        assert r["loss"] == pytest.approx(math.log(MCORE_VOCAB), abs=0.1), preset
-        assert not r["no_grad"], preset
-    tied = {preset: "output_layer.weight" not in r["params"] for preset, r in results.items()}
+    out = tmp_path_factory.mktemp("mcore") / "peer.json"
+    workers(_megatron_core_peer, 1, str(out), timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MCORE_CASES))
+def test_megatron_core_peer_is_the_same_model_or_skipped(mcore_peers, case):
+    """bench_train's megatron-core row must time the model megatronlite's rows time, whose FLOPs its MFU uses: as
+    many parameters (head size, q/k norms, LayerNorm's biases, learned positions, tied embeddings, GQA, padded
+    vocabulary), the sliding window where there is one, a loss at init near ln(vocab), a gradient for every
+    parameter; or no row, skipped for a reason naming the feature megatron-core cannot express."""
+    r = mcore_peers[case]
+    if "skipped" in r:
+        features = MCORE_CASES[case][3]
+        assert any(f in r["skipped"].lower() for f in features), (case, r["skipped"])
+        return
+    count = sum(math.prod(shape) for shape in r["params"].values())
+    assert count == r["our_count"], (case, r["params"])
+    assert r["loss"] == pytest.approx(math.log(MCORE_VOCAB), abs=0.1), case
+    assert not r["no_grad"], case
+    assert r["last_sees_first"] == (case != "--family mistral"), case
+
+
+@pytest.mark.slow
+def test_megatron_core_peer_ties_embeddings_as_megatronlite(mcore_peers):
+    tied = {preset: "output_layer.weight" not in mcore_peers[preset]["params"] for preset in ("llama-1b", "llama-125m")}
     assert tied == {"llama-1b": True, "llama-125m": False}
+
+
+@pytest.mark.parametrize(
+    "sets, feature",
+    [
+        (["model.rope_scaling={type: yarn, factor: 4.0, original_max_position_embeddings: 256}"], "rope_scaling"),
+        (["model.bias=true", "model.qkv_bias=false"], "model.bias"),
+        (["model.moe.num_experts=4", "model.moe.capacity_factor=1.5"], "capacity_factor"),
+    ],
+)
+def test_megatron_core_peer_skips_a_feature_it_cannot_express(sets, feature):
+    """What megatron-core has no exact form of skips its row, naming the feature (before anything is built)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train
+
+    from megatronlite import config
+
+    cfg = config.load(REPO / "configs" / "demo.yaml", sets)
+    with pytest.raises(bench_train.PeerSkipped, match=feature):
+        bench_train.mcore_features(cfg.model)
