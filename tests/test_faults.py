@@ -15,6 +15,7 @@ from helpers import error_of, launch, launch_cmd, read_metrics, set_args, tiny_o
 
 from megatronlite.checkpoint import store
 from megatronlite.checkpoint.weights import read_tensors
+from megatronlite.cli import main
 
 
 def children(pid: int) -> list[int]:
@@ -300,9 +301,12 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, corpus, capsys, monkeyp
     if required == "true":
         line = error_of(capsys, *argv)
         assert "stopping: checkpoint.required" in line, line
-    else:
-        train(run, sets)
-        out = capsys.readouterr().out
+    else:  # the last step's save: training has nothing left to go on to, and the job must not end as a success
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        out, err = capsys.readouterr()
+        assert stopped.value.code == 2 and "trained to step 8, but its checkpoint could not be written" in err, err
+        assert "step_0000004 is the latest" in err, err
         line = next(x for x in out.splitlines() if "could not be written" in x)
         if small_disk is not None:  # the free-space check saw it coming
             assert "checkpoint of step 8 needs about" in out and "it will likely fail" in out, out

@@ -78,6 +78,7 @@ class Checkpointer:
         self.is_async = trainer.cfg.checkpoint.async_save and trainer.cfg.checkpoint.save
         self.group = new_group(trainer.cfg, backend="gloo") if dist.is_initialized() else None
         self.pending: Future | None = None
+        self.last_failed = False  # whether the newest save settled (on every rank) failed
         self.awaited = threading.Event()  # set once the training thread waits on the pending write
         self.writer: ThreadPoolExecutor | None = None
         self.stager: PieceStager | None = None
@@ -99,6 +100,7 @@ class Checkpointer:
         unready = [(rank, cause) for rank, cause in enumerate(self._gather(self._prepare(step))) if cause]
         if unready:  # every rank knows, so none enters the write's collectives
             rank, cause = unready[0]
+            self.last_failed = True
             self._stop_if_required(self._failed(step, tmp, f"{cause}, on rank {rank}") if mesh.rank == 0 else None)
             return
         start = time.perf_counter()
@@ -174,7 +176,8 @@ class Checkpointer:
         failed = torch.tensor([float(failure is not None)])  # on the host: the group is gloo
         if self.group is not None:
             dist.all_reduce(failed, group=self.group)  # also the barrier after a save
-        if failed.item():
+        self.last_failed = bool(failed.item())
+        if self.last_failed:
             self._stop_if_required(failure)
 
     def _stop_if_required(self, failure: str | None) -> None:

@@ -507,6 +507,13 @@ class Trainer:
                     raise Preempted(f"{what} and stopped on request")
             self.beat("final checkpoint save")  # watched: a rank stalled in the last write ends the job too
             saver.wait()
+            if saver.last_failed:  # a job that ends well must have its last step saved
+                kept = store.latest_complete(self.run_dir / "checkpoints")
+                raise TrainingStopped(
+                    f"trained to step {self.step}, but its checkpoint could not be written (see above); "
+                    + (f"{kept.name} is the latest" if kept else "there is no checkpoint")
+                    + ": free space and run the same command again to redo the steps after it"
+                )
         except Preempted:
             saver.wait()  # every rank stops here alike: the save it made is committed
             raise
