@@ -49,7 +49,7 @@ def _dry_run(args: argparse.Namespace) -> None:
 
     cfg = config.load(args.config, args.set)
     run_dir = config.run_dir(cfg, args.run_dir)
-    world = args.workers or int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1)) if args.workers is None else args.workers
     if world < 1:
         raise UserError(f"--workers must be a positive number of workers, got {world}")
     device = torch.device(_device_kind(cfg))
@@ -66,6 +66,7 @@ def _train(args: argparse.Namespace) -> None:
     from megatronlite import config
     from megatronlite.launcher.torchrun import die_with_launcher
     from megatronlite.parallel.mesh import build_mesh, cuda_device, init_distributed
+    from megatronlite.parallel.stages import model_allocation
     from megatronlite.plan.device_fit import memory_report
     from megatronlite.train.metrics import print_line
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
@@ -94,7 +95,9 @@ def _train(args: argparse.Namespace) -> None:
         # start-up too is watched: a rank that stops (say, while building the data index the others wait for)
         with Watchdog(run_dir, rank, world, cfg.parallel.timeout_minutes * 60) as dog:
             dog.beat(0, "start-up: data, model and optimizer")
-            Trainer(cfg, run_dir, mesh, device).run(dog)
+            with model_allocation(cfg, device):  # the model, its copy on the GPU and its optimizer state
+                trainer = Trainer(cfg, run_dir, mesh, device)
+            trainer.run(dog)
     except Preempted as e:
         if rank == 0:
             print(f"megatronlite: {e}; resume with checkpoint.load: auto", file=sys.stderr)
@@ -106,8 +109,9 @@ def _train(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from megatronlite.checkpoint.model_loader import load_model
-    from megatronlite.train.generate import generate
+    from megatronlite.train.generate import check_sampling, generate
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before the checkpoint is read
     model = load_model(args.checkpoint)
     new = generate(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(args.prompt + new)

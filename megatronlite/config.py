@@ -626,6 +626,63 @@ DEEPSPEED_OWNED_KEYS = {
     "scheduler": "optim.schedule",
 }
 
+# The top-level keys DeepSpeed's config reads (deepspeed 0.19: runtime/config.py DeepSpeedConfig, its __init__ and
+# _initialize_params, and the monitor/profiler/autotuning/aio configs it builds from the same dict); keys it has
+# removed (its _REMOVED_TOP_LEVEL_CONFIG_KEYS) are not here. tests/test_config.py checks this list against the
+# installed DeepSpeed, so a new release that reads another key fails a test rather than a user's config.
+DEEPSPEED_KEYS = (
+    "activation_checkpointing",
+    "aio",
+    "autotuning",
+    "bf16",
+    "bfloat16",
+    "checkpoint",
+    "comet",
+    "comms_logger",
+    "communication_data_type",
+    "compile",
+    "csv_monitor",
+    "data_efficiency",
+    "data_types",
+    "dataloader_drop_last",
+    "datastates_ckpt",
+    "disable_allgather",
+    "disable_python_gc",
+    "dump_state",
+    "expert_parallel",
+    "flops_profiler",
+    "fp16",
+    "gradient_accumulation_steps",
+    "gradient_allreduce_op",
+    "gradient_clipping",
+    "gradient_predivide_factor",
+    "hybrid_engine",
+    "log_level",
+    "managed_gradient_accumulation",
+    "memory_breakdown",
+    "optimizer",
+    "pipeline",
+    "prescale_gradients",
+    "scheduler",
+    "seq_parallel_communication_data_type",
+    "sequence_parallel_size",
+    "steps_per_print",
+    "tensor_parallel",
+    "tensorboard",
+    "timers",
+    "torch_autocast",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "use_data_before_expert_parallelism",
+    "vocabulary_size",
+    "wall_clock_breakdown",
+    "wandb",
+    "weight_quantization",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "zero_optimization",
+)
+
 
 def validate_engine(cfg: Config) -> None:
     """What each engine runs (`parallel.engine`, engine/): the ZeRO stage, offload and the layouts."""
@@ -657,13 +714,23 @@ def validate_engine(cfg: Config) -> None:
     for key, (refused, why) in refusals.items():
         if refused:
             raise UserError(f"parallel.engine: deepspeed: {key} {why}")
-    section = cfg.deepspeed or {}
+    validate_deepspeed_section(cfg.deepspeed or {})
+
+
+def validate_deepspeed_section(section: dict) -> None:
+    """The `deepspeed:` section: keys DeepSpeed knows and megatronlite does not decide, and a mapping where it
+    merges its own settings (engine/deepspeed_zero.py), so a typo or a scalar is named now, not deep in DeepSpeed."""
     for key in section:
         if key in DEEPSPEED_OWNED_KEYS:
             raise UserError(
                 f"deepspeed.{key} is decided by megatronlite's {DEEPSPEED_OWNED_KEYS[key]}; set that instead"
             )
-    if "stage" in (section.get("zero_optimization") or {}):
+        if key not in DEEPSPEED_KEYS:
+            raise unknown_key(key, [k for k in DEEPSPEED_KEYS if k not in DEEPSPEED_OWNED_KEYS], "deepspeed.")
+    zero = section.get("zero_optimization")
+    if zero is not None and not isinstance(zero, dict):
+        raise UserError(f"config key 'deepspeed.zero_optimization': expected a mapping of ZeRO settings, got {zero!r}")
+    if "stage" in (zero or {}):
         raise UserError("deepspeed.zero_optimization.stage is decided by parallel.zero_stage; set that instead")
 
 
@@ -785,7 +852,8 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     stages = p.pipeline * p.virtual_pipeline
     if p.pipeline_layers is not None:
         counts = p.pipeline_layers
-        if len(counts) != stages or sum(counts) != m.num_layers or any(not isinstance(c, int) or c < 1 for c in counts):
+        counts_ok = all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)
+        if not counts_ok or len(counts) != stages or sum(counts) != m.num_layers:  # summed once they are ints
             raise UserError(
                 f"parallel.pipeline_layers = {counts} must list {stages} positive layer counts "
                 f"(parallel.pipeline x parallel.virtual_pipeline) summing to model.num_layers ({m.num_layers})"

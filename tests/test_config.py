@@ -1,3 +1,4 @@
+import inspect
 import subprocess
 import sys
 
@@ -238,3 +239,78 @@ def test_precision_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere():
     assert config.precision_on(t, "cpu") == "fp32"
     t.precision = "fp16"
     assert config.precision_on(t, "cuda") == config.precision_on(t, "cpu") == "fp16"  # a named one stays
+
+
+@pytest.mark.parametrize("counts", [["a", "b"], [True, 3], [2.0, 2.0]])
+def test_pipeline_layers_must_be_integers(counts):
+    """Checked before they are summed: strings were a TypeError, and True counted as one layer."""
+    cfg = config.from_dict({"model": {"num_layers": 4}, "train": {"global_batch_size": 8}})
+    with pytest.raises(UserError, match=r"parallel.pipeline_layers = .* must list 2 positive layer counts"):
+        config.validate_layout(_with(cfg, pipeline=2, pipeline_layers=counts), 2)
+
+
+def _deepspeed(section: str) -> config.Config:
+    return config.from_dict(
+        config.apply_overrides({}, ["parallel.engine=deepspeed", "parallel.zero_stage=1", f"deepspeed={section}"])
+    )
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        (
+            "{zero_optimizationn: {}}",
+            "unknown config key 'deepspeed.zero_optimizationn'; did you mean 'deepspeed.zero_optimization'?",
+        ),
+        ("{no_such_knob: 1}", "unknown config key 'deepspeed.no_such_knob'; valid keys: activation_checkpointing"),
+        ("{zero_optimization: 5}", "config key 'deepspeed.zero_optimization': expected a mapping of ZeRO settings"),
+        ("{zero_optimization: [1]}", "config key 'deepspeed.zero_optimization': expected a mapping"),
+    ],
+)
+def test_deepspeed_section_keys_and_types_are_checked(section, message):
+    with pytest.raises(UserError) as e:
+        _deepspeed(section)
+    assert message in str(e.value)
+
+
+def test_deepspeed_section_accepts_what_deepspeed_reads():
+    cfg = _deepspeed(
+        "{zero_optimization: {overlap_comm: false}, activation_checkpointing: {}, wall_clock_breakdown: 1}"
+    )
+    assert cfg.deepspeed["zero_optimization"] == {"overlap_comm": False}
+
+
+def test_deepspeed_keys_are_the_installed_deepspeeds():
+    """DEEPSPEED_KEYS against what the installed DeepSpeed's config parser reads from the top level (recorded),
+    so an upgrade that adds or removes a key fails here rather than refusing, or passing, a user's section."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime import config as ds_config
+
+    class Recorder(dict):
+        read: set = set()
+
+        def get(self, key, default=None):
+            self.read.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            self.read.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):
+            return self  # `key in d.keys()` is recorded too
+
+    parser = object.__new__(ds_config.DeepSpeedConfig)
+    parser.world_size = 1
+    parser._initialize_params(Recorder(steps_per_print=10))  # not empty: some configs read nothing from {}
+    outside = {"vocabulary_size", "sequence_parallel_size"}  # read by DeepSpeedConfig.__init__ and a method
+    assert Recorder.read | outside == set(config.DEEPSPEED_KEYS)
+    assert not set(config.DEEPSPEED_KEYS) & set(ds_config._REMOVED_TOP_LEVEL_CONFIG_KEYS)
+    from deepspeed.runtime import constants
+
+    source = inspect.getsource(ds_config.DeepSpeedConfig) + inspect.getsource(constants)
+    assert all(key in source for key in outside)

@@ -149,6 +149,13 @@ def test_an_existing_destination_is_never_overwritten(tmp_path, capsys):
     assert "already exists" in err
 
 
+def test_a_destination_under_a_file_is_named(tmp_path, capsys):
+    src, _ = native(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    err = error_of(capsys, "--from", "mlite", "--to", "torch", src, tmp_path / "afile" / "out.pt")
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in err
+
+
 def test_unsupported_llama_variants_are_refused(tmp_path, capsys):
     src, _ = native(tmp_path)
     run_cli("--from", "mlite", "--to", "hf", src, tmp_path / "hf")

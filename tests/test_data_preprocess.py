@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import zstandard
+from helpers import error_of
 
 from megatronlite.data import preprocess as pre
 from megatronlite.data import readers
@@ -167,6 +168,15 @@ def test_bad_input_names_file_and_line(tmp_path, content, message, workers):
     with pytest.raises(UserError, match=message):
         pre.preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), workers=workers, progress=False)
     assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
+
+
+def test_an_output_prefix_under_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n')
+    (tmp_path / "afile").write_text("x")
+    line = error_of(
+        capsys, "preprocess", "--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "afile" / "pp")
+    )
+    assert f"--output-prefix {tmp_path / 'afile'}: cannot make the directory" in line
 
 
 def test_missing_and_unknown_inputs(tmp_path):

@@ -158,6 +158,13 @@ def test_plan_bad_gpus_is_one_line(capsys):
     assert "--gpu 'tpu'" in error_of(capsys, "plan", "configs/demo.yaml", "--gpus", "8", "--gpu", "tpu")
 
 
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_plan_top_below_one_is_refused(capsys, top):
+    """`--top -1` printed all but the last layout (a slice), `--top 0` none."""
+    line = error_of(capsys, "plan", "configs/demo.yaml", "--gpus", "8", "--top", top)
+    assert f"--top must be a positive number of layouts to show, got {top}" in line
+
+
 def _finished_run(tmp_path, cfg: config.Config, tokens_per_sec: float, gpus: int, peak: float):
     """A run directory as training leaves it: its resolved config and a few logged steps."""
     import json

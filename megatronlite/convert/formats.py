@@ -22,6 +22,9 @@ def convert(src_format: str, dst_format: str, src: Path, dst: Path, options: Opt
     """Convert `src` to a new `dst`; a failed conversion leaves no `dst` behind. Returns the source as read."""
     if dst.exists():
         raise UserError(f"{dst} already exists; conversion never overwrites, choose a new path")
+    above = next(d for d in dst.absolute().parents if d.exists())  # where the writer would start making directories
+    if not above.is_dir():
+        raise UserError(f"{dst}: {above} is a file, not a directory; choose a destination under a directory")
     ckpt = read(src_format, src, options)  # checks names and shapes before anything is written
     if options.weights_only:  # asked for: the source's optimizer state and position stay behind
         ckpt.training = None

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from megatronlite.errors import made_dir
+
 
 def directory(configured: str | None) -> Path:
     """Where a run's caches go: `data.cache_dir` when set, else the user's cache directory (XDG's rule).
@@ -46,7 +48,7 @@ def build_once(outputs: list[Path], build: Callable[[], None]) -> bool:
     """
     if all(p.exists() for p in outputs):
         return False
-    outputs[0].parent.mkdir(parents=True, exist_ok=True)
+    made_dir(outputs[0].parent, "data.cache_dir")  # every cache file is directly in it
     with FileLock(str(outputs[0]) + ".lock"):
         if all(p.exists() for p in outputs):
             return False

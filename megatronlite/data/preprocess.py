@@ -29,7 +29,7 @@ import numpy as np
 from megatronlite.data.indexed import IndexedWriter, dtype_for_vocab
 from megatronlite.data.readers import Chunk, add_input_arguments, expand_inputs, plan_chunks
 from megatronlite.data.tokenizers import Tokenizer, build_tokenizer
-from megatronlite.errors import UserError
+from megatronlite.errors import UserError, made_dir
 
 
 class _WorkerState(NamedTuple):
@@ -149,6 +149,7 @@ def preprocess(
     if split_into < 1:
         raise UserError(f"--split-into {split_into}: must be >= 1")
     chunks = plan_chunks(expand_inputs(inputs))  # a missing file fails here, before any work starts
+    made_dir(Path(output_prefix).parent, "--output-prefix")  # and an output that cannot be written
     dtype = dtype_for_vocab(build_tokenizer(tokenizer).vocab_size)
     prefixes = output_prefixes(output_prefix, split_into)
     meter = Progress("preprocess", progress)

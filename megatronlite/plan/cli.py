@@ -88,6 +88,8 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--gpus must be a positive number of GPUs, got {args.gpus}")
     if args.gpus_per_node < 1:
         raise UserError(f"--gpus-per-node must be positive, got {args.gpus_per_node}")
+    if args.top < 1:
+        raise UserError(f"--top must be a positive number of layouts to show, got {args.top}")
     hw = hardware.gpu(args.gpu)
     if args.calibrate:
         from megatronlite.plan import calibrate

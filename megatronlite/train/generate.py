@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,16 @@ import torch
 from megatronlite.data.tokenizers import Tokenizer, build_tokenizer
 from megatronlite.errors import UserError
 from megatronlite.models.gpt import GPTModel
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:
+    """Refuse settings the sampler would crash on (a NaN temperature) or silently misread (negative ones)."""
+    if max_new_tokens < 1:
+        raise UserError(f"generate: --max-new-tokens = {max_new_tokens}; valid: an integer >= 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"generate: --temperature = {temperature}; valid: a finite number >= 0 (0: greedy)")
+    if top_k < 0:
+        raise UserError(f"generate: --top-k = {top_k}; valid: an integer >= 0 (0: sample from all tokens)")
 
 
 @torch.no_grad()
@@ -22,6 +33,7 @@ def generate_ids(
     stop_id: int | None = None,
 ) -> list[int]:
     """Continue `prompt_ids`; the context is cut to the model's max_seq_len (no KV cache: models here are small)."""
+    check_sampling(max_new_tokens, temperature, top_k)
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     device = next(model.parameters()).device
