@@ -31,6 +31,11 @@ wheels() {
 install() {
     local python=${1:-python3} venv=${2:-.venv-gpu}
     [[ -d .whl ]] || { echo "gpu_kit: no .whl/ here: run 'make gpu-wheels' where pip reaches a registry" >&2; exit 2; }
+    # the image's torch is the one kept (.whl/ holds none): a python without it cannot install offline
+    "$python" -c 'import torch' 2>/dev/null || {
+        echo "gpu_kit: $python does not import torch; name the image's python (make gpu-check GPU_PYTHON=...)" >&2
+        exit 2
+    }
     "$python" -m venv --system-site-packages --without-pip "$venv"
     # the image's packages also where its python is itself a venv (--system-site-packages sees only the base's);
     # site.addsitedir, so their own .pth files (editable installs) count too

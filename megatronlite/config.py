@@ -205,7 +205,9 @@ class TrainConfig:
     eval_iters: int = 4
     threads: int = 0  # CPU intra-op threads, 0: torch's default
     on_nonfinite: str = "stop"  # stop | skip: a step whose loss or gradients are NaN/inf (train/guards.py)
-    max_skipped_steps: int = 10  # skipped steps in a row (non-finite, fp16 overflow at min scale) before stopping
+    # skipped steps in a row (non-finite, fp16 overflow at min scale), or spike rewinds that never get past the
+    # step they went back from, before stopping
+    max_skipped_steps: int = 10
     loss_spike_factor: float = 0.0  # a loss above this x the recent mean is a spike; 0: no spike detection
     on_loss_spike: str = "stop"  # stop | rewind (to the last checkpoint, skipping the batches since)
 

@@ -1,5 +1,6 @@
 """Choosing kernel implementations: auto, explicit choices, clear errors, and life without triton."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from megatronlite.errors import UserError
 from megatronlite.kernels import (
     OPS,
+    dispatch,
     external,
     resolve,
     resolve_all,
@@ -69,3 +71,13 @@ assert "triton" not in sys.modules or sys.modules["triton"] is None
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_interpreter_too_old_for_the_kernels_is_named(monkeypatch):
+    """Triton 3.6's CPU interpreter fails on loops bounded by a runtime value (torch 2.11's triton): not chosen,
+    and the tests that need it skip with the reason, rather than fail inside triton."""
+    monkeypatch.setattr(dispatch, "_triton_version", lambda: "3.6.0")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    problem = dispatch.triton_problem("cpu")
+    assert problem is not None and "triton 3.6.0's CPU interpreter" in problem and ">= 3.9" in problem

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -57,12 +59,33 @@ BACKENDS = {op: tuple(impls) for op, impls in _IMPLEMENTATIONS.items()}
 _NAMES = {"apex": "NVIDIA apex", "te": "Transformer Engine"}
 
 
+INTERPRETER_TRITON = (3, 9)  # the oldest triton whose interpreter runs these kernels (3.6 does not; compiled they do)
+
+
+def _triton_version() -> str:
+    """The installed triton's version, read without importing it (importing this module imports no triton)."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # another distribution of it (pytorch-triton): not judged
+        return "999"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(3, 6, 0) of '3.6.0+git1234': the leading numbers."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
 def triton_problem(device: str | torch.device = "cpu") -> str | None:
     """Why triton kernels cannot run on `device` here, or None when they can."""
     device_type = torch.device(device).type
     if importlib.util.find_spec("triton") is None:
         return f"triton is not installed ({install_hint('triton')})"
     interpreter = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cpu" and interpreter and _release(_triton_version()) < INTERPRETER_TRITON:
+        return (
+            f"triton {_triton_version()}'s CPU interpreter cannot run these kernels (loops bounded by a runtime "
+            f"value): it needs triton >= {'.'.join(map(str, INTERPRETER_TRITON))}"
+        )
     if device_type == "cuda" or (device_type == "cpu" and interpreter):
         return None
     return f"triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device_type}"
