@@ -70,12 +70,13 @@ def _train(args: argparse.Namespace) -> None:
     from megatronlite.plan.device_fit import memory_report
     from megatronlite.train.metrics import print_line
     from megatronlite.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
-    from megatronlite.train.preemption import Preempted
+    from megatronlite.train.preemption import Preempted, listen
     from megatronlite.train.run_lock import lock_run_dir
     from megatronlite.train.trainer import Trainer, resolve_precision, run_options
     from megatronlite.train.watchdog import Watchdog
 
     die_with_launcher()
+    listen()  # save-and-stop signals count from here: one during start-up is a request, not the end of the worker
     cfg = config.load(args.config, args.set)
     run_dir = config.run_dir(cfg, args.run_dir)
     kind = _device_kind(cfg)

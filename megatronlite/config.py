@@ -254,7 +254,7 @@ class CheckpointConfig:
     interval: int = 0  # 0: only at the end of training
     keep: int = 3  # the newest N complete checkpoints stay; 0: all stay
     keep_every: int = 0  # 0: none kept permanently
-    load: str | None = "auto"  # auto | null | a path
+    load: str | None = "auto"  # auto | null (fresh weights) | a path; the run directory's own checkpoint wins
     save: bool = True
     # `async` is a Python keyword; YAML and --set use `checkpoint.async`
     async_save: bool = False

@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,37 @@ def test_a_save_and_exit_request_saves_stops_and_resumes_exactly(tmp_path, corpu
     assert [m["loss"] for m in got] == [m["loss"] for m in want]  # bit for bit
 
 
+def test_sigterm_to_a_worker_saves_and_stops(tmp_path, corpus):
+    """What Slurm's preemption, time limit and scancel send (and torchrun passes on): the worker saves the step it
+    reached and exits 3, as on SIGUSR1, instead of dying with everything since the last interval checkpoint."""
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus, run, **{"train.steps": 5000, "checkpoint.interval": 0})
+    cmd = [sys.executable, "-m", "megatronlite", "train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training(proc, run, 0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    stopped = read_metrics(run)[-1]["step"]
+    assert stopped < 5000 and (run / "checkpoints" / "latest").read_text() == f"step_{stopped:07d}", err[-3000:]
+    assert f"saved step {stopped} and stopped on request" in err, err[-3000:]
+
+
+def test_a_flag_an_earlier_run_left_is_not_a_request(tmp_path, corpus):
+    """A flag file older than the worker (a request after an earlier run's last look) does not stop this run after
+    one step; a finished run leaves none behind."""
+    run = tmp_path / "run"
+    run.mkdir()
+    flag = run / ".save_and_exit"
+    flag.touch()
+    os.utime(flag, (time.time() - 3600, time.time() - 3600))
+    assert [m["step"] for m in train(run, tiny_overrides(corpus, run))] == list(range(1, 9))
+    assert not flag.exists()
+
+
 # --- NaN, inf and spikes ---------------------------------------------------------------------
 
 
@@ -328,3 +361,16 @@ def test_a_save_one_rank_cannot_start_is_agreed_and_training_goes_on(tmp_path, c
     assert "checkpoint of step 4 could not be written" in line and "on rank 1" in line, line
     assert "step_0000002 stays the latest" in line, line
     assert store.latest_complete(run / "checkpoints").name == "step_0000008"
+
+
+def test_a_stop_on_request_whose_save_failed_says_so(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "disk:1")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".save_and_exit").touch()
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(tiny_overrides(corpus, run))])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 3, err
+    assert "at step 1 (its checkpoint could not be written; a resume goes on from the start)" in err, err
+    assert "saved step" not in err, err

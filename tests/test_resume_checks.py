@@ -69,6 +69,22 @@ def test_a_run_started_from_a_path_goes_on_from_its_own_checkpoints(tmp_path, co
     assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(whole)]
 
 
+def test_a_run_started_without_a_checkpoint_goes_on_from_its_own(tmp_path, corpus, capsys, monkeypatch):
+    """`checkpoint.load: null` (fresh weights) starts a run; a restart, a requeue or a sweep's re-run of it goes on
+    from the run's own checkpoint, never back to step 0."""
+    sets = {"checkpoint.load": "null", "checkpoint.interval": 2}
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    train(whole, tiny_overrides(corpus, whole, **sets))
+    monkeypatch.setenv("MEGATRONLITE_FAULT", "step:7")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(run, tiny_overrides(corpus, run, **sets))
+    monkeypatch.delenv("MEGATRONLITE_FAULT")
+    capsys.readouterr()
+    train(run, tiny_overrides(corpus, run, **sets))
+    assert f"resumed from {run / 'checkpoints' / 'step_0000006'} at step 6" in capsys.readouterr().out
+    assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(whole)]
+
+
 def test_adams_step_count_survives_a_resume_in_another_precision(tmp_path, corpus):
     """fp16 steps skipped on overflow are not Adam's; resumed in fp32, the count goes on from the checkpoint's."""
     run = tmp_path / "run"

@@ -284,14 +284,12 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
 def resolve_load(cfg: Config, run_dir: Path) -> Path | None:
     """The step directory a run in `run_dir` resumes from, per `checkpoint.load`: auto, null, or a path.
 
-    A path is where a run starts (as torchtitan's initial_load_path): once the run directory holds a complete
-    checkpoint of its own, every start resumes from that instead, so a restart, a requeue or the same command
-    run again goes on from where the run got to, never back to the path."""
+    A path (as torchtitan's initial_load_path) or null (fresh weights) is how a run starts: once the run
+    directory holds a complete checkpoint of its own, every start resumes from that instead, so a restart, a
+    requeue or the same command run again goes on from where the run got to, never back to the start."""
     load = cfg.checkpoint.load
-    if load is None:
-        return None
     own = store.latest_complete(run_dir / "checkpoints")
-    if load == "auto" or own is not None:
+    if own is not None or load in (None, "auto"):
         return own
     return store.find_step_dir(load)  # the config checked that the path exists
 

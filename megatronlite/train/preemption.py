@@ -1,13 +1,18 @@
 """Save-and-stop on request: how a preempted or time-limited job keeps its progress.
 
-A request is SIGUSR1 to any worker (Slurm's `--signal=USR1@N` with srun-launched workers) or
-the file `RUN_DIR/.save_and_exit` (what the sbatch template's trap writes, visible to every
-node on a shared filesystem). Ranks agree through a small all-reduce at a poll, so they all save the
-same step and stop together; the job then requeues and resumes from it. Polling only every few steps
-keeps the file stat, the copy to the device and the world-wide all-reduce (each a wait for the slowest
-rank and, on GPU, a host sync) off most steps. The gap between polls adapts so a request waits about
-POLL_SECONDS at most whatever the step time: each poll also agrees on the slowest rank's seconds per
-step since the last one, and all ranks derive the same next gap (1 to POLL_STEPS steps) from it.
+A request is SIGUSR1 to any worker (Slurm's `--signal=USR1@N` with srun-launched workers), a first
+SIGTERM (what Slurm's preemption, time limit and scancel send, and torchrun passes on; as Megatron-LM's
+exit signal handler: a second one ends the worker at once), or the file `RUN_DIR/.save_and_exit` (what
+the sbatch template's trap writes, visible to every node on a shared filesystem). The signals are heard
+from the worker's start (`listen`), so one during start-up is a request too. A flag file older than the
+worker by STALE_FLAG_S is a leftover of an earlier run, not a request to this one.
+
+Ranks agree through a small all-reduce at a poll, so they all save the same step and stop together; the job
+then requeues and resumes from it. Polling only every few steps keeps the file stat, the copy to the device
+and the world-wide all-reduce (each a wait for the slowest rank and, on GPU, a host sync) off most steps.
+The gap between polls adapts so a request waits about POLL_SECONDS at most whatever the step time: each poll
+also agrees on the slowest rank's seconds per step since the last one, and all ranks derive the same next
+gap (1 to POLL_STEPS steps) from it.
 """
 
 from __future__ import annotations
@@ -25,21 +30,48 @@ EXIT_CODE = 3  # the trainer saved and stopped on request
 FLAG_FILE = ".save_and_exit"
 POLL_STEPS = 10  # the most steps between two looks for a request (one call of `requested` per step)
 POLL_SECONDS = 10.0  # ... and about the most seconds
+STALE_FLAG_S = 60.0  # a flag file this much older than the worker is not a request to it (clocks of a shared FS)
+
+_signalled = threading.Event()
+_listening_since: float | None = None
+
+
+def listen(sigterm: bool = True) -> None:
+    """(The main thread, first thing in a worker: `train`.) Hear save-and-stop signals from now on: SIGUSR1, and
+    a first SIGTERM (whose handler then gives way to the default, so a second one ends the worker). A trainer in
+    someone else's process (the Python API) takes SIGUSR1 only: SIGTERM stays its host's."""
+    global _listening_since
+    if _listening_since is not None or threading.current_thread() is not threading.main_thread():
+        return
+    _listening_since = time.time()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _signalled.set())
+    if sigterm:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    _signalled.set()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class PreemptionWatch:
     def __init__(self, run_dir: Path, device: torch.device) -> None:
         self.flag_path = run_dir / FLAG_FILE
         self.device = device
-        self.signalled = False
         self.calls = 0  # every rank calls `requested` once per step, so all of them poll at the same calls
         self.next_poll = 1  # the call that polls next (agreed by every rank at the previous poll)
         self.last_poll: tuple[int, float] | None = None  # (call, time) of the previous poll
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, self._on_signal)
+        listen(sigterm=False)  # (where `train` did not already)
+        self._drop_stale_flag()
 
-    def _on_signal(self, signum, frame) -> None:
-        self.signalled = True
+    def _drop_stale_flag(self) -> None:
+        """A flag an earlier run left (a request after its last poll, or before a crash) would stop this one at
+        its first poll; one written since this worker started is a request to it."""
+        try:
+            if self.flag_path.stat().st_mtime < (_listening_since or time.time()) - STALE_FLAG_S:
+                self.clear()
+        except FileNotFoundError:
+            pass
 
     def requested(self) -> bool:
         """True on every rank at the first poll after any rank saw a request (see the module doc)."""
@@ -52,7 +84,7 @@ class PreemptionWatch:
         now = time.monotonic()
         step_seconds = 0.0 if self.last_poll is None else (now - self.last_poll[1]) / (self.calls - self.last_poll[0])
         self.last_poll = (self.calls, now)
-        local = self.signalled or self.flag_path.exists()
+        local = _signalled.is_set() or self.flag_path.exists()
         if dist.is_initialized():  # any rank's request, and the slowest rank's step time
             agreed = torch.tensor([float(local), step_seconds], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -61,7 +93,9 @@ class PreemptionWatch:
         return local
 
     def clear(self) -> None:
+        """(Once a request is answered, or the run is done.) Forget it: the flag file and a signal."""
         self.flag_path.unlink(missing_ok=True)
+        _signalled.clear()
 
 
 def poll_gap(step_seconds: float) -> int:

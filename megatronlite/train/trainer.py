@@ -503,10 +503,11 @@ class Trainer:
                         saver.save()
                 if stop and self.step < cfg.train.steps:
                     watch.clear()
-                    what = f"saved step {self.step}" if save else f"at step {self.step} (checkpoint.save is off)"
-                    raise Preempted(f"{what} and stopped on request")
+                    saver.wait()  # every rank stops here alike: the save it made is committed, or failed
+                    raise Preempted(f"{self._stopped_at(save, saver)} and stopped on request")
             self.beat("final checkpoint save")  # watched: a rank stalled in the last write ends the job too
             saver.wait()
+            watch.clear()  # the run is done: a request after its last look is moot, not one to the next run
             if saver.last_failed:  # a job that ends well must have its last step saved
                 kept = store.latest_complete(self.run_dir / "checkpoints")
                 raise TrainingStopped(
@@ -515,7 +516,6 @@ class Trainer:
                     + ": free space and run the same command again to redo the steps after it"
                 )
         except Preempted:
-            saver.wait()  # every rank stops here alike: the save it made is committed
             raise
         except BaseException:
             saver.abandon()  # this rank alone may be failing: no collective the others will not join
@@ -524,6 +524,14 @@ class Trainer:
             self.beat = lambda phase: None
             batches.close()
             log.close()
+
+    def _stopped_at(self, saved: bool, saver: checkpointing.Checkpointer) -> str:
+        """What a stop on request leaves: the step saved, or where a resume goes on from."""
+        if saved and not saver.last_failed:
+            return f"saved step {self.step}"
+        kept = store.latest_complete(self.run_dir / "checkpoints")
+        why = "its checkpoint could not be written" if saved else "checkpoint.save is off"
+        return f"at step {self.step} ({why}; a resume goes on from {kept.name if kept else 'the start'})"
 
     def _rewind(self, spike: LossSpike, saver: checkpointing.Checkpointer, log: RunLog) -> None:
         """Back to the last checkpoint, and on past the batches up to the spike's (`train.on_loss_spike: rewind`)."""
