@@ -99,6 +99,8 @@ PRECISION_LAYOUTS = {  # multi-process runs in mixed precision, each against one
     ),
     # DeepSpeed's bf16: the model in bf16 and fp32 master weights in its optimizer, against autocast over fp32
     "ds-zero2-bf16": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "train.precision=bf16"]),
+    # DeepSpeed's fp16 scales the loss in its backward: MoE's balance and z losses must carry its scale too
+    "ds-zero2-fp16": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "train.precision=fp16"]),
 }
 
 
@@ -253,6 +255,7 @@ PRECISION_CASES = [
     (model, layout) for model in ("llama", "gpt2") for layout in PRECISION_LAYOUTS if "ds-" not in layout
 ]
 PRECISION_CASES.append(("llama", "ds-zero2-bf16"))
+PRECISION_CASES.append(("moe-softmax", "ds-zero2-fp16"))
 PRECISION_CASES.append(("features", "tp2-sp-bf16"))
 
 

@@ -30,6 +30,10 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """One micro-batch's backward (`loss` already divided by the micro-batches); `last`: the step's last."""
 
+    def backward_scale(self) -> float:
+        """What `backward` multiplies the loss by (DeepSpeed's fp16 loss scale; 1.0 where it scales nothing): a
+        gradient that joins outside it (MoE's auxiliary losses, moe.AuxLosses) must carry the same factor."""
+
     def finish_grads(self) -> None:
         """After the last micro-batch: the reduced gradients are ready for the norm and the step."""
 

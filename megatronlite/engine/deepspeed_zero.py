@@ -194,6 +194,10 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)  # our loss is already divided by the micro-batches
 
+    def backward_scale(self) -> float:
+        """Its fp16 optimizer's current dynamic loss scale (a float on the host: no sync), else 1.0."""
+        return float(getattr(getattr(self.optimizer, "loss_scaler", None), "cur_scale", 1.0))
+
     def finish_grads(self) -> None:
         """DeepSpeed reduced them in its backward (ZeRO-2/3) or reduces them in its step (ZeRO-1)."""
 

@@ -39,6 +39,10 @@ class NativeEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
+    def backward_scale(self) -> float:
+        """1.0: fp16's loss scale is the trainer's, applied before `backward` (train/loss_scale.py)."""
+        return 1.0
+
     def finish_grads(self) -> None:
         self.dp.finish(self._sum_late_grads)
 

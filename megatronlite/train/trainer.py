@@ -235,7 +235,7 @@ class Trainer:
         (`settle`: a logged step, a checkpoint): no host sync per step. Otherwise they are read here, before the
         step, in one transfer."""
         self.beat("forward-backward")
-        self.moe.before_step(self.num_micro, self.scaler.scale if self.scaler else 1.0)
+        self.moe.before_step(self.num_micro, self.scaler.scale if self.scaler else self.engine.backward_scale())
         total = self._forward_backward(micro_batches, train=True)
         self.beat("gradient sync")
         engine = self.engine
