@@ -1,8 +1,12 @@
 """A dying worker stops the whole job promptly, and the failing rank and its error are named."""
 
 import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from helpers import error_of, launch_cmd, tiny_overrides
@@ -95,3 +99,66 @@ def test_a_final_save_that_never_ends_is_caught_by_the_watchdog(tmp_path, corpus
     assert done.returncode != 0
     assert "no progress for" in done.stderr and "final checkpoint save" in done.stderr, done.stderr[-2000:]
     assert store.latest_complete(run / "checkpoints").name == "step_0000002"
+
+
+def _wait_for_line(lines: queue.Queue, text: str, timeout: float) -> None:
+    """Until a line with `text` came (`lines`: a process's output, None at its end); fail after `timeout` s."""
+    while True:
+        line = lines.get(timeout=timeout)
+        assert line is not None, f"the output ended before a line with {text!r}"
+        if text in line:
+            return
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launcher_saves_and_stops_the_workers(tmp_path, corpus):
+    """`scancel --signal=USR1 JOB` reaches the launcher of a step too: torchrun handles no USR1, which killed it (and
+    so the workers, unsaved). It is a save-and-stop request passed on to the workers; the launcher exits 3 with them."""
+    run = tmp_path / "run"
+    cmd = launch_cmd(run, 2, tiny_overrides(corpus, run, **{"train.steps": 100_000, "checkpoint.interval": 0}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    output: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        _wait_for_line(lines, "step 1/100000", timeout=120)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(output)
+    assert proc.returncode == 3, text[-3000:]
+    assert "megatronlite: SIGUSR1: asking the workers to save and stop" in text
+    assert "the workers stopped on request; the latest checkpoint is step" in text.strip().splitlines()[-1]
+    assert store.latest_complete(run / "checkpoints") is not None
+    assert not (run / ".save_and_exit").exists()  # the request was answered: a resumed run goes on
+
+
+@pytest.mark.parametrize("restart", [0, 1])
+def test_a_master_port_in_use_is_one_line(tmp_path, corpus, restart):
+    """A port in use was torchrun's 40-line traceback (exit 1), also at the port + k of restart k."""
+    run = tmp_path / "run"
+    cmd = launch_cmd(run, 1, tiny_overrides(corpus, run), "--max-restarts", "1")
+    port = int(cmd[cmd.index("--master-port") + 1])
+    env = {**os.environ, "MEGATRONLITE_FAULT": "step:2"} if restart else None  # attempt 0 fails: restart 1 is tried
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + restart))
+        busy.listen()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "DistNetworkError" not in done.stderr, done.stderr[-3000:]
+    which = " (restart 1 meets at --master-port + 1)" if restart else ""
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"megatronlite: error: --master-port {port}: the workers cannot meet at 127.0.0.1:{port + restart}{which}: "
+        "the port is in use; choose a free port"
+    )

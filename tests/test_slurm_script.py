@@ -1,6 +1,8 @@
 """The sbatch scripts `megatronlite submit` renders, and its errors; no Slurm needed."""
 
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +160,101 @@ def test_print_template_needs_no_config(capsys, launcher):
         main(["submit", "--print-template", launcher])
     assert e.value.code == 0
     assert capsys.readouterr().out == (slurm.TEMPLATE_DIR / slurm.TEMPLATES[launcher]).read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+        (["--cpus-per-task", "-2"], "--cpus-per-task must be >= 1, got -2"),
+        (["--gpus-per-node", "-1"], "--gpus-per-node must be >= 0, got -1"),
+        (["--partition", ""], "--partition must not be empty"),
+        (["--time", " "], "--time must not be empty"),
+        (["--account", ""], "--account must not be empty"),
+        (["--job-name", "demo\ntouch /tmp/injected #"], "--job-name: 'demo\\ntouch /tmp/injected #' has a control"),
+        (["--partition", "gpu\x7f"], "--partition: 'gpu\\x7f' has a control character"),
+    ],
+)
+def test_bad_directives_fail_before_the_script_is_written(capsys, flags, message):
+    """These passed: a job failing only once it ran (--max-restarts -1), one sbatch refuses, or a newline that ends
+    the #SBATCH line and makes the rest of the value a command of the script."""
+    error = error_of(capsys, "submit", "configs/demo.yaml", "--run-dir", "/shared/runs/demo", "--dry-run", *flags)
+    assert message in error, error
+
+
+HELPERS = slurm.TEMPLATE_DIR / "slurm_helpers.sh"
+
+
+def run_helpers(tmp_path: Path, script: str, tools: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`script` in bash with the sbatch helpers sourced, SLURM_JOB_ID=42, a scontrol that only says how it was
+    called, `tools` (name: bash body) first on PATH, and $FIFO a named pipe for the test's processes to meet on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"scontrol": 'echo "SCONTROL CALLED: $*"', **(tools or {})}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    os.mkfifo(tmp_path / "fifo")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FIFO": str(tmp_path / "fifo")}
+    return subprocess.run(
+        ["bash", "-c", f"source {HELPERS}\nSLURM_JOB_ID=42\n{script}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+# `STEP SIGNAL CODE`: a job step that sends the batch shell SIGNAL, waits (20 s at most) for a line on the pipe and
+# exits with CODE. Its output goes elsewhere: a shell that died of the signal must not keep the test waiting on it.
+STEP = (
+    """bash -c 'exec >/dev/null 2>&1 3<>"$FIFO"; echo $$ > step.pid; kill -$1 $PPID; read -t 20 _ <&3; exit $2' step"""
+)
+
+
+def test_run_preemptible_keeps_the_status_of_a_step_that_ended_while_the_trap_ran(tmp_path):
+    """The warning came as the step ended by itself (exit 0): `wait` returned 138 for the trap, the step ended while
+    the trap ran, and its status was never collected: a finished job was requeued. Here the trap's `date` lets the
+    step go on and returns only once it has ended."""
+    date = (
+        'if mkdir released 2>/dev/null; then echo go > "$FIFO"; timeout 20 tail --pid="$(<step.pid)" -f /dev/null; fi'
+    )
+    script = f'mkdir run; run_preemptible run {STEP} USR1 0; echo "returned $?"'
+    done = run_helpers(tmp_path, script, {"date": f'{date}\ncommand -p date "$@"'})
+    assert "warning signal: asking the trainer to save and stop" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "returned 0", done.stdout + done.stderr
+    assert "SCONTROL" not in done.stdout
+
+
+@pytest.mark.parametrize("code, requeued", [(3, True), (1, False)])
+def test_sigterm_to_the_batch_shell_asks_for_a_save_and_requeues_if_the_step_saved(tmp_path, code, requeued):
+    """Preemption and the time limit send SIGTERM, which ended the batch shell at once: no requeue, whatever the
+    step did. Now it asks for a save through the flag file (the step goes on once it is there) and waits."""
+    (tmp_path / "run").mkdir()
+    touch = 'command -p touch "$@"; echo go > "$FIFO"'
+    done = run_helpers(tmp_path, f'run_preemptible run {STEP} TERM {code}; echo "returned $?"', {"touch": touch})
+    out = done.stdout + done.stderr
+    assert "SIGTERM: asking the trainer to save and stop" in done.stdout, out
+    assert (tmp_path / "run" / ".save_and_exit").exists()
+    assert done.stdout.strip().splitlines()[-1] == f"returned {code}", out
+    assert ("SCONTROL CALLED: requeue 42" in done.stdout) == requeued, out
+
+
+def test_free_port_leaves_room_for_the_restarts(tmp_path):
+    """The launcher's restart k meets at port + k: those must be free too, not only the first."""
+    job = next(j for j in random.sample(range(20000), 50) if all(_free(20000 + j + k) for k in range(4)))
+    port = 20000 + job
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + 1))
+        busy.listen()
+        done = run_helpers(tmp_path, f"SLURM_JOB_ID={job}; free_port; free_port 2; free_port 0")
+    assert done.stdout.split() == [str(port), str(port + 2), str(port)], done.stdout + done.stderr
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -94,35 +94,61 @@ class Job:
     array: str | None = None  # an --array spec
 
 
+_LEAST = {
+    "nodes": 1,
+    "nproc_per_node": 1,
+    "gpus_per_node": 0,
+    "cpus_per_task": 1,
+    "max_restarts": 0,
+    "signal_seconds": 1,
+}
+_DIRECTIVE_FLAGS = {"chdir": "the working directory", "output": "--run-dir"}  # where a directive's value comes from
+
+
 def check_resources(args: argparse.Namespace) -> None:
-    for flag in ("nodes", "nproc_per_node"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.signal_seconds < 1:
-        raise UserError(f"--signal-seconds must be >= 1, got {args.signal_seconds}")
+    """Refuse what sbatch would reject, or what would fail only once the job runs (a negative --max-restarts)."""
+    for flag, least in _LEAST.items():
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+    for flag in ("partition", "time", "account"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise UserError(f"--{flag} must not be empty")
+
+
+def _checked(key: str, value: object) -> str:
+    """`--key=value` for an #SBATCH line: a control character (a newline) would end the line and make the rest of
+    the value a shell command of the script, and sbatch stops reading directives at it."""
+    text = str(value)
+    bad = next((c for c in text if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise UserError(f"{_DIRECTIVE_FLAGS.get(key, '--' + key)}: {text!r} has a control character ({bad!r})")
+    return f"--{key}={text}"
 
 
 def _directives(args: argparse.Namespace, job: Job) -> list[str]:
     gpus = args.nproc_per_node if args.gpus_per_node is None else args.gpus_per_node
     tasks = 1 if args.launcher == "torchrun" else args.nproc_per_node
-    out = [f"--job-name={job.name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}"]
-    optional = {
+    values = {
+        "job-name": job.name,
+        "nodes": args.nodes,
+        "ntasks-per-node": tasks,
         "gpus-per-node": gpus or None,
         "cpus-per-task": args.cpus_per_task,
         "partition": args.partition,
         "time": args.time,
         "account": args.account,
         "array": job.array,
+        "chdir": Path.cwd(),
+        "output": job.output,
     }
-    out += [f"--{key}={value}" for key, value in optional.items() if value is not None]
-    out += [
-        f"--chdir={Path.cwd()}",
-        f"--output={job.output}",
+    out = [_checked(key, value) for key, value in values.items() if value is not None]
+    return [
+        *out,
         "--open-mode=append",  # a requeued run adds to the same log
         f"--signal=B:USR1@{args.signal_seconds}",
         "--requeue",
     ]
-    return out
 
 
 def _srun_options(args: argparse.Namespace, run_root: Path) -> str:

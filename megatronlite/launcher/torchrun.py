@@ -2,7 +2,8 @@
 
 Checking the config and the TP x PP x DP layout here means a bad value is reported once, before
 any worker starts. When a worker dies, torchrun stops the others; we report which rank failed
-and its error in one line instead of torchrun's report.
+and its error in one line instead of torchrun's report. SIGUSR1 to the launcher is a save-and-stop
+request for the workers, as it is to a worker (train/preemption.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from megatronlite import config
 from megatronlite.errors import UserError
 from megatronlite.train.preemption import EXIT_CODE as PREEMPTED
+from megatronlite.train.preemption import FLAG_FILE
 
 LAUNCHER_PID = "MEGATRONLITE_LAUNCHER_PID"
 RESTART_COUNT = "MEGATRONLITE_RESTART_COUNT"
@@ -92,12 +94,46 @@ def main(args: argparse.Namespace) -> None:
     config.validate_layout(cfg, args.nproc_per_node * args.nnodes)
     os.environ[LAUNCHER_PID] = str(os.getpid())
     run_dir = config.run_dir(cfg, args.run_dir)
+    stop_requested = pass_on_save_requests(run_dir)
     for attempt in range(args.max_restarts + 1):
         os.environ[RESTART_COUNT] = str(attempt)  # the workers resume and log the restart (train/restarts.py)
         code = _run_attempt(args, attempt, run_dir)
-        if code in (0, 2, PREEMPTED) or attempt == args.max_restarts:
+        if code in (0, 2, PREEMPTED) or attempt == args.max_restarts or stop_requested.is_set():
             sys.exit(code)
         print(f"megatronlite: restarting the workers ({attempt + 1} of {args.max_restarts})", file=sys.stderr)
+
+
+def pass_on_save_requests(run_dir: Path) -> threading.Event:
+    """Make SIGUSR1 to the launcher a save-and-stop request to the workers; the event is set once one came.
+
+    torchrun handles only TERM/INT/HUP/QUIT: USR1 (what `scancel --signal=USR1 JOB` sends every task of a step)
+    would kill the launcher, and the workers with it, unsaved. The request goes on as the flag file the workers
+    poll: unlike a signal it cannot kill a worker still starting up, and every node sees it. The launcher keeps
+    waiting for the workers, which save, stop and exit 3 (so does the launcher, see `_run_attempt`)."""
+    requested = threading.Event()
+
+    def on_usr1(signum: int, frame: object) -> None:
+        requested.set()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / FLAG_FILE).touch()
+            note = "SIGUSR1: asking the workers to save and stop"
+        except OSError as e:  # the workers go on; a handler must not raise into torchrun's loop
+            note = f"SIGUSR1: cannot ask the workers to save and stop ({e})"
+        os.write(2, f"megatronlite: {note}\n".encode())  # not print: the signal may have come in the middle of one
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    return requested
+
+
+def _rendezvous_failure(args: argparse.Namespace, attempt: int, error: Exception) -> str:
+    """One line for workers that could not meet: torchrun's is a traceback ending in the store's error."""
+    text = str(error.__cause__ or error).strip()
+    in_use = "EADDRINUSE" in text
+    reason = "the port is in use; choose a free port" if in_use else (text.splitlines() or [type(error).__name__])[0]
+    port = args.master_port + attempt
+    restart = f" (restart {attempt} meets at --master-port + {attempt})" if attempt else ""
+    return f"--master-port {args.master_port}: the workers cannot meet at {args.master_addr}:{port}{restart}: {reason}"
 
 
 def _failed_at(failure) -> int:
@@ -136,12 +172,16 @@ def _stopped_on_request(run_dir: Path) -> str:
 
 def _run_attempt(args: argparse.Namespace, attempt: int, run_dir: Path) -> int:
     """Run the workers once; the exit code the launcher would end with, having printed why."""
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     try:
         run(get_args_parser().parse_args(torchrun_args(args, attempt)))
+    except (DistNetworkError, RendezvousError) as e:  # (both in torch 2.11 and 2.13)
+        raise UserError(_rendezvous_failure(args, attempt, e)) from None
     except SignalException as e:  # torchrun has already passed the signal on to the workers and reaped them
         name = signal.Signals(e.sigval).name
         print(f"megatronlite: stopped by {name}; the workers were stopped with it", file=sys.stderr)

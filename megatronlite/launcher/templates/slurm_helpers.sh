@@ -1,12 +1,18 @@
 # Shell functions every megatronlite sbatch script uses. `megatronlite submit` pastes this file into
 # the script it renders, so a job needs nothing from launch/ at run time.
 
-# A TCP port nobody on this host listens on, starting from one derived from the job id so that
-# jobs sharing a node start from different places.
+# free_port [EXTRA]: a TCP port that nobody on this host listens on, nor on the EXTRA ports after it (the
+# launcher's restart k meets at port + k), starting from one derived from the job id so that jobs sharing
+# a node start from different places.
 free_port() {
-    local port=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
-    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-        port=$((port + 1))
+    local extra=${1:-0} port=$((20000 + ${SLURM_JOB_ID:-0} % 20000)) k=0
+    while ((k <= extra)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$((port + k))") 2>/dev/null; then  # taken: start after it
+            port=$((port + k + 1))
+            k=0
+        else
+            k=$((k + 1))
+        fi
     done
     echo "$port"
 }
@@ -15,19 +21,24 @@ free_port() {
 # shell: `#SBATCH --signal=B:USR1@SECONDS` before the time limit, or `scancel --signal=USR1 --batch`)
 # asks the trainer to save a checkpoint and stop, through the file RUN_DIR/.save_and_exit that every
 # node sees. A step that stopped that way (exit code 3, or failed after the request) requeues the
-# job, which resumes from the checkpoint (checkpoint.load: auto).
+# job, which resumes from the checkpoint (checkpoint.load: auto). SIGTERM (preemption, the time limit)
+# would end this shell at once, unrequeued: it asks for a save the same way, and the job requeues if
+# the step saved and stopped (exit code 3). The signal is not sent on to the step: Slurm sends its
+# tasks their own SIGTERM, and a second one ends a worker unsaved.
 run_preemptible() {
-    local run_dir=$1 requested="" pid rc
+    local run_dir=$1 requested="" woke pid rc
     shift
-    trap 'requested=1; echo "$(date +%T) warning signal: asking the trainer to save and stop"; touch "$run_dir/.save_and_exit"' USR1
+    trap 'woke=1; requested=1; echo "$(date +%T) warning signal: asking the trainer to save and stop"; touch "$run_dir/.save_and_exit"' USR1
+    trap 'woke=1; echo "$(date +%T) SIGTERM: asking the trainer to save and stop"; touch "$run_dir/.save_and_exit"' TERM
     "$@" &
     pid=$!
-    wait "$pid"
-    rc=$?
-    while kill -0 "$pid" 2>/dev/null; do  # `wait` returns early when the trap runs
+    woke=1
+    while [[ -n $woke ]]; do  # `wait` returns early when a trap runs: wait again (bash keeps an ended step's status)
+        woke=""
         wait "$pid"
         rc=$?
     done
+    trap - USR1 TERM
     if [[ $rc == 3 || ( -n $requested && $rc != 0 ) ]]; then
         echo "$(date +%T) checkpoint saved on request (exit code $rc): requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
