@@ -1,11 +1,12 @@
 """Save-and-stop on request: how a preempted or time-limited job keeps its progress.
 
-A request is SIGUSR1 to any worker (Slurm's `--signal=USR1@N` with srun-launched workers), a first
-SIGTERM (what Slurm's preemption, time limit and scancel send, and torchrun passes on; as Megatron-LM's
-exit signal handler: a second one ends the worker at once), or the file `RUN_DIR/.save_and_exit` (what
-the sbatch template's trap writes, visible to every node on a shared filesystem). The signals are heard
-from the worker's start (`listen`), so one during start-up is a request too. A flag file older than the
-worker by STALE_FLAG_S is a leftover of an earlier run, not a request to this one.
+A request is SIGUSR1 to any worker (Slurm's `--signal=USR1@N` with srun-launched workers), SIGTERM (what
+Slurm's preemption, time limit and scancel send, and torchrun passes on: a worker may get it twice, from
+both; as Megatron-LM's exit signal handler; both follow it with SIGKILL after their grace time), or the file
+`RUN_DIR/.save_and_exit` (what the sbatch template's trap writes, visible to every node on a shared
+filesystem). The signals are heard from the worker's start (`listen`), so one during start-up is a request
+too. A flag file older than the worker by STALE_FLAG_S is a leftover of an earlier run, not a request to
+this one.
 
 Ranks agree through a small all-reduce at a poll, so they all save the same step and stop together; the job
 then requeues and resumes from it. Polling only every few steps keeps the file stat, the copy to the device
@@ -37,21 +38,14 @@ _listening_since: float | None = None
 
 
 def listen(sigterm: bool = True) -> None:
-    """(The main thread, first thing in a worker: `train`.) Hear save-and-stop signals from now on: SIGUSR1, and
-    a first SIGTERM (whose handler then gives way to the default, so a second one ends the worker). A trainer in
-    someone else's process (the Python API) takes SIGUSR1 only: SIGTERM stays its host's."""
+    """(The main thread, first thing in a worker: `train`.) Hear save-and-stop signals from now on: SIGUSR1 and
+    SIGTERM. A trainer in someone else's process (the Python API) takes SIGUSR1 only: SIGTERM stays its host's."""
     global _listening_since
     if _listening_since is not None or threading.current_thread() is not threading.main_thread():
         return
     _listening_since = time.time()
-    signal.signal(signal.SIGUSR1, lambda signum, frame: _signalled.set())
-    if sigterm:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum, frame) -> None:
-    _signalled.set()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for signum in (signal.SIGUSR1, signal.SIGTERM) if sigterm else (signal.SIGUSR1,):
+        signal.signal(signum, lambda signum, frame: _signalled.set())
 
 
 class PreemptionWatch:

@@ -24,7 +24,7 @@ free_port() {
 # job, which resumes from the checkpoint (checkpoint.load: auto). SIGTERM (preemption, the time limit)
 # would end this shell at once, unrequeued: it asks for a save the same way, and the job requeues if
 # the step saved and stopped (exit code 3). The signal is not sent on to the step: Slurm sends its
-# tasks their own SIGTERM, and a second one ends a worker unsaved.
+# tasks their own SIGTERM (a save request to a worker, as the flag is).
 run_preemptible() {
     local run_dir=$1 requested="" woke pid rc
     shift
