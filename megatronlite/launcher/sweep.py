@@ -1,19 +1,23 @@
 """`megatronlite sweep`: run every trial of a sweep file, here or as a Slurm job array, then report.
 
 Each trial trains from its own resolved config in its own run directory, OUT/<trial id>/ (OUT is
-runs/sweeps/<name> by default). A trial that already reached its last step is skipped, and an
-unfinished one resumes from its checkpoint, so re-running a sweep only does what is left.
+runs/sweeps/<name> by default). A trial whose final checkpoint is written (with checkpoint.save off: that
+logged its last step) is skipped, and an unfinished one resumes from its checkpoint, so re-running a sweep only
+does what is left. Stopping the sweep (Ctrl-C, SIGTERM) stops its running trials, which save as they stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from megatronlite import config, curves
 from megatronlite.errors import UserError, made_dir
@@ -32,12 +36,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     slurm.add_slurm_arguments(p)
 
 
-def _run_local(trials: list[Trial], out: Path, max_parallel: int) -> list[str]:
-    """Train the trials as `megatronlite train` processes, `max_parallel` at a time; return the failed ids."""
+GRACE_S = 30.0  # for a stopped trial to save its checkpoint and end (a trainer's first SIGTERM: save and stop)
+
+
+def _terminated(signum: int, frame: object) -> NoReturn:
+    """SIGTERM to the sweep (`kill`, a scheduler): end as Ctrl-C would, through the `finally` that stops the trials
+    (by default the process would just vanish, leaving its trials running and holding their run directories)."""
+    raise SystemExit(128 + signum)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each trial's process group, then SIGKILL the groups still there after GRACE_S."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _run_local(trials: list[Trial], out: Path, max_parallel: int) -> None:
+    """Train the trials as `megatronlite train` processes, `max_parallel` at a time.
+
+    Each trial runs in a session of its own, so that the sweep stopping (an error, Ctrl-C, SIGTERM) stops all of
+    it, and a terminal's Ctrl-C reaches the sweep alone, which then stops its trials the same way."""
     env = dict(os.environ)
     if max_parallel > 1 and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel))
-    queue, running, failed = list(trials), {}, []
+    queue, running = list(trials), {}
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         while queue or running:
             while queue and len(running) < max_parallel:
@@ -46,7 +78,11 @@ def _run_local(trials: list[Trial], out: Path, max_parallel: int) -> list[str]:
                 cmd = [sys.executable, "-m", "megatronlite", "train", str(run_dir / "config.yaml")]
                 with open(run_dir / "train.log", "a") as log:
                     running[trial.id] = subprocess.Popen(
-                        [*cmd, "--run-dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT, env=env
+                        [*cmd, "--run-dir", str(run_dir)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
                     )
                 print(f"trial {trial.id}: started {trial.params}", flush=True)
             for tid, proc in list(running.items()):
@@ -56,13 +92,15 @@ def _run_local(trials: list[Trial], out: Path, max_parallel: int) -> list[str]:
                 if proc.returncode == 0:
                     print(f"trial {tid}: done", flush=True)
                 else:
-                    failed.append(tid)
                     print(f"trial {tid}: failed with exit code {proc.returncode}; see {out / tid / 'train.log'}")
             time.sleep(0.2)
     finally:
-        for proc in running.values():
-            proc.terminate()
-    return failed
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stopping short
+        if running:
+            with contextlib.suppress(OSError):  # stderr may be a pipe whose reader has gone: stop the trials still
+                print(f"sweep: stopping {len(running)} running trial(s): {', '.join(running)}", file=sys.stderr)
+        _stop(list(running.values()))
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _array_script(args: argparse.Namespace, sweep: Sweep, trials: list[Trial], out: Path) -> tuple[str, str]:
@@ -78,8 +116,8 @@ def _array_script(args: argparse.Namespace, sweep: Sweep, trials: list[Trial], o
     return slurm.render_script(args, job, out), job.output
 
 
-def _report(sweep: Sweep, out: Path, steps: dict[str, int]) -> None:
-    print(sweep_report.write(sweep, out, steps), end="")
+def _report(sweep: Sweep, out: Path, configs: dict[str, config.Config]) -> None:
+    print(sweep_report.write(sweep, out, configs), end="")
     print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'loss.png'}")
 
 
@@ -95,16 +133,15 @@ def main(args: argparse.Namespace) -> None:
     sweep = sweep_spec.load(args.sweep_file)
     out = Path(args.out or Path("runs") / "sweeps" / sweep.name).resolve()
     configs = {t.id: sweep_spec.resolve_config(sweep, t) for t in sweep.trials}
-    steps = {tid: cfg.train.steps for tid, cfg in configs.items()}
     if args.report:
-        _report(sweep, out, steps)
+        _report(sweep, out, configs)
         return
     for trial in sweep.trials:
         try:
             config.validate_layout(configs[trial.id], _layout_world(args))
         except UserError as e:
             raise UserError(f"sweep {sweep.name}, trial {trial.id}: {e}") from None
-    todo = [t for t in sweep.trials if sweep_report.finished_step(out / t.id) < steps[t.id]]
+    todo = [t for t in sweep.trials if not sweep_report.done(out / t.id, configs[t.id])]
     print(f"sweep {sweep.name}: {len(sweep.trials)} trial(s), {len(sweep.trials) - len(todo)} already done; in {out}")
     if args.dry_run:
         for t in sweep.trials:
@@ -128,10 +165,10 @@ def main(args: argparse.Namespace) -> None:
             print(f"when it is done: megatronlite sweep {args.sweep_file}{where} --report")
             return
         slurmctl.wait(job_id)
-        failed = [t.id for t in todo if sweep_report.finished_step(out / t.id) < steps[t.id]]
     else:
-        failed = _run_local(todo, out, args.max_parallel)
-    _report(sweep, out, steps)
+        _run_local(todo, out, args.max_parallel)
+    _report(sweep, out, configs)
+    failed = [t.id for t in todo if not sweep_report.done(out / t.id, configs[t.id])]  # as the report's status
     if failed:
         print(f"megatronlite: {len(failed)} trial(s) did not finish: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -5,28 +5,47 @@ can be rebuilt at any time (`megatronlite sweep SWEEP.yaml --report`)."""
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from pathlib import Path
 
+from megatronlite.config import Config
 from megatronlite.curves import draw, read_metrics
 from megatronlite.launcher.sweep_spec import Sweep
 
 
-def finished_step(run_dir: Path) -> int:
-    """The furthest step a run reached: its last logged step or its latest checkpoint."""
+def saved_step(run_dir: Path) -> int:
+    """The step of the run's latest committed checkpoint (`checkpoints/latest` names it; its meta.json is written
+    last); 0 when there is none, or `latest` is unreadable. Read by hand: checkpoint.store imports torch."""
+    checkpoints = run_dir / "checkpoints"
+    try:
+        name = (checkpoints / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    found = re.fullmatch(r"step_(\d+)", name)
+    return int(found[1]) if found and (checkpoints / name / "meta.json").is_file() else 0
+
+
+def reached_step(run_dir: Path, cfg: Config) -> int:
+    """How far a run got that a re-run keeps: its latest checkpoint when it saves them (a run resumes from there,
+    so steps logged after it, as by a run killed in its final save, are redone), else its last logged step."""
+    if cfg.checkpoint.save:
+        return saved_step(run_dir)
     metrics = read_metrics(run_dir)
-    latest = run_dir / "checkpoints" / "latest"
-    saved = int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else 0
-    return max(metrics[-1]["step"] if metrics else 0, saved)
+    return metrics[-1]["step"] if metrics else 0
 
 
-def _row(trial_dir: Path, steps: int) -> dict:
+def done(run_dir: Path, cfg: Config) -> bool:
+    return reached_step(run_dir, cfg) >= cfg.train.steps
+
+
+def _row(trial_dir: Path, cfg: Config) -> dict:
     metrics = read_metrics(trial_dir)
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
-    reached = finished_step(trial_dir)
+    reached, steps = reached_step(trial_dir, cfg), cfg.train.steps
     speeds = [m["tokens_per_sec"] for m in metrics if m.get("tokens_per_sec")]
     return {
-        "status": "done" if reached >= steps else f"{reached}/{steps}" if reached else "not run",
+        "status": "done" if reached >= steps else f"{reached}/{steps}" if reached or metrics else "not run",
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "final_eval_loss": evals[-1] if evals else None,
         "best_eval_loss": min(evals) if evals else None,
@@ -34,9 +53,9 @@ def _row(trial_dir: Path, steps: int) -> dict:
     }
 
 
-def summarize(sweep: Sweep, out: Path, steps: dict[str, int]) -> list[dict]:
+def summarize(sweep: Sweep, out: Path, configs: dict[str, Config]) -> list[dict]:
     return [
-        {"trial": t.id, **{k: t.params.get(k) for k in sweep.param_keys}, **_row(out / t.id, steps[t.id])}
+        {"trial": t.id, **{k: t.params.get(k) for k in sweep.param_keys}, **_row(out / t.id, configs[t.id])}
         for t in sweep.trials
     ]
 
@@ -66,12 +85,12 @@ def plot(sweep: Sweep, out: Path, path: Path) -> None:
     draw(runs, ["loss", "eval_loss"], path, f"sweep {sweep.name}", PLOT)
 
 
-def write(sweep: Sweep, out: Path, steps: dict[str, int]) -> str:
+def write(sweep: Sweep, out: Path, configs: dict[str, Config]) -> str:
     """Write summary.csv, summary.md and loss.png under `out` (the trials' parent); return the Markdown table.
 
-    `steps` is each trial's train.steps, by trial id.
+    `configs` is each trial's resolved config, by trial id.
     """
-    rows = summarize(sweep, out, steps)
+    rows = summarize(sweep, out, configs)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

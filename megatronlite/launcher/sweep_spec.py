@@ -13,12 +13,13 @@ trials: 4
 seed: 0
 ```
 
-A trial's id is a hash of its parameters, so editing the sweep (another grid value, more trials)
-keeps the ids, and the run directories, of the trials that did not change.
+A trial's id is a hash of its whole resolved config but its name (see `_trial_id`): editing the sweep
+(another grid value, more trials) keeps the ids, and the run directories, of the trials that did not change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -51,7 +52,11 @@ class Trial:
     params: dict[str, Any]  # config key -> value, in the sweep file's order
 
     def overrides(self) -> list[str]:
-        return [f"{k}={_yaml_value(v)}" for k, v in self.params.items()]
+        return _set_args(self.params)
+
+
+def _set_args(params: dict[str, Any]) -> list[str]:
+    return [f"{k}={_yaml_value(v)}" for k, v in params.items()]
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,15 @@ def _draw(rng: random.Random, key: str, spec: Any, where: str) -> Any:
     return round(value) if isinstance(low, int) and isinstance(high, int) else float(f"{value:.6g}")
 
 
-def _trial_id(params: dict[str, Any]) -> str:
-    return "t" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+def _trial_id(cfg: config.Config) -> str:
+    """A hash of everything the trial trains with, but its name and wandb group (the sweep's name goes there).
+
+    Not of its parameters alone: a trial directory is skipped as done or resumed from its checkpoint, so a second
+    sweep into the same directory, or this one with another base or overrides, must never meet a directory of
+    another config and take its results as its own. Another config is another trial, in a directory of its own.
+    """
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "name"}  # in field order: free-form keys may mix types
+    return "t" + hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:8]
 
 
 def _plain(value: Any) -> bool:
@@ -111,8 +123,8 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
-def expand(grid: dict, rand: dict, trials: int, seed: int, where: str) -> list[Trial]:
-    """The grid's combinations, each with `trials` random draws; duplicates appear once."""
+def expand(grid: dict, rand: dict, trials: int, seed: int, where: str) -> list[dict[str, Any]]:
+    """The parameters of the grid's combinations, each with `trials` random draws."""
     for section, values_of in (("grid", grid), ("random", rand)):
         for key, values in values_of.items():
             if not isinstance(key, str) or not _plain(values):
@@ -127,14 +139,13 @@ def expand(grid: dict, rand: dict, trials: int, seed: int, where: str) -> list[T
     if total > MAX_TRIALS:
         raise UserError(f"{where}: the sweep has {total} trials (grid x trials); at most {MAX_TRIALS} are allowed")
     rng = random.Random(seed)
-    out: dict[str, Trial] = {}
+    out = []
     for combo in itertools.product(*grid.values()):
         for _ in range(trials if rand else 1):
             params = dict(zip(grid, combo))
             params.update({k: _draw(rng, k, spec, f"{where} random") for k, spec in rand.items()})
-            tid = _trial_id(params)
-            out.setdefault(tid, Trial(tid, params))
-    return list(out.values())
+            out.append(params)
+    return out
 
 
 def load(path: str | Path) -> Sweep:
@@ -165,21 +176,30 @@ def load(path: str | Path) -> Sweep:
     base = path.parent / raw["base"]
     if not base.is_file():
         raise UserError(f"{path}: base config not found: {base}")
-    sweep = Sweep(raw["name"], base, overrides, expand(grid, rand, trials, seed, str(path)))
-    for trial in sweep.trials:
-        resolve_config(sweep, trial)
-    return sweep
+    sweep = Sweep(raw["name"], base, overrides, [])
+    by_id: dict[str, Trial] = {}
+    for params in expand(grid, rand, trials, seed, str(path)):  # a config drawn twice is one trial
+        tid = _trial_id(_resolve(sweep, params))
+        by_id.setdefault(tid, Trial(tid, params))
+    return dataclasses.replace(sweep, trials=list(by_id.values()))
 
 
-def resolve_config(sweep: Sweep, trial: Trial) -> config.Config:
-    """The trial's full config: base, the sweep's overrides, its parameters, its name and wandb group."""
-    sets = sweep.overrides + trial.overrides() + [f"name={sweep.name}-{trial.id}"]
+def _resolve(sweep: Sweep, params: dict[str, Any], trial_id: str | None = None) -> config.Config:
+    """Base, the sweep's overrides and `params`; with `trial_id`, also the trial's name and wandb group."""
+    sets = sweep.overrides + _set_args(params)
     try:
         raw = config.apply_overrides(config.load_raw(sweep.base), sets)
-        if isinstance(raw.get("logging"), dict) and raw["logging"].get("wandb"):
-            raw = config.apply_overrides(raw, [f"logging.wandb.group={sweep.name}"])
+        if trial_id is not None:
+            raw = config.apply_overrides(raw, [f"name={sweep.name}-{trial_id}"])
+            if isinstance(raw.get("logging"), dict) and raw["logging"].get("wandb"):
+                raw = config.apply_overrides(raw, [f"logging.wandb.group={sweep.name}"])
         cfg = config.from_dict(raw)
         config.check_inputs(cfg)  # before any trial is launched
         return cfg
     except UserError as e:
-        raise UserError(f"sweep {sweep.name}, trial {trial.id} {trial.params}: {e}") from None
+        raise UserError(f"sweep {sweep.name}, trial {trial_id + ' ' if trial_id else ''}{params}: {e}") from None
+
+
+def resolve_config(sweep: Sweep, trial: Trial) -> config.Config:
+    """The trial's full config: base, the sweep's overrides, its parameters, its name and wandb group."""
+    return _resolve(sweep, trial.params, trial.id)
