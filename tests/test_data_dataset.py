@@ -1,5 +1,6 @@
 """GPT samples: seq_len+1 tokens overlapping by one, megatron-core's sample index, blending, caching, errors."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -232,3 +233,29 @@ def test_building_an_index_imports_neither_torch_nor_megatron_core(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]" and not out.stderr, (out.stdout, out.stderr)
+
+
+def test_a_corpus_rewritten_with_the_same_sizes_and_times_gets_its_own_indices(tmp_path):
+    """`cp -p`, `rsync -a` or a reproducible tar give a new corpus the old one's byte sizes and mtimes: its indices
+    are built for its documents, never read from the old corpus's cache (whose samples had other lengths)."""
+    from megatronlite.data.indexed import paths, write_index
+
+    prefix = str(tmp_path / "corpus")
+
+    def write(sizes, seed):
+        bin_path, idx_path = paths(prefix)
+        np.random.default_rng(seed).integers(0, 256, int(sizes.sum()), dtype=np.uint16).tofile(bin_path)
+        write_index(idx_path, np.uint16, sizes)
+
+    old = np.array([30, 5, 50, 12, 40, 7, 60, 25, 9, 33] * 10, dtype=np.int32)
+    args = dict(tokenizer=build_tokenizer("byte"), seq_len=16, seed=1234, split="98,2", num_samples=(100, 8))
+    write(old, 0)
+    stamps = [os.stat(p).st_mtime_ns for p in paths(prefix)]
+    build_datasets([{"path": prefix}], cache_dir=str(tmp_path / "cache"), vocab_size=257, **args)
+    write(old[::-1].copy(), 1)  # the same count and total: the same .idx and .bin byte sizes
+    for path, ns in zip(paths(prefix), stamps):
+        os.utime(path, ns=(ns, ns))
+    reused, _ = build_datasets([{"path": prefix}], cache_dir=str(tmp_path / "cache"), vocab_size=257, **args)
+    fresh, _ = build_datasets([{"path": prefix}], cache_dir=str(tmp_path / "fresh"), vocab_size=257, **args)
+    assert reused.built and all(len(reused[i]) == 17 for i in range(100))
+    assert all(np.array_equal(reused[i], fresh[i]) for i in range(100))

@@ -31,9 +31,11 @@ def directory(configured: str | None) -> Path:
 
 
 def fingerprint(path: str | os.PathLike) -> list:
-    """What identifies a file's content cheaply: absolute path, size and modification time."""
+    """What identifies a file's content cheaply: absolute path, size, modification time, and the inode and its
+    change time, which no copy that keeps times (`cp -p`, `rsync -a`, a tar with fixed mtimes) or `touch -d` sets
+    back: a file rewritten with the same size and mtime is another file here."""
     st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def key(*parts) -> str:

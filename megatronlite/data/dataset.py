@@ -21,6 +21,7 @@ The three arrays are cached as .npy under a hash of all that shapes them and mem
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,8 +136,11 @@ class GPTDataset:
         separate = separate_final_epoch(tokens_per_epoch, seq_len, num_samples)
         self.num_epochs, self.separate_final_epoch = epochs, separate
         total = samples_in(epochs * tokens_per_epoch, seq_len)
-        files_id = [cache.fingerprint(indexed.idx_path), cache.fingerprint(indexed.bin_path)]
-        digest = cache.key(INDEX_VERSION, files_id, lo, hi, seq_len, seed, epochs, separate)
+        # the indices depend on the split's document sizes alone: keyed on them, not on the files' names and times,
+        # a rewritten corpus never reuses another's indices, and a copied one (same sizes) finds its own
+        split_sizes = np.ascontiguousarray(sizes[lo:hi])
+        sizes_id = [split_sizes.dtype.str, hashlib.sha256(memoryview(split_sizes).cast("B")).hexdigest()]
+        digest = cache.key(INDEX_VERSION, sizes_id, lo, hi, seq_len, seed, epochs, separate)
         files = {name: Path(cache_dir) / f"gpt-{digest}-{name}.npy" for name in ("doc", "sample", "shuffle")}
 
         def build() -> None:
