@@ -37,3 +37,15 @@ def test_prebuild_reports_a_bad_config_in_one_line(tmp_path, corpus, capsys):
         main(["data", "prebuild", "configs/demo.yaml", *set_args(sets)])
     assert e.value.code == 2
     assert "model.vocab_size (200) is smaller than the tokenizer's vocabulary (257" in capsys.readouterr().err
+
+
+def test_the_splits_are_asked_for_megatrons_sample_counts():
+    """Megatron-LM's get_train_valid_test_num_samples: train_iters x global batch for train, and
+    (train_iters // eval_interval + 1) x eval_iters x global batch for valid, so a small valid split holds the
+    epochs (and so the order) Megatron's does."""
+    from megatronlite.config import Config, TrainConfig
+    from megatronlite.data.run import num_samples
+
+    train = dict(steps=100, global_batch_size=8, eval_iters=2)
+    assert num_samples(Config(train=TrainConfig(**train, eval_interval=10))) == (800, 176)
+    assert num_samples(Config(train=TrainConfig(**train, eval_interval=0))) == (800, 16)  # never evaluated

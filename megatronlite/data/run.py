@@ -25,9 +25,13 @@ class RunData:
 
 
 def num_samples(cfg: Config) -> tuple[int, int]:
-    """(train, valid) samples a run consumes: every step's global batch, and one evaluation's batches."""
-    gb = cfg.train.global_batch_size
-    return cfg.train.steps * gb, max(1, cfg.train.eval_iters) * gb
+    """(train, valid) samples a run asks its splits for, as Megatron-LM's get_train_valid_test_num_samples does:
+    every step's global batch, and (steps // eval_interval + 1) evaluations' batches, so a split holds the same
+    epochs, in the same order, as Megatron's. (Every evaluation here reads the first of them: one fixed set, so
+    that evaluations compare; Megatron's go on through the split.)"""
+    t = cfg.train
+    evaluations = t.steps // t.eval_interval + 1 if t.eval_interval else 1
+    return t.steps * t.global_batch_size, evaluations * max(1, t.eval_iters) * t.global_batch_size
 
 
 def build_run_data(cfg: Config) -> RunData:
