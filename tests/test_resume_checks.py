@@ -161,3 +161,15 @@ def test_going_back_by_latest_replays_the_steps_after_it(tmp_path, corpus, saved
     train(run, tiny_overrides(corpus, run, **{"model.num_layers": 3, "model.tie_embeddings": "false"}))
     assert f"resumed from {run / 'checkpoints' / 'step_0000004'} at step 4" in capsys.readouterr().out
     assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(saved)]
+
+
+def test_a_resume_with_other_blend_weights_says_so(tmp_path, corpus, capsys):
+    """New weights interleave the sources otherwise from the first sample, even where each source's index stays."""
+    run = tmp_path / "run"
+    blend = lambda a, b: {"data.sources": f"[{{path: {corpus}, weight: {a}}}, {{path: {corpus}, weight: {b}}}]"}  # noqa: E731
+    train(run, tiny_overrides(corpus, run, **blend(1, 1), **{"train.steps": 4}))
+    warning = "the training data's sample order is not the checkpoint's"
+    for steps, weights, warned in ((6, (1, 1), False), (8, (1, 3), True)):
+        capsys.readouterr()
+        train(run, tiny_overrides(corpus, run, **blend(*weights), **{"train.steps": steps}))
+        assert (warning in capsys.readouterr().out) == warned, weights

@@ -55,7 +55,7 @@ class BlendedDataset:
     """Sample i is datasets[source[i]][sample[i]]."""
 
     def __init__(self, datasets: Sequence, weights: Sequence[float], size: int) -> None:
-        self.datasets = list(datasets)
+        self.datasets, self.weights = list(datasets), normalize(weights)
         self.source, self.sample = blending_indices(weights, size)
         drawn = np.bincount(self.source, minlength=len(self.datasets))
         for k, (dataset, n) in enumerate(zip(self.datasets, drawn.tolist())):

@@ -68,8 +68,14 @@ def _index_name(part: GPTDataset) -> str:
 def sample_order(dataset: Dataset) -> list[str]:
     """What fixes the order of `dataset`'s samples, from the first: its sources' sample indexes (by cache name).
     They change when a run asks a source for another number of epochs (train.steps or the global batch changed),
-    and so does the order of every sample, as in megatron-core; a blend's interleave depends on its weights alone."""
-    return [_index_name(part) for part in _parts(dataset)]
+    and so does the order of every sample, as in megatron-core; a blend's interleave depends on its weights alone,
+    named too."""
+    weights = (
+        [f"blend weights {','.join(f'{w:.6g}' for w in dataset.weights)}"]
+        if isinstance(dataset, BlendedDataset)
+        else []
+    )
+    return [_index_name(part) for part in _parts(dataset)] + weights
 
 
 def describe(data: RunData) -> list[str]:
