@@ -187,3 +187,15 @@ def test_missing_and_unknown_inputs(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(UserError, match=r"x\.csv: unknown input format"):
         pre.preprocess([str(tmp_path / "x.csv")], str(tmp_path / "out"))
+
+
+def test_an_empty_text_is_no_document_as_in_megatron():
+    """Megatron-LM's preprocess_data.py adds no sequence (and no lone EOD) for a text of no tokens: the same
+    sequences, so the same splits and sample order, from the same jsonl."""
+    from megatronlite.data.preprocess import encode_documents
+    from megatronlite.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("byte")
+    tokens, sizes = encode_documents(tokenizer, ["ab", "", "cd"], True, np.dtype(np.uint16))
+    assert sizes.tolist() == [3, 3]
+    assert tokens.tolist() == [*tokenizer.encode("ab"), tokenizer.eod_id, *tokenizer.encode("cd"), tokenizer.eod_id]

@@ -46,12 +46,17 @@ _worker_state: _WorkerState | None = None
 def encode_documents(
     tokenizer: Tokenizer, texts: Iterable[str], append_eod: bool, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(every token of `texts` back to back, int32 size of each document), an EOD ending each when asked."""
+    """(every token of `texts` back to back, int32 size of each document), an EOD ending each when asked. A text of
+    no tokens is no document, as in Megatron-LM's preprocess_data.py (no sequence, no lone EOD), so the same
+    input gives Megatron's sequences, and its splits and sample order."""
     eod = np.array([tokenizer.eod_id], dtype=dtype)
     parts, sizes = [], []
     for text in texts:
-        parts.append(tokenizer.encode_array(text, dtype))
-        sizes.append(len(parts[-1]) + int(append_eod))
+        ids = tokenizer.encode_array(text, dtype)
+        if not len(ids):
+            continue
+        parts.append(ids)
+        sizes.append(len(ids) + int(append_eod))
         if append_eod:
             parts.append(eod)
     tokens = np.concatenate(parts) if parts else np.empty(0, dtype)
