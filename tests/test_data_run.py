@@ -48,4 +48,16 @@ def test_the_splits_are_asked_for_megatrons_sample_counts():
 
     train = dict(steps=100, global_batch_size=8, eval_iters=2)
     assert num_samples(Config(train=TrainConfig(**train, eval_interval=10))) == (800, 176)
-    assert num_samples(Config(train=TrainConfig(**train, eval_interval=0))) == (800, 16)  # never evaluated
+    assert num_samples(Config(train=TrainConfig(**train, eval_interval=0))) == (800, 0)  # never evaluated
+
+
+def test_a_run_that_never_evaluates_needs_no_validation_split(tmp_path, corpus, capsys):
+    """Split "100,0": Megatron builds no validation set when none is asked for; one that evaluates is told why."""
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus, run, **{"data.split": "100,0", "train.steps": 2, "train.eval_interval": 0})
+    main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)])
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+    sets = tiny_overrides(corpus, run, **{"data.split": "100,0", "train.steps": 4, "train.eval_interval": 2})
+    with pytest.raises(SystemExit):
+        main(["train", "configs/demo.yaml", "--run-dir", str(tmp_path / "evaluated"), *set_args(sets)])
+    assert "gives the valid split none of the" in capsys.readouterr().err

@@ -28,9 +28,10 @@ def num_samples(cfg: Config) -> tuple[int, int]:
     """(train, valid) samples a run asks its splits for, as Megatron-LM's get_train_valid_test_num_samples does:
     every step's global batch, and (steps // eval_interval + 1) evaluations' batches, so a split holds the same
     epochs, in the same order, as Megatron's. (Every evaluation here reads the first of them: one fixed set, so
-    that evaluations compare; Megatron's go on through the split.)"""
+    that evaluations compare; Megatron's go on through the split.) A run that never evaluates asks for none: its
+    split may be empty ("100,0")."""
     t = cfg.train
-    evaluations = t.steps // t.eval_interval + 1 if t.eval_interval else 1
+    evaluations = t.steps // t.eval_interval + 1 if t.eval_interval else 0
     return t.steps * t.global_batch_size, evaluations * max(1, t.eval_iters) * t.global_batch_size
 
 
