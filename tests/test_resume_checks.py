@@ -52,11 +52,13 @@ def test_a_setting_no_tensor_shows_is_changed_with_a_warning(tmp_path, corpus, s
     assert read_metrics(run)[-1]["step"] == 5
 
 
-def test_a_run_started_from_a_path_goes_on_from_its_own_checkpoints(tmp_path, corpus, saved, capsys, monkeypatch):
-    """`checkpoint.load: PATH` starts a run; once the run has a checkpoint, a restart (a requeue, the same command
-    again) goes on from it, and the losses are the uninterrupted run's."""
-    sets = {"model.num_layers": 3, "model.tie_embeddings": "false", "checkpoint.load": str(saved)}
-    sets |= {"train.steps": 12, "checkpoint.interval": 2}
+@pytest.mark.parametrize("start", ["path", "null"])
+def test_a_run_goes_on_from_its_own_checkpoints_however_it_started(tmp_path, corpus, saved, capsys, monkeypatch, start):
+    """`checkpoint.load: PATH` (a checkpoint) or `null` (fresh weights) starts a run; once the run has a checkpoint,
+    a restart (a requeue, a sweep's re-run, the same command again) goes on from it, never back to its start, and
+    the losses are the uninterrupted run's."""
+    sets = {"model.num_layers": 3, "model.tie_embeddings": "false", "checkpoint.load": str(saved), "train.steps": 12}
+    sets |= {"checkpoint.interval": 2} | ({"checkpoint.load": "null"} if start == "null" else {})
     whole, run = tmp_path / "whole", tmp_path / "run"
     train(whole, tiny_overrides(corpus, whole, **sets))
     monkeypatch.setenv("MEGATRONLITE_FAULT", "step:11")
@@ -66,22 +68,6 @@ def test_a_run_started_from_a_path_goes_on_from_its_own_checkpoints(tmp_path, co
     capsys.readouterr()
     train(run, tiny_overrides(corpus, run, **sets))
     assert f"resumed from {run / 'checkpoints' / 'step_0000010'} at step 10" in capsys.readouterr().out
-    assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(whole)]
-
-
-def test_a_run_started_without_a_checkpoint_goes_on_from_its_own(tmp_path, corpus, capsys, monkeypatch):
-    """`checkpoint.load: null` (fresh weights) starts a run; a restart, a requeue or a sweep's re-run of it goes on
-    from the run's own checkpoint, never back to step 0."""
-    sets = {"checkpoint.load": "null", "checkpoint.interval": 2}
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    train(whole, tiny_overrides(corpus, whole, **sets))
-    monkeypatch.setenv("MEGATRONLITE_FAULT", "step:7")
-    with pytest.raises(RuntimeError, match="injected fault"):
-        train(run, tiny_overrides(corpus, run, **sets))
-    monkeypatch.delenv("MEGATRONLITE_FAULT")
-    capsys.readouterr()
-    train(run, tiny_overrides(corpus, run, **sets))
-    assert f"resumed from {run / 'checkpoints' / 'step_0000006'} at step 6" in capsys.readouterr().out
     assert [(m["step"], m["loss"]) for m in read_metrics(run)] == [(m["step"], m["loss"]) for m in read_metrics(whole)]
 
 
