@@ -21,15 +21,16 @@ free_port() {
 # shell: `#SBATCH --signal=B:USR1@SECONDS` before the time limit, or `scancel --signal=USR1 --batch`)
 # asks the trainer to save a checkpoint and stop, through the file RUN_DIR/.save_and_exit that every
 # node sees. A step that stopped that way (exit code 3, or failed after the request) requeues the
-# job, which resumes from the checkpoint (checkpoint.load: auto). SIGTERM (preemption, the time limit)
-# would end this shell at once, unrequeued: it asks for a save the same way, and the job requeues if
-# the step saved and stopped (exit code 3). The signal is not sent on to the step: Slurm sends its
-# tasks their own SIGTERM (a save request to a worker, as the flag is).
+# job, which resumes from the checkpoint (checkpoint.load: auto). SIGTERM (scancel, preemption, the time
+# limit) would end this shell at once: it asks for a save the same way and waits for the step, but
+# never requeues (a cancelled job stays cancelled; Slurm requeues what it preempts with
+# PreemptMode=REQUEUE itself). The signal is not sent on to the step: Slurm sends its tasks their own
+# SIGTERM (a save request to a worker, as the flag is).
 run_preemptible() {
-    local run_dir=$1 requested="" woke pid rc
+    local run_dir=$1 requested="" terminated="" woke pid rc
     shift
     trap 'woke=1; requested=1; echo "$(date +%T) warning signal: asking the trainer to save and stop"; touch "$run_dir/.save_and_exit"' USR1
-    trap 'woke=1; echo "$(date +%T) SIGTERM: asking the trainer to save and stop"; touch "$run_dir/.save_and_exit"' TERM
+    trap 'woke=1; terminated=1; echo "$(date +%T) SIGTERM: asking the trainer to save and stop"; touch "$run_dir/.save_and_exit"' TERM
     "$@" &
     pid=$!
     woke=1
@@ -39,7 +40,7 @@ run_preemptible() {
         rc=$?
     done
     trap - USR1 TERM
-    if [[ $rc == 3 || ( -n $requested && $rc != 0 ) ]]; then
+    if [[ -z $terminated && ( $rc == 3 || ( -n $requested && $rc != 0 ) ) ]]; then
         echo "$(date +%T) checkpoint saved on request (exit code $rc): requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
     fi
