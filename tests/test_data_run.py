@@ -58,6 +58,7 @@ def test_a_run_that_never_evaluates_needs_no_validation_split(tmp_path, corpus, 
     main(["train", "configs/demo.yaml", "--run-dir", str(run), *set_args(sets)])
     assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
     sets = tiny_overrides(corpus, run, **{"data.split": "100,0", "train.steps": 4, "train.eval_interval": 2})
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         main(["train", "configs/demo.yaml", "--run-dir", str(tmp_path / "evaluated"), *set_args(sets)])
+    assert refused.value.code == 2
     assert "gives the valid split none of the" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatronlite.checkpoint.names import LATEST, META, latest_named, step_name, step_of
 from megatronlite.checkpoint.planner import PieceLoadPlanner, PieceSavePlanner
 from megatronlite.checkpoint.views import GlobalPiece
 from megatronlite.errors import UserError
@@ -33,12 +34,6 @@ from megatronlite.untrusted import SafeReader, read_dcp_metadata
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 FORMAT_VERSION = 1
-META = "meta.json"
-LATEST = "latest"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -116,10 +111,6 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted(named, key=step_of)
 
 
-def step_of(step_dir: Path) -> int:
-    return int(step_dir.name.removeprefix("step_"))
-
-
 def _apply_retention(root: Path, keep: int, keep_every: int, newest: Path) -> None:
     """Keep the `keep` newest steps up to `newest` (and every `keep_every`-th). Steps after `newest` are an
     abandoned history (the run went back to an earlier step): they take no place among the kept, and stay
@@ -131,14 +122,6 @@ def _apply_retention(root: Path, keep: int, keep_every: int, newest: Path) -> No
             continue
         (p / META).unlink(missing_ok=True)  # the marker first: a kill mid-delete leaves no "complete" husk
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _latest_name(latest: Path) -> str | None:
-    try:
-        name = latest.read_bytes().decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return name if re.fullmatch(r"step_\d+", name) else None
 
 
 def find_step_dir(path: str | Path) -> Path:
@@ -161,9 +144,9 @@ def find_step_dir(path: str | Path) -> Path:
 def latest_complete(root: Path) -> Path | None:
     """The step directory `latest` names, or else the newest complete one; None if there is none. `latest` is
     trusted only to name a step directory beside it: never a path elsewhere."""
-    named = _latest_name(root / LATEST)
-    if named is not None and is_complete(root / named):
-        return root / named
+    named = latest_named(root)
+    if named is not None and is_complete(named):
+        return named
     for candidate in reversed(step_dirs(root)):
         if is_complete(candidate):
             return candidate

@@ -43,6 +43,7 @@ from megatronlite.checkpoint.views import ADAM_STATES, GlobalPiece, slice_pieces
 from megatronlite.config import Config
 from megatronlite.errors import UserError
 from megatronlite.optim.adamw import build_adamw, param_groups
+from megatronlite.optim.loss_scale import to_deepspeed
 from megatronlite.parallel.mesh import Group, Mesh
 
 # DeepSpeed's DynamicLossScaler: the scale, its step count, the last overflow's, and the overflows left to allow
@@ -307,8 +308,8 @@ class DeepSpeedEngine:
             for name in LOSS_SCALE_FIELDS:
                 setattr(scaler, name, saved[name])
         elif native:
-            scaler.cur_scale = float(native["scale"])
-            scaler.last_overflow_iter = scaler.cur_iter - int(native["good_steps"]) - 1
+            for name, value in to_deepspeed(native, scaler.cur_iter).items():
+                setattr(scaler, name, value)
 
 
 def _require_half_precision(precision: str, device: torch.device) -> None:

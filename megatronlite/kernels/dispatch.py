@@ -81,9 +81,10 @@ def triton_problem(device: str | torch.device = "cpu") -> str | None:
     if importlib.util.find_spec("triton") is None:
         return f"triton is not installed ({install_hint('triton')})"
     interpreter = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    if device_type == "cpu" and interpreter and _release(_triton_version()) < INTERPRETER_TRITON:
+    version = _triton_version() if device_type == "cpu" and interpreter else None
+    if version is not None and _release(version) < INTERPRETER_TRITON:
         return (
-            f"triton {_triton_version()}'s CPU interpreter cannot run these kernels (loops bounded by a runtime "
+            f"triton {version}'s CPU interpreter cannot run these kernels (loops bounded by a runtime "
             f"value): it needs triton >= {'.'.join(map(str, INTERPRETER_TRITON))}"
         )
     if device_type == "cuda" or (device_type == "cpu" and interpreter):

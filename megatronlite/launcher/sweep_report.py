@@ -5,10 +5,10 @@ can be rebuilt at any time (`megatronlite sweep SWEEP.yaml --report`)."""
 from __future__ import annotations
 
 import csv
-import re
 import statistics
 from pathlib import Path
 
+from megatronlite.checkpoint.names import META, latest_named, step_of
 from megatronlite.config import Config
 from megatronlite.curves import draw, read_metrics
 from megatronlite.launcher.sweep_spec import Sweep
@@ -16,14 +16,9 @@ from megatronlite.launcher.sweep_spec import Sweep
 
 def saved_step(run_dir: Path) -> int:
     """The step of the run's latest committed checkpoint (`checkpoints/latest` names it; its meta.json is written
-    last); 0 when there is none, or `latest` is unreadable. Read by hand: checkpoint.store imports torch."""
-    checkpoints = run_dir / "checkpoints"
-    try:
-        name = (checkpoints / "latest").read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return 0
-    found = re.fullmatch(r"step_(\d+)", name)
-    return int(found[1]) if found and (checkpoints / name / "meta.json").is_file() else 0
+    last); 0 when there is none, or `latest` is unreadable."""
+    latest = latest_named(run_dir / "checkpoints")
+    return step_of(latest) if latest is not None and (latest / META).is_file() else 0
 
 
 def reached_step(run_dir: Path, cfg: Config) -> int:

@@ -39,3 +39,8 @@ def from_deepspeed(fields: dict, skipped: int) -> dict:
     moved from the DeepSpeed engine to the native one goes on at the scale and in the growth window it reached."""
     stable = int(fields["cur_iter"]) - int(fields["last_overflow_iter"]) - 1  # good steps since the last overflow
     return {"scale": float(fields["cur_scale"]), "good_steps": max(0, stable), "skipped": skipped}
+
+
+def to_deepspeed(state: dict, cur_iter: int) -> dict:
+    """This scaler's state as DeepSpeed's (`from_deepspeed` the other way), for a scaler at its step `cur_iter`."""
+    return {"cur_scale": float(state["scale"]), "last_overflow_iter": cur_iter - int(state["good_steps"]) - 1}

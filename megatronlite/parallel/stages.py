@@ -39,7 +39,7 @@ def model_allocation(cfg: Config, device: torch.device) -> Iterator[None]:
         m, where = cfg.model, device if device.type == "cuda" else torch.device("cpu")  # meta: sized by the host
         count = parameter_count(m)
         raise UserError(
-            f"the model cannot be allocated: {count:,} parameters ({4 * count / 2**30:,.1f} GiB in fp32; "
+            f"the model cannot be allocated: {count:,} parameters ({gib(4 * count)} in fp32; "
             f"model.hidden_size {m.hidden_size}, model.num_layers {m.num_layers}, model.vocab_size {m.vocab_size}) "
             f"against {gib(capacity(where, 1))} of {where.type} memory; make the model smaller or split it over "
             "more devices (parallel.tensor, parallel.pipeline)"

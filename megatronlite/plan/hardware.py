@@ -19,7 +19,8 @@ GIB = 2**30
 
 
 def _peak(name: str) -> float:
-    """Dense bf16 peak from the table MFU uses (train/metrics.py), so plan and train report the same MFU."""
+    """Dense bf16 peak from the table MFU uses (train/metrics.py): plan and train report the same MFU for a bf16 run
+    (the planner plans bf16; a run in fp32 is measured against its TF32 peak)."""
     return dict(PEAK_BF16_FLOPS)[name]
 
 

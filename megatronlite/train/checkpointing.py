@@ -243,7 +243,7 @@ def _gb(n: int) -> str:
 HELD_SAVE_CAP_S = 120.0  # a held save that nothing waits on still ends
 
 
-_FIRED: set[tuple[int, str]] = set()  # the faults of MEGATRONLITE_FAULT that fire once, once fired in this run
+_FIRED: set[int] = set()  # the faults of MEGATRONLITE_FAULT (their places in it) that fire once, once fired
 
 
 def new_run_of_faults() -> None:
@@ -266,10 +266,10 @@ def fault_hook(where: str, step: int, rank: int) -> bool:
     """
     for index, fault in enumerate(filter(None, os.environ.get("MEGATRONLITE_FAULT", "").split(","))):
         target, _, only_rank = fault.partition("@")
-        if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank) or (index, fault) in _FIRED:
+        if target != f"{where}:{step}" or (only_rank and int(only_rank) != rank) or index in _FIRED:
             continue
         if where == "spike":
-            _FIRED.add((index, fault))
+            _FIRED.add(index)
         if where == "save" or (where == "kill" and restart_count() == 0):
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -515,9 +515,7 @@ class Trainer:
                     + (f"{kept.name} is the latest" if kept else "there is no checkpoint")
                     + ": free space and run the same command again to redo the steps after it"
                 )
-        except Preempted:
-            raise
-        except BaseException:
+        except BaseException:  # (after a stop on request too: its save is already settled)
             saver.abandon()  # this rank alone may be failing: no collective the others will not join
             raise
         finally:

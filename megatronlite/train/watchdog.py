@@ -108,8 +108,10 @@ class Watchdog:
     def _watch(self) -> None:
         while not self.stop.wait(self.interval):
             stalled_for = time.monotonic() - self.last
-            waiting = self.patient and stalled_for < PATIENCE * self.timeout_s and self._all_answer()
-            if stalled_for > self.timeout_s and not waiting:
+            if stalled_for <= self.timeout_s:
+                continue
+            # (the store is read only past the timeout: at start-up, whether every rank still answers)
+            if not (self.patient and stalled_for < PATIENCE * self.timeout_s and self._all_answer()):
                 self._fire(stalled_for)
 
     def _all_answer(self) -> bool:
@@ -166,8 +168,10 @@ class Watchdog:
         now, dead_after = time.time(), 3 * self.interval + 2
         out = []
         for r in range(self.world_size):
+            if r == self.rank:
+                continue
             alive = self._read("alive", r)
-            if r != self.rank and (alive is None or now - float(alive) > dead_after):
+            if alive is None or now - float(alive) > dead_after:
                 out.append(r)
         return out
 
